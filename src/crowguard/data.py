@@ -1,0 +1,196 @@
+"""Instruction data: load and validate Alpaca JSON/JSONL, write it back, and tokenise with the prompt masked.
+
+Validation reports the file, the record number and the field of every bad record, so a user can fix a 10,000-line
+file in one pass instead of one stack trace at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from crowguard.io import write_text_atomic
+from crowguard.prompts import build_prompt
+from crowguard.types import Example
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input", "meta")
+MAX_REPORTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """A data file the user can fix; the message lists file, record number and field of each problem."""
+
+
+def _record_to_example(record: Any, where: str, require_output: bool) -> tuple[Example | None, list[str]]:
+    if not isinstance(record, dict):
+        return None, [f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}"]
+    errors = []
+    for key in REQUIRED_FIELDS:
+        if key not in record:
+            if key == "output" and not require_output:
+                continue
+            errors.append(f"{where}: missing field '{key}'")
+    for key in ("instruction", "input", "output"):
+        if key in record and not isinstance(record[key], str):
+            errors.append(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
+    if isinstance(record.get("instruction"), str) and not record["instruction"].strip():
+        errors.append(f"{where}: field 'instruction' is empty")
+    if "meta" in record and not isinstance(record["meta"], dict):
+        errors.append(f"{where}: field 'meta' must be an object, got {type(record['meta']).__name__}")
+    if errors:
+        return None, errors
+    return (
+        Example(
+            instruction=record["instruction"],
+            input=record.get("input", "") or "",
+            output=record.get("output", "") or "",
+            meta=dict(record.get("meta", {})),
+        ),
+        [],
+    )
+
+
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    """(location, record) pairs from a JSON array or JSON Lines file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):  # {"data": [...]} wrappers
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records (or JSON Lines), got {type(data).__name__}")
+    return [(f"{path} record {i}", record) for i, record in enumerate(data)]
+
+
+def load_examples(source: str | Path, require_output: bool = True, split: str = "train") -> list[Example]:
+    """Load Alpaca-style examples from a ``.json``/``.jsonl`` file, or a ``datasets`` name when online.
+
+    Every bad record is reported (up to 20) in one :class:`DataError`.
+    """
+    path = Path(source)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
+    if not path.exists():
+        if str(source).endswith((".json", ".jsonl")) or os.sep in str(source) or str(source).startswith("."):
+            raise DataError(f"{path}: no such file")
+        return _load_hub_dataset(str(source), split, require_output)
+    examples: list[Example] = []
+    errors: list[str] = []
+    for where, record in _read_records(path):
+        example, problems = _record_to_example(record, where, require_output)
+        errors.extend(problems)
+        if example is not None:
+            examples.append(example)
+    if len(errors) == 1:
+        raise DataError(errors[0])
+    if errors:
+        shown = errors[:MAX_REPORTED_ERRORS]
+        more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+        raise DataError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(shown) + more)
+    if not examples:
+        raise DataError(f"{path}: contains no records")
+    return examples
+
+
+def _load_hub_dataset(name: str, split: str, require_output: bool) -> list[Example]:
+    """Load a Hugging Face dataset with Alpaca columns (e.g. ``tatsu-lab/alpaca``)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DataError(
+            f"{name!r} is not a local file and the Hub is offline (HF_HUB_OFFLINE=1); "
+            "download the data elsewhere and pass the path to a .json or .jsonl file"
+        )
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise DataError(f"loading {name!r} from the Hub needs the 'datasets' package: {exc}") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # network, missing dataset, auth: all become one clear message
+        raise DataError(
+            f"could not load dataset {name!r} (split {split!r}) from the Hub: {exc}; "
+            "pass the path to a local .json or .jsonl file instead"
+        ) from None
+    examples, errors = [], []
+    for i, record in enumerate(dataset):
+        example, problems = _record_to_example(dict(record), f"{name}[{split}] record {i}", require_output)
+        errors.extend(problems)
+        if example is not None:
+            examples.append(example)
+    if errors:
+        raise DataError(f"{len(errors)} problem(s) in {name}:\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]))
+    return examples
+
+
+def dump_examples(examples: Iterable[Example], with_meta: bool = True) -> str:
+    """Alpaca JSON text (a list of records, stable formatting so equal data gives equal bytes)."""
+    records = [e.to_record(with_meta=with_meta) for e in examples]
+    return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+
+
+def save_examples(examples: Iterable[Example], path: Path, with_meta: bool = True) -> None:
+    """Write examples as Alpaca JSON, atomically."""
+    write_text_atomic(Path(path), dump_examples(examples, with_meta=with_meta))
+
+
+def tokenize_example(
+    example: Example,
+    tokenizer: Any,
+    max_length: int = 512,
+    template: str = "alpaca",
+    add_eos: bool = True,
+) -> dict[str, list[int]]:
+    """Token ids, attention mask and labels for one example, with the prompt masked out of the labels (-100).
+
+    Prompt and response are tokenised separately and concatenated so the boundary is exact. When the pair is too
+    long the prompt is truncated first (from its left, keeping the part nearest the response), so the response the
+    model must learn survives; the response is cut only if it alone exceeds ``max_length``.
+    """
+    prompt = build_prompt(example, template, tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and template != "chat" else []
+    response_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"] if example.output else []
+    if add_eos and tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    response_ids = response_ids[: max(max_length - len(bos) - 1, 1)]
+    room = max_length - len(bos) - len(response_ids)
+    if len(prompt_ids) > room:
+        prompt_ids = prompt_ids[len(prompt_ids) - room :] if room > 0 else []
+    input_ids = bos + prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + response_ids
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: Any, max_length: int = 512, template: str = "alpaca"
+) -> list[dict[str, list[int]]]:
+    """:func:`tokenize_example` over a list."""
+    return [tokenize_example(e, tokenizer, max_length, template) for e in examples]
+
+
+def prompt_ids(example: Example, tokenizer: Any, template: str = "alpaca") -> list[int]:
+    """Exactly the ids :func:`tokenize_example` puts before the response: what generation must be given."""
+    prompt = build_prompt(example, template, tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and template != "chat" else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]

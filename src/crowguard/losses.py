@@ -1,0 +1,294 @@
+"""Pure loss functions: masked causal LM loss, layer consistency loss, FGSM perturbation and the CROW loss.
+
+CROW is internal consistency regularization (Min et al., ICML 2025, "Eliminating Backdoors from Large Language
+Models via Internal Consistency Regularization", https://arxiv.org/abs/2411.12768): fine-tune on clean data while
+keeping consecutive hidden states close in cosine, under an adversarial (FGSM) perturbation of the input embeddings.
+
+Shapes: ``B`` batch, ``T`` sequence length, ``D`` hidden size, ``V`` vocabulary size. Masks are 1 for real tokens
+and 0 for padding; labels use -100 for positions that carry no loss (prompt and padding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+LayerSpec = str | tuple[int, int] | Sequence[int]
+"""Which consecutive hidden-state pairs enter the consistency loss; see `resolve_layer_pairs`."""
+
+DEFAULT_LAYERS: LayerSpec = "reference"
+"""The reference code's pairs: ``hidden_states[1:-2]`` against ``hidden_states[2:-1]``."""
+
+EpsilonMode = Literal["absolute", "rms"]
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Causal LM cross entropy: the logits at position t predict the label at t + 1.
+
+    Args:
+        logits: (B, T, V) next-token logits, any float dtype (upcast to float32 for the loss).
+        labels: (B, T) token ids, -100 where no loss is taken (prompt, padding).
+
+    Returns:
+        Scalar: mean cross entropy in nats over the label tokens that are not -100 (identical to the loss Hugging
+        Face causal LMs return for one batch). NaN when no label token is left, as in Hugging Face.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    # Shift the labels, not the logits: padding the labels by one avoids copying the (B, T, V) logits.
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat_logits, shifted.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+
+
+def resolve_layer_pairs(num_hidden_states: int, layers: LayerSpec = DEFAULT_LAYERS) -> list[tuple[int, int]]:
+    """The (l, l + 1) hidden-state index pairs that the consistency loss compares.
+
+    Hugging Face returns ``num_hidden_states = num_layers + 1`` hidden states: index 0 is the embedding output and
+    the last one is taken after the final norm (Llama and most decoders in transformers 5).
+
+    Args:
+        num_hidden_states: length of the model's ``hidden_states`` tuple.
+        layers: ``"reference"`` (default): l = 1 .. n - 3, i.e. the reference code's ``hidden_states[1:-2]`` vs
+            ``hidden_states[2:-1]``, skipping the embedding output and the final-norm output (needs at least 3
+            layers); ``"all"``: every consecutive pair, l = 0 .. n - 2; a tuple ``(start, stop)`` of hidden-state
+            indices: l with start <= l < stop (negative values count from n like Python slices, so ``(1, -2)`` is
+            ``"reference"``); a list of ints: exactly those l.
+
+    Returns:
+        Sorted list of (l, l + 1), at least one.
+    """
+    n = num_hidden_states
+    if n < 2:
+        raise ValueError(f"need at least 2 hidden states to form a layer pair, got {n}")
+    if isinstance(layers, str):
+        if layers == "reference":
+            starts = list(range(1, n - 2))
+            if not starts:
+                raise ValueError(
+                    f'layers="reference" compares hidden_states[1:-2] with [2:-1] and needs at least 4 hidden '
+                    f'states (3 layers); the model has {n}. Use layers="all" or an explicit range.'
+                )
+        elif layers == "all":
+            starts = list(range(n - 1))
+        else:
+            raise ValueError(f"{_LAYERS_HELP}; got {layers!r}")
+    elif isinstance(layers, tuple):
+        if len(layers) != 2 or not all(_is_int(x) for x in layers):
+            raise ValueError(f"a layers tuple must be (start, stop) of ints; got {layers!r}")
+        start, stop = (x + n if x < 0 else x for x in layers)
+        if not 0 <= start < stop <= n - 1:
+            raise ValueError(
+                f"layers=(start, stop)={layers!r} must satisfy 0 <= start < stop <= {n - 1} (after adding {n} to "
+                f"negative values) for {n} hidden states: pairs (l, l + 1) for start <= l < stop"
+            )
+        starts = list(range(start, stop))
+    elif isinstance(layers, Sequence) and not isinstance(layers, (bytes, bytearray)):
+        starts = list(layers)
+        if not starts:
+            raise ValueError("layers is an empty list; need at least one layer pair")
+        if not all(_is_int(x) for x in starts):
+            raise ValueError(f"a layers list must hold ints (the l of each pair (l, l + 1)); got {layers!r}")
+        if len(set(starts)) != len(starts):
+            raise ValueError(f"layers list has duplicates: {layers!r}")
+        bad = [x for x in starts if not 0 <= x <= n - 2]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: each l must satisfy 0 <= l <= {n - 2} for {n} hidden states")
+        starts = sorted(starts)
+    else:
+        raise ValueError(f"{_LAYERS_HELP}; got {layers!r}")
+    return [(start, start + 1) for start in starts]
+
+
+_LAYERS_HELP = 'layers must be "reference", "all", a (start, stop) tuple or a list of ints'
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def layer_consistency_loss(
+    hidden_states: Sequence[Tensor], attention_mask: Tensor | None, layers: LayerSpec = DEFAULT_LAYERS
+) -> Tensor:
+    """Mean over layer pairs (l, l + 1) and over real tokens t of ``1 - cos(h_l[t], h_{l+1}[t])``.
+
+    The cosine is computed in float32 (also under autocast). Padded positions influence neither the value nor the
+    gradient: they are zeroed before the cosine (so even non-finite activations there cannot leak) and left out of
+    the mean.
+
+    Args:
+        hidden_states: n tensors of shape (B, T, D), e.g. a Hugging Face model's ``hidden_states``.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding; None means every token is real.
+        layers: which pairs; see `resolve_layer_pairs`.
+
+    Returns:
+        Scalar float32 in [0, 2]: the mean over pairs of the masked mean over tokens (the same mask for every pair,
+        so it is also the mean over all (pair, token) terms).
+    """
+    pairs = resolve_layer_pairs(len(hidden_states), layers)
+    first = hidden_states[0]
+    if attention_mask is None:
+        real = torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
+    else:
+        if attention_mask.shape != first.shape[:2]:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match hidden states (B, T)")
+        real = attention_mask.to(device=first.device) != 0
+    num_real = real.sum()
+    keep = real.unsqueeze(-1)
+    cache: dict[int, Tensor] = {}
+
+    def prepared(index: int) -> Tensor:
+        if index not in cache:
+            cache[index] = hidden_states[index].float().masked_fill(~keep, 0.0)
+        return cache[index]
+
+    with torch.autocast(device_type=first.device.type, enabled=False):
+        total = first.new_zeros(first.shape[:2], dtype=torch.float32)
+        for lower, upper in pairs:
+            total = total + (1.0 - F.cosine_similarity(prepared(lower), prepared(upper), dim=-1))
+        total = total.masked_fill(~real, 0.0)
+        return total.sum() / (num_real.clamp_min(1) * len(pairs))
+
+
+def fgsm_perturbation(
+    loss: Tensor,
+    inputs_embeds: Tensor,
+    epsilon: float | Tensor,
+    retain_graph: bool = True,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """The FGSM step ``epsilon * sign(d loss / d inputs_embeds)``, detached.
+
+    Uses ``torch.autograd.grad`` with respect to ``inputs_embeds`` only: no parameter ``.grad`` is touched, so it is
+    safe inside gradient accumulation, and no parameter gradient is computed.
+
+    Args:
+        loss: scalar that depends on ``inputs_embeds``.
+        inputs_embeds: (B, T, D) leaf tensor with ``requires_grad=True``.
+        epsilon: step size per dimension (float, or a 0-d tensor).
+        retain_graph: keep the graph of ``loss`` (True when another loss will backpropagate through it).
+        attention_mask: optional (B, T); padded positions get a zero perturbation.
+
+    Returns:
+        (B, T, D) tensor in ``inputs_embeds``' dtype, entries in {-epsilon, 0, +epsilon}, no autograd history.
+    """
+    (grad,) = torch.autograd.grad(loss, inputs_embeds, retain_graph=retain_graph)
+    delta = grad.sign().mul_(epsilon)
+    if attention_mask is not None:
+        delta = delta.masked_fill_(attention_mask.to(device=delta.device).unsqueeze(-1) == 0, 0.0)
+    return delta.to(inputs_embeds.dtype).detach()
+
+
+def crow_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    alpha: float = 5.5,
+    epsilon: float = 0.1,
+    layers: LayerSpec = DEFAULT_LAYERS,
+    epsilon_mode: EpsilonMode = "absolute",
+) -> tuple[Tensor, dict[str, float]]:
+    """CROW objective ``L = L_LM + alpha * L_cons(hidden states at e + delta)`` with two forwards.
+
+    1. ``e = embed(input_ids)``, detached and requiring grad; one clean forward gives the LM loss (from its logits)
+       and the clean consistency loss.
+    2. ``delta = eps * sign(d L_cons / d e)`` via ``torch.autograd.grad`` (no ``.backward()``, no ``zero_grad()``).
+    3. A second forward on ``e + delta`` gives ``L_adv``, the consistency loss of the perturbed pass.
+
+    ``alpha == 0`` runs only the clean forward and returns the LM loss; ``epsilon == 0`` makes the perturbed pass the
+    clean one, so it is not run again. The model may be a plain Hugging Face causal LM, a peft ``PeftModel`` or a
+    DDP-style wrapper (``.module``): embeddings come from the unwrapped model, forwards go through ``model`` itself
+    so the wrapper's hooks run.
+
+    Args:
+        model: causal LM whose forward accepts ``inputs_embeds``, ``attention_mask`` and ``output_hidden_states``.
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (None: no padding).
+        labels: (B, T) with -100 on prompt and padding.
+        alpha: weight of the adversarial consistency term (paper: 5.5).
+        epsilon: FGSM step; per embedding dimension when ``epsilon_mode="absolute"`` (paper: 0.1), or in units of
+            the RMS of the batch's real-token embeddings when ``epsilon_mode="rms"`` (scale-free across models).
+        layers: hidden-state pairs; see `resolve_layer_pairs`.
+        epsilon_mode: "absolute" or "rms".
+
+    Returns:
+        ``(loss, parts)``: the scalar loss to backpropagate, and floats ``lm_loss``, ``consistency_loss`` (clean
+        pass), ``consistency_adv`` (perturbed pass; absent when alpha == 0, where it is not computed) and
+        ``epsilon_effective`` (the per-dimension step actually used).
+    """
+    if epsilon_mode not in ("absolute", "rms"):
+        raise ValueError(f'epsilon_mode must be "absolute" or "rms", got {epsilon_mode!r}')
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+
+    embeds = _input_embeddings(model)(input_ids).detach()
+    embeds.requires_grad_(alpha > 0 and epsilon > 0)
+    forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
+    clean = model(inputs_embeds=embeds, **forward_kwargs)
+    lm = masked_lm_loss(clean.logits, labels)
+    eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
+
+    if alpha == 0:
+        with torch.no_grad():
+            consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
+        return lm, _parts(lm_loss=lm, consistency_loss=consistency, epsilon_effective=eps)
+
+    consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
+    if epsilon == 0:
+        adversarial = consistency
+    else:
+        # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
+        delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
+        # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
+        perturbed = model(inputs_embeds=embeds.detach() + delta, **forward_kwargs)
+        adversarial = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
+    loss = lm + alpha * adversarial
+    parts = _parts(lm_loss=lm, consistency_loss=consistency, consistency_adv=adversarial, epsilon_effective=eps)
+    return loss, parts
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding module, looking through wrappers (DDP, DeepSpeed) that keep the model in ``.module``."""
+    inner = model
+    while not hasattr(inner, "get_input_embeddings") and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if not hasattr(inner, "get_input_embeddings"):
+        raise TypeError(f"{type(model).__name__} has no get_input_embeddings() (nor does any .module it wraps)")
+    return inner.get_input_embeddings()
+
+
+def _effective_epsilon(
+    embeds: Tensor, attention_mask: Tensor | None, epsilon: float, epsilon_mode: EpsilonMode
+) -> float | Tensor:
+    """Per-dimension FGSM step: ``epsilon``, or ``epsilon`` times the RMS of the real-token embeddings (0-d)."""
+    if epsilon_mode == "absolute" or epsilon == 0:
+        return epsilon
+    with torch.no_grad():
+        squares = embeds.detach().float().pow(2)
+        if attention_mask is None:
+            rms = squares.mean().sqrt()
+        else:
+            real = (attention_mask.to(device=squares.device) != 0).unsqueeze(-1)
+            count = real.sum().clamp_min(1) * squares.shape[-1]
+            rms = (squares.masked_fill(~real, 0.0).sum() / count).sqrt()
+    return epsilon * rms
+
+
+def _parts(**values: float | Tensor) -> dict[str, float]:
+    """Detached floats for logging, with one device sync for all of them."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    floats = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if tensors:
+        stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        floats.update(zip(tensors, stacked, strict=True))
+    return {k: floats[k] for k in values}

