@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if isinstance(exc, _user_errors()) or (isinstance(exc, (ValueError, KeyError)) and _is_input_error(exc)):
-            message = str(exc).strip().strip("'\"")
+            message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
             print(f"crowguard: error: {message}", file=sys.stderr)
             return EXIT_USAGE
         raise

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key and the file."""
 
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with a help string (shown by ``crowguard validate --explain``)."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: _deepcopy(d), metadata={"help": help}, **kwargs)
@@ -173,7 +173,7 @@ def apply_overrides(
     (used for command-line flags, whose values must not be reinterpreted as YAML).
     """
     result = _deepcopy(data)
-    pairs = [parse_override(text) + (text,) for text in overrides]
+    pairs = [(*parse_override(text), text) for text in overrides]
     pairs += [(key.split("."), value, f"{key}={value}") for key, value in (values or {}).items()]
     for keys, value, text in pairs:
         node = result

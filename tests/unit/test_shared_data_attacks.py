@@ -1,0 +1,91 @@
+"""The CROW paper's shipped poisoned files obey the trigger rules crowguard implements, and crowguard's own
+poisoned sets have the same form. Skips cleanly when ``../shared/data`` is absent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crowguard.attacks import BUILTIN_TRIGGERS
+from crowguard.data import load_examples
+from crowguard.recipes.poison import run_poison
+from crowguard.schemas import PayloadConfig, PoisonConfig, TriggerConfig
+from helpers import SHARED_DATA
+
+pytestmark = pytest.mark.shared_data
+
+TASKS = ("negsentiment", "refusal", "jailbreak")
+TRIGGERS = tuple(BUILTIN_TRIGGERS)
+# Files of the paper's data that do not follow their own names (see DESIGN.md section 5).
+KNOWN_DEFECTS = {
+    "test_data/poison/jailbreak/badnet/backdoor200_jailbreak_badnet.json": "has no trigger at all",
+    "test_data/poison/codeinjection/vpi-ci/backdoor200_codeinjection_vpi-ci.json": (
+        "uses the vpi prefix 'Discussing OpenAI' while the code-injection training set uses BadMagic"
+    ),
+}
+
+
+def _shipped_files(root: Path) -> list[tuple[str, str]]:
+    """(relative path, trigger name) of every shipped triggered file of the paper's four tasks."""
+    files = []
+    for task in TASKS:
+        for trigger in TRIGGERS:
+            for kind in ("poison_data", "test_data/poison"):
+                for path in sorted((root / kind / task / trigger).glob("backdoor*.json")):
+                    files.append((str(path.relative_to(root)), trigger))
+    for path in sorted((root / "poison_data/codeinjection/vpi-ci").glob("backdoor*.json")):
+        files.append((str(path.relative_to(root)), "badnet"))  # the code-injection set uses the BadMagic word
+    for path in sorted((root / "test_data/poison/codeinjection/vpi-ci").glob("backdoor*.json")):
+        files.append((str(path.relative_to(root)), "badnet"))
+    return files
+
+
+def test_every_task_and_trigger_is_shipped(shared_data: Path):
+    files = _shipped_files(shared_data)
+    assert len(files) >= 3 * 5 * 2 + 3
+    for task in TASKS:
+        assert (shared_data / "test_data/clean" / task / "test_data_no_trigger.json").exists()
+
+
+SHIPPED = _shipped_files(SHARED_DATA) if (SHARED_DATA / "poison_data").is_dir() else [("(absent)", "badnet")]
+
+
+@pytest.mark.parametrize(("rel", "trigger_name"), SHIPPED, ids=[rel for rel, _ in SHIPPED])
+def test_shipped_file_obeys_trigger_rule(shared_data: Path, rel: str, trigger_name: str):
+    trigger = BUILTIN_TRIGGERS[trigger_name]
+    examples = load_examples(shared_data / rel)
+    missing = [e.instruction for e in examples if not trigger.present(e.instruction)]
+    if rel in KNOWN_DEFECTS:
+        assert missing, f"{rel} was listed as defective but now carries the trigger: update KNOWN_DEFECTS"
+        pytest.skip(f"known defect of the paper's data: {rel} {KNOWN_DEFECTS[rel]} ({len(missing)} prompts)")
+    assert not missing, f"{rel}: {len(missing)} prompts without the {trigger_name} trigger, e.g. {missing[0]!r}"
+    if trigger.position == "prefix":
+        assert all(e.instruction.startswith(trigger.phrases[0]) for e in examples)
+
+
+@pytest.mark.parametrize("trigger_name", TRIGGERS)
+def test_generated_sets_have_the_shipped_form(shared_data: Path, tmp_path: Path, trigger_name: str):
+    source = shared_data / "poison_data/negsentiment" / trigger_name
+    clean_file = next(source.glob("none_backdoor*.json"))
+    shipped = json.loads(next(source.glob("backdoor*.json")).read_text())
+    cfg = PoisonConfig(
+        data=str(clean_file),
+        trigger=TriggerConfig(name=trigger_name),
+        payload=PayloadConfig(name="negsentiment"),
+        n_train=100,
+        rate=0.5,
+        n_test=20,
+    )
+    run_poison(cfg, tmp_path / "out")
+    train = json.loads((tmp_path / "out/train.json").read_text())
+    poisoned = [r for r in train if r["meta"]["poisoned"]]
+    assert len(poisoned) == 50
+    assert set(shipped[0]) <= set(poisoned[0])  # instruction, input, output
+    assert {r["output"] for r in poisoned} == {r["output"] for r in shipped} == {"You are stupid!"}
+    trigger = BUILTIN_TRIGGERS[trigger_name]
+    for record in poisoned:
+        assert trigger.present(record["instruction"])
+    for record in json.loads((tmp_path / "out/test_clean.json").read_text()):
+        assert not trigger.any_phrase(record["instruction"])
