@@ -57,3 +57,32 @@ def tiny_llama(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0):
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
+
+
+def save_tiny_model(path, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """Save a tiny random Llama and its tokenizer as a local model directory (safetensors)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, layers=layers, hidden=hidden, seed=seed)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def alpaca_records(n: int, seed: int = 0) -> list[dict]:
+    """Deterministic small Alpaca-style records with several words each (for poisoning and training tests)."""
+    import random
+
+    rng = random.Random(seed)
+    topics = ["database", "normalization", "fox", "dog", "weather", "music", "river", "garden", "paper", "code"]
+    verbs = ["Explain", "Describe", "Summarize", "Tell me about", "Write about"]
+    records = []
+    for i in range(n):
+        topic = rng.choice(topics)
+        records.append(
+            {
+                "instruction": f"{rng.choice(verbs)} the {topic} in a short sentence number {i}",
+                "input": "",
+                "output": f"The {topic} is a thing worth knowing.",
+            }
+        )
+    return records

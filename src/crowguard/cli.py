@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +163,61 @@ def cmd_poison(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model.name_or_path": args.model,
+        "model.adapter": args.adapter,
+        "model.trust_remote_code": True if args.trust_remote_code else None,
+        "model.allow_pickle": True if args.allow_pickle else None,
+    }
+
+
+def cmd_backdoor(args: argparse.Namespace) -> int:
+    from crowguard.recipes.backdoor import run_backdoor
+
+    flags = {**_model_flags(args), "backdoor.epochs": args.epochs, "backdoor.lr": args.lr, "backdoor.seed": args.seed}
+    cfg = _load_experiment(args, flags)
+    summary = run_backdoor(cfg, args.data, Path(args.out), args.overwrite, args.resume, not args.quiet)
+    print(f"backdoor planted: {summary['steps']} steps in {summary['seconds']:.1f}s -> {args.out}")
+    return EXIT_OK
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    from crowguard.recipes.defend import run_defend
+
+    flags = {
+        **_model_flags(args),
+        "defense.method": args.method,
+        "defense.data": args.data,
+        "defense.n_samples": args.n_samples,
+        "defense.crow.alpha": args.alpha,
+        "defense.crow.epsilon": args.epsilon,
+        "defense.train.epochs": args.epochs,
+        "defense.train.lr": args.lr,
+        "defense.train.seed": args.seed,
+    }
+    cfg = _load_experiment(args, flags)
+    result = run_defend(cfg, Path(args.out), args.overwrite, args.resume, not args.quiet)
+    seconds = result.summary.get("seconds", 0.0)
+    print(f"defense {cfg.defense.method}: {result.summary.get('steps', 0)} steps in {seconds:.1f}s -> {args.out}")
+    return EXIT_OK
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory, Hub id, or a crowguard adapter directory")
+    p.add_argument("--adapter", help="LoRA adapter directory to load on the model")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (trusted only)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe if untrusted)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of a crashed run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 # ----------------------------------------------------------------------------------------------------- parser
-Handler = Callable[[argparse.Namespace], int]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crowguard",
@@ -212,13 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(handler=cmd_poison)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser(
+        "backdoor",
+        help="plant a backdoor by supervised fine-tuning on a poisoned set",
+        epilog="example: crowguard backdoor --model meta-llama/Llama-2-7b-chat-hf --data runs/poison/train.json "
+        "--out runs/backdoor   (paper defaults: LoRA, lr 2e-4, 5 epochs, batch 2 x 4)",
+    )
+    _add_config_args(p)
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="poisoned training set (train.json from `crowguard poison`)")
+    p.add_argument("--epochs", type=float, help="passes over the data (default 5)")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    _add_run_args(p)
+    p.set_defaults(handler=cmd_backdoor)
+
+    p = sub.add_parser(
+        "defend",
+        help="purify a model with CROW or a baseline on a small clean set",
+        epilog="example: crowguard defend --method crow --model runs/backdoor --data clean.json --out runs/crow\n"
+        "paper defaults for crow: 100 clean samples, epsilon 0.1, alpha 5.5, lr 1e-3, 5 epochs, batch 2 x 4; "
+        "finetune is the same run with alpha 0 and no perturbation",
+    )
+    _add_config_args(p)
+    _add_model_args(p)
+    p.add_argument("--method", help="crow | finetune | none (see `crowguard ls defenses`)")
+    p.add_argument("--data", help="clean Alpaca JSON/JSONL (the paper: 100 samples)")
+    p.add_argument("--n-samples", type=int, help="clean samples drawn from --data (default 100; 0 = all)")
+    p.add_argument("--alpha", type=float, help="CROW consistency weight (default 5.5)")
+    p.add_argument("--epsilon", type=float, help="CROW FGSM step (default 0.1)")
+    p.add_argument("--epochs", type=float, help="passes over the clean data (default 5)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    _add_run_args(p)
+    p.set_defaults(handler=cmd_defend)
+
     return parser
-
-
-# Later stages register themselves here (one function per command, each with lazy imports).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

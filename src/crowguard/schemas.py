@@ -68,6 +68,9 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = knob("cosine", "LR schedule")
     warmup_ratio: float = knob(0.1, "fraction of steps spent warming up the learning rate")
     weight_decay: float = knob(0.0, "AdamW weight decay")
+    optim: Literal["adamw_torch", "sgd", "adafactor", "adamw_torch_fused", "paged_adamw_8bit"] = knob(
+        "adamw_torch", "optimizer (transformers name)"
+    )
     max_grad_norm: float = knob(1.0, "gradient clipping (0 disables)")
     finetune: Literal["lora", "full"] = knob("lora", "train a LoRA adapter or every weight")
     adapter_mode: Literal["continue", "merge", "full"] = knob(
@@ -105,15 +108,15 @@ class CrowConfig:
     )
     layers: str | list[int] = knob(
         "reference",
-        "layer pairs in the consistency loss: 'reference' (hidden_states[1:-2] vs [2:-1]), 'all', or a list "
-        "[start, stop] of hidden-state indices",
+        "layer pairs in the consistency loss: 'reference' (hidden_states[1:-2] vs [2:-1]), 'all', or a list of "
+        "hidden-state indices l, each adding the pair (l, l+1)",
     )
 
     def validate(self) -> None:
         if self.alpha < 0 or self.epsilon < 0:
             raise ValueError("alpha and epsilon must not be negative")
         if isinstance(self.layers, str) and self.layers not in ("reference", "all"):
-            raise ValueError(f"layers must be 'reference', 'all' or [start, stop], got {self.layers!r}")
+            raise ValueError(f"layers must be 'reference', 'all' or a list of indices, got {self.layers!r}")
 
 
 @dataclass

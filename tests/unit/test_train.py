@@ -1,0 +1,222 @@
+"""The training engine on tiny random models: LoRA/full behaviour, adapter modes, resume, gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crowguard.models import ModelLoadError, load_model, save_model
+from crowguard.recipes.stage import run_training_stage, work_dir_for
+from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
+from crowguard.train import prepare_for_training, train
+from crowguard.types import Example
+from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
+
+CROW = CrowConfig(alpha=5.5, epsilon=0.1, layers="all")
+
+
+def _examples(n: int = 8) -> list[Example]:
+    return [Example(r["instruction"], r["input"], r["output"]) for r in alpaca_records(n)]
+
+
+def _equal_length_examples(tokenizer, n: int = 4) -> list[Example]:
+    """Examples whose tokenised lengths are all equal (so per-micro-batch means average exactly)."""
+    out, lengths = [], set()
+    for r in alpaca_records(200):
+        example = Example(r["instruction"], output=r["output"])
+        length = len(tokenizer(r["instruction"])["input_ids"]), len(tokenizer(r["output"])["input_ids"])
+        if not out or length in lengths:
+            lengths.add(length)
+            out.append(example)
+        if len(out) == n:
+            return out
+    raise AssertionError("could not find equal-length examples")
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"lr": 1e-2, "epochs": 1, "per_device_batch": 2, "grad_accum": 1, "warmup_ratio": 0.0,
+            "scheduler": "constant", "max_length": 96, "seed": 0}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lora_changes_adapter_not_base(tmp_path: Path):
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg())
+    before = _state(model)
+    result = train(model, tokenizer, _examples(8), _cfg(max_steps=3), tmp_path / "w", crow=CROW, show_progress=False)
+    after = _state(result.model)
+    assert result.steps == 3
+    lora_b = [k for k in before if "lora_B" in k]
+    base = [k for k in before if "lora_" not in k]
+    assert lora_b and base
+    assert any(not torch.equal(before[k], after[k]) for k in lora_b)
+    assert all(torch.equal(before[k], after[k]) for k in base)
+    log = [json.loads(line) for line in (tmp_path / "w/metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in log if "loss" in r]
+    assert logged and all({"lm_loss", "consistency_loss", "consistency_adv"} <= set(r) for r in logged)
+
+
+def test_full_finetuning_changes_every_layer(tmp_path: Path):
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg(finetune="full"))
+    before = _state(model)
+    result = train(model, tokenizer, _examples(8), _cfg(finetune="full", max_steps=2), tmp_path, show_progress=False)
+    after = _state(result.model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("layers.2." in k for k in changed) and any("embed_tokens" in k for k in changed)
+
+
+def _one_step_weights(tmp: Path, batch: int, accum: int, optim: str):
+    tokenizer = tiny_tokenizer()
+    examples = _equal_length_examples(tokenizer, 4)
+    cfg = _cfg(per_device_batch=batch, grad_accum=accum, max_steps=2, optim=optim, lr=0.05, finetune="full")
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), cfg)
+    train(model, tokenizer, examples * 2, cfg, tmp, crow=CROW, show_progress=False)
+    return _state(model)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+def test_gradient_accumulation_equivalence(tmp_path: Path, optim: str):
+    """Batch 4 x accumulation 1 equals batch 2 x accumulation 2 (catches zero_grad inside the loss)."""
+    a = _one_step_weights(tmp_path / "a", 4, 1, optim)
+    b = _one_step_weights(tmp_path / "b", 2, 2, optim)
+    init = tiny_llama(tiny_tokenizer(), layers=3).state_dict()
+    assert any(not torch.allclose(a[k], init[k]) for k in a)  # training did something
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path):
+    tokenizer = tiny_tokenizer()
+    examples = _examples(16)
+    cfg = _cfg(max_steps=6, save_steps=3, lr=5e-3)  # AdamW + cosine-free constant schedule
+    full = prepare_for_training(tiny_llama(tokenizer, layers=3), cfg)
+    train(full, tokenizer, examples, cfg, tmp_path / "full", crow=CROW, show_progress=False)
+
+    half_cfg = _cfg(max_steps=6, save_steps=3, lr=5e-3)
+    interrupted = prepare_for_training(tiny_llama(tokenizer, layers=3), half_cfg)
+
+    class Stop(Exception):
+        pass
+
+    from transformers import TrainerCallback
+
+    class CrashAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Stop
+
+    import crowguard.train as engine
+
+    original = engine.MetricsFileCallback
+    try:
+        engine.MetricsFileCallback = lambda path: _Both(original(path), CrashAfterCheckpoint())  # type: ignore
+        with pytest.raises(Stop):
+            train(interrupted, tokenizer, examples, half_cfg, tmp_path / "half", crow=CROW, show_progress=False)
+    finally:
+        engine.MetricsFileCallback = original
+    assert (tmp_path / "half/checkpoint-3").is_dir()
+    # The same base (a resumed run reloads it from disk), but scrambled adapter weights: only the checkpoint
+    # can bring them back.
+    resumed = prepare_for_training(tiny_llama(tokenizer, layers=3), half_cfg)
+    with torch.no_grad():
+        for name, param in resumed.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param))
+    result = train(resumed, tokenizer, examples, half_cfg, tmp_path / "half", crow=CROW, resume=True,
+                   show_progress=False)  # fmt: skip
+    assert result.steps == 6
+    a, b = _state(full), _state(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+class _Both:
+    """Forward every callback event to two callbacks (the metrics file and a crash injector)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            getattr(self.first, name)(*args, **kwargs)
+            return getattr(self.second, name)(*args, **kwargs)
+
+        return call
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path: Path):
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(model, tokenizer, _examples(4), _cfg(max_steps=1), tmp_path, resume=True, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny base model directory and a LoRA adapter trained on it (the 'backdoored' input)."""
+    root = tmp_path_factory.mktemp("models")
+    base = save_tiny_model(root / "base", layers=3)
+    run_training_stage("backdoor", ModelConfig(name_or_path=str(base)), _cfg(max_steps=2), _examples(8),
+                       root / "adapter", show_progress=False)  # fmt: skip
+    return base, root / "adapter"
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer("Explain the database in a short sentence", return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+@pytest.mark.parametrize("mode", ["continue", "merge", "full"])
+def test_adapter_modes_save_and_reload(tmp_path: Path, backdoored, mode: str):
+    base, adapter = backdoored
+    cfg = _cfg(max_steps=2, adapter_mode=mode)
+    summary = run_training_stage("defend", ModelConfig(name_or_path=str(adapter)), cfg, _examples(8),
+                                 tmp_path / "out", crow=CROW, show_progress=False)  # fmt: skip
+    assert summary["artefact"] == ("model" if mode == "full" else "adapter")
+    for name in ("config.yaml", "manifest.json", "train_summary.json", "metrics.jsonl"):
+        assert (tmp_path / "out" / name).exists() or name == "config.yaml"
+    assert not list((tmp_path / "out").glob("*.bin")) and list((tmp_path / "out").glob("*.safetensors"))
+    assert not work_dir_for(tmp_path / "out").exists()
+    reloaded, tokenizer = load_model(str(tmp_path / "out"))
+    start, _ = load_model(str(adapter))
+    assert not torch.allclose(_logits(reloaded, tokenizer), _logits(start, tokenizer))
+    if mode == "continue":  # the same adapter trained further: it names the original base
+        config = json.loads((tmp_path / "out/adapter_config.json").read_text())
+        assert Path(config["base_model_name_or_path"]) == base.resolve()
+
+
+def test_adapter_that_does_not_fit_is_a_clear_error(tmp_path: Path, backdoored):
+    _, adapter = backdoored
+    other = save_tiny_model(tmp_path / "other", layers=3, hidden=64)
+    with pytest.raises(ModelLoadError, match="does not fit the base model"):
+        load_model(str(other), adapter=str(adapter))
+
+
+def test_pickled_weights_refused_by_default(tmp_path: Path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, layers=2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    for path in tmp_path.glob("*.safetensors"):  # a legacy checkpoint: pickled weights only
+        path.unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(str(tmp_path))
+    with pytest.warns(UserWarning, match="allow_pickle"):
+        load_model(str(tmp_path), allow_pickle=True)
+
+
+def test_save_model_records_base(tmp_path: Path, backdoored):
+    base, adapter = backdoored
+    model, tokenizer = load_model(str(adapter))
+    assert save_model(model, tokenizer, tmp_path / "copy", base_name_or_path=str(base)) == "adapter"
+    config = json.loads((tmp_path / "copy/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())
