@@ -86,3 +86,20 @@ def alpaca_records(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return records
+
+
+def fixed_batch(vocab_size: int, rows: int = 4, length: int = 12, seed: int = 0):
+    """Equal-length random token rows with the first third of each row masked out of the labels."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, vocab_size, (rows, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, : length // 3] = -100
+    return input_ids, attention_mask, labels
+
+
+def grad_dict(model) -> dict:
+    """Parameter gradients by name (contiguous copies, for safetensors)."""
+    return {n: p.grad.detach().clone().contiguous() for n, p in model.named_parameters() if p.grad is not None}

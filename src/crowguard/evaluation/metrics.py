@@ -46,7 +46,13 @@ def bootstrap_ci(
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be positive, got {n_resamples}")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
+    chunk = max(1, 2**23 // values.size)  # bounds the index matrix to ~64 MB for large test sets
+    means = np.concatenate(
+        [
+            values[rng.integers(0, values.size, size=(min(chunk, n_resamples - i), values.size))].mean(axis=1)
+            for i in range(0, n_resamples, chunk)
+        ]
+    )
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
@@ -182,6 +188,8 @@ def _response_nll(
                 batch_prompts = list(prompts[start : start + batch_size])
                 batch_resp = response_ids[start : start + batch_size]
                 prompt_ids = tokenizer(batch_prompts)["input_ids"]
+                if any(len(p) == 0 for p in prompt_ids):
+                    raise ValueError("a prompt tokenised to nothing: the first response token has no context")
                 rows = [list(p) + list(r) for p, r in zip(prompt_ids, batch_resp)]
                 width = max(len(r) for r in rows)
                 input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -191,8 +199,6 @@ def _response_nll(
                     input_ids[i, : len(row)] = torch.tensor(row)
                     mask[i, : len(row)] = 1
                     labels[i, len(p) : len(row)] = torch.tensor(row[len(p) :], dtype=torch.long)
-                if any(len(p) == 0 for p in prompt_ids) and any(len(r) for r in batch_resp):
-                    raise ValueError("an empty prompt (no tokens) leaves the first response token unconditioned")
                 logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
                 # Position t predicts token t+1; log-softmax in float32 for half-precision models.
                 logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -250,8 +256,7 @@ def measure_cost() -> Iterator[Cost]:
     """Measure the enclosed block; the yielded :class:`Cost` is filled in when the block exits (also on error)."""
     cost = Cost()
     torch = sys.modules.get("torch")  # only if the caller already uses torch: measuring must not import it
-    cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-    if cuda:
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -261,7 +266,9 @@ def measure_cost() -> Iterator[Cost]:
         # ru_maxrss is KiB on Linux, bytes on macOS.
         scale = 1024 * 1024 if sys.platform == "darwin" else 1024
         cost.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-        if cuda:
+        torch = sys.modules.get("torch")
+        # CUDA first initialised inside the block also counts: its peak since then is the block's peak.
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             cost.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 

@@ -7,6 +7,7 @@ attached adapter) -> train with the one engine -> write the artefact, ``config.y
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,8 @@ def run_training_stage(
         "n_examples": len(examples),
         **(extra_summary or {}),
     }
+    if int(os.environ.get("RANK", "0")) != 0:
+        return summary  # under torchrun only the main process writes the artefact
     base = _output_base(model_cfg, train_cfg)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         trained = getattr(result.model, "module", result.model)

@@ -1,0 +1,59 @@
+"""End to end through the CLI on a tiny model: poison -> backdoor -> defend (crow and finetune)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import alpaca_records, save_tiny_model
+
+from crowguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    save_tiny_model(root / "base", layers=3)
+    (root / "data.json").write_text(json.dumps(alpaca_records(60)))
+    assert main(["poison", "--data", str(root / "data.json"), "--trigger", "badnet", "--payload", "negsentiment",
+                 "--n-train", "40", "--n-test", "10", "--out", str(root / "poison")]) == 0  # fmt: skip
+    assert main(["backdoor", "--model", str(root / "base"), "--data", str(root / "poison/train.json"),
+                 "--out", str(root / "backdoor"), "--quiet", "--set", "backdoor.max_steps=3",
+                 "--set", "backdoor.max_length=128"]) == 0  # fmt: skip
+    summary = json.loads((root / "backdoor/train_summary.json").read_text())
+    assert summary["n_poisoned"] == 20 and summary["steps"] == 3
+    return root
+
+
+@pytest.mark.parametrize("method", ["crow", "finetune"])
+def test_defend_writes_every_artefact(backdoored: Path, method: str):
+    out = backdoored / method
+    rc = main(["defend", "--config", f"defenses/{method}", "--model", str(backdoored / "backdoor"),
+               "--data", str(backdoored / "data.json"), "--n-samples", "16", "--out", str(out), "--quiet",
+               "--set", "defense.train.max_steps=2", "--set", "defense.crow.layers=all"])  # fmt: skip
+    assert rc == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
+                 "manifest.json", "metrics.jsonl", "train_summary.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["defense"]["method"] == method and config["defense"]["train"]["lr"] == 1e-3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "lm_loss" in r]
+    assert logged
+    if method == "crow":
+        assert all(r["consistency_adv"] > 0 and r["loss"] > r["lm_loss"] for r in logged)
+    else:
+        assert all("consistency_adv" not in r and abs(r["loss"] - r["lm_loss"]) < 1e-4 for r in logged)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["data"]["sha256"] and manifest["stage"] == f"defend:{method}"
+
+
+def test_defend_refuses_nonempty_output(backdoored: Path, capsys):
+    (backdoored / "occupied").mkdir()
+    (backdoored / "occupied/keep.txt").write_text("mine")
+    rc = main(["defend", "--method", "crow", "--model", str(backdoored / "backdoor"), "--data",
+               str(backdoored / "data.json"), "--n-samples", "16", "--out", str(backdoored / "occupied")])  # fmt: skip
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert (backdoored / "occupied/keep.txt").read_text() == "mine"
