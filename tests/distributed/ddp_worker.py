@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import fixed_batch, grad_dict, tiny_llama, tiny_tokenizer  # noqa: E402
+from crowguard.losses import crow_loss
 
-from crowguard.losses import crow_loss  # noqa: E402
+from helpers import fixed_batch, grad_dict, tiny_llama, tiny_tokenizer
 
 
 def main(out_path: str) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import alpaca_records, fixed_batch, grad_dict, save_tiny_model, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 from crowguard.losses import crow_loss
+
+from helpers import alpaca_records, fixed_batch, grad_dict, save_tiny_model, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).resolve().parent
@@ -49,9 +50,26 @@ def test_defend_cli_under_torchrun(tmp_path: Path):
     base = save_tiny_model(tmp_path / "base", layers=3)
     (tmp_path / "clean.json").write_text(json.dumps(alpaca_records(16)))
     _torchrun(
-        ["-m", "crowguard.cli", "defend", "--method", "crow", "--model", str(base), "--data", "clean.json",
-         "--n-samples", "16", "--out", "crow", "--quiet", "--set", "defense.train.max_steps=2",
-         "--set", "defense.crow.layers=all"],  # fmt: skip
+        [
+            "-m",
+            "crowguard.cli",
+            "defend",
+            "--method",
+            "crow",
+            "--model",
+            str(base),
+            "--data",
+            "clean.json",
+            "--n-samples",
+            "16",
+            "--out",
+            "crow",
+            "--quiet",
+            "--set",
+            "defense.train.max_steps=2",
+            "--set",
+            "defense.crow.layers=all",
+        ],
         tmp_path,
     )
     manifest = json.loads((tmp_path / "crow/manifest.json").read_text())

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import alpaca_records, save_tiny_model
 
 from crowguard.cli import main
+
+from helpers import alpaca_records, save_tiny_model
 
 
 @pytest.fixture(scope="module")

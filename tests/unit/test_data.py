@@ -10,6 +10,7 @@ import pytest
 from crowguard.data import IGNORE_INDEX, DataError, load_examples, prompt_ids, save_examples, tokenize_example
 from crowguard.prompts import build_prompt
 from crowguard.types import Example
+
 from helpers import tiny_tokenizer
 
 

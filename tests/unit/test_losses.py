@@ -190,6 +190,14 @@ def test_fgsm_perturbation_is_epsilon_sign_and_touches_no_parameter_grad():
     assert torch.equal(delta[real], 0.1 * grad.sign()[real])
 
 
+def test_fgsm_perturbation_zeroes_padded_positions_even_where_the_loss_reaches_them():
+    embeds = torch.randn(2, 3, 4).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    delta = fgsm_perturbation(embeds.pow(2).sum(), embeds, 0.25, attention_mask=mask)
+    assert torch.equal(delta[mask == 0], torch.zeros(2, 4))
+    assert torch.equal(delta[mask == 1], 0.25 * embeds.detach()[mask == 1].sign())
+
+
 # --- crow_loss ---------------------------------------------------------------------------------------------------
 
 
@@ -284,6 +292,17 @@ def test_crow_through_a_ddp_style_wrapper_calls_the_wrapper_forward():
     assert wrapped.calls == 2
     direct, _ = crow_loss(model, input_ids, attention_mask, labels)
     assert loss.item() == direct.item()
+
+
+def test_crow_refuses_ddp_settings_that_would_leave_the_detached_embedding_unreduced():
+    model = tiny_llama()
+    wrapped = Wrapper(model)
+    wrapped.find_unused_parameters, wrapped.static_graph = False, False  # DDP's attributes
+    input_ids, attention_mask, labels = batch("right")
+    with pytest.raises(ValueError, match="find_unused_parameters"):
+        crow_loss(wrapped, input_ids, attention_mask, labels)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    crow_loss(wrapped, input_ids, attention_mask, labels)
 
 
 def test_crow_through_peft_lora_trains_only_lora_parameters():

@@ -12,6 +12,7 @@ from crowguard.attacks import BUILTIN_TRIGGERS
 from crowguard.data import load_examples
 from crowguard.recipes.poison import run_poison
 from crowguard.schemas import PayloadConfig, PoisonConfig, TriggerConfig
+
 from helpers import SHARED_DATA
 
 pytestmark = pytest.mark.shared_data

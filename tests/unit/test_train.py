@@ -13,6 +13,7 @@ from crowguard.recipes.stage import run_training_stage, work_dir_for
 from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
 from crowguard.train import prepare_for_training, train
 from crowguard.types import Example
+
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
 
 CROW = CrowConfig(alpha=5.5, epsilon=0.1, layers="all")
