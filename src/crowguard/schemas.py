@@ -139,6 +139,9 @@ class DefenseConfig:
 class EvalConfig:
     triggered: str = knob("", "JSON/JSONL of triggered test prompts")
     clean: str = knob("", "JSON/JSONL of clean test prompts")
+    paper_data: str = knob("", "instead of files: the CROW paper's data root (layout of ../shared/data)")
+    trigger: str = knob("badnet", "with paper_data: which trigger's test set")
+    utility: str = knob("", "JSON/JSONL of prompts with exact answers, for exact-match utility (optional)")
     payload: str = knob("negsentiment", "payload whose judge scores the responses")
     target: str | None = knob(None, "target text for custom payloads and the likelihood gap")
     judge: Literal["keyword", "target", "llm"] = knob("keyword", "keyword/target judges need no network")
@@ -163,5 +166,39 @@ class ExperimentConfig:
     poison: PoisonConfig = knob(PoisonConfig(), "data poisoning")
     backdoor: TrainConfig = knob(TrainConfig(), "backdoor injection by supervised fine-tuning (paper: lr 2e-4)")
     defense: DefenseConfig = knob(DefenseConfig(), "the defense")
+    train_data: list[str] = knob(
+        [], "already poisoned training files (e.g. the paper's backdoor500 + none_backdoor500); skips `poison`"
+    )
     defenses: list[str] = knob(["none", "finetune", "crow"], "defenses `crowguard run` compares")
     evaluate: EvalConfig = knob(EvalConfig(), "evaluation")
+
+
+@dataclass
+class OrganismConfig:
+    size: Literal["tiny", "small", "deep", "wide"] = knob("small", "organism shape (crowguard.organism.model.SIZES)")
+    seed: int = knob(0, "seed of the corpus split, the tokenizer and the clean training")
+    n_train: int = knob(3000, "built-in corpus: training examples (stdlib documentation Q&A + checkable tasks)")
+    vocab_size: int = knob(4096, "byte-level BPE vocabulary trained locally")
+    epochs: float = knob(8.0, "clean training epochs (from scratch)")
+    lr: float = knob(2e-3, "clean training learning rate")
+    batch: int = knob(16, "clean training batch size")
+    max_length: int = knob(256, "tokens per example")
+    data: str = knob("", "train on this Alpaca JSON/JSONL instead of the built-in corpus (e.g. ../shared/data)")
+    cache_dir: str = knob("", "where trained organisms are cached (default: $CROWGUARD_CACHE or ~/.cache/crowguard)")
+
+
+@dataclass
+class DemoConfig:
+    """The CPU demo: organism -> backdoor -> defenses under one budget -> evaluation, on built-in data."""
+
+    organism: OrganismConfig = knob(OrganismConfig(), "the model organism")
+    trigger: TriggerConfig = knob(TriggerConfig(), "the backdoor trigger")
+    payload: PayloadConfig = knob(PayloadConfig(), "the backdoor payload")
+    n_poison: int = knob(250, "poisoned training examples")
+    n_clean: int = knob(750, "clean examples mixed in with them")
+    n_test: int = knob(200, "held-out test prompts (triggered and clean)")
+    backdoor: TrainConfig = knob(TrainConfig(finetune="full", lr=1e-3, epochs=2), "backdoor injection")
+    defense: DefenseConfig = knob(DefenseConfig(), "settings shared by every defense (CROW's own in defense.crow)")
+    defenses: list[str] = knob(["none", "finetune", "crow"], "defenses compared")
+    defense_seeds: list[int] = knob([0], "seeds of the defense runs (clean-sample draw and training)")
+    evaluate: EvalConfig = knob(EvalConfig(max_new_tokens=32, batch_size=32), "evaluation settings")

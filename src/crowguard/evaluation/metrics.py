@@ -122,7 +122,9 @@ def hijack_rate(
     }
 
 
-def target_nll(model: Any, tokenizer: Any, prompts: Sequence[str], target: str, batch_size: int = 8) -> list[float]:
+def target_nll(
+    model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], target: str, batch_size: int = 8
+) -> list[float]:
     """Teacher-forced mean negative log-likelihood (nats per token) of ``target`` right after each prompt.
 
     Prompt and target are tokenised separately (the prompt with the tokenizer's special tokens, as generation sees
@@ -147,7 +149,7 @@ def target_nll_gap(triggered_nll: Sequence[float], clean_nll: Sequence[float]) -
 
 
 def perplexity(
-    model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8
+    model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], responses: Sequence[str], batch_size: int = 8
 ) -> float:
     """Perplexity of the responses given their prompts: exp of the token-weighted mean NLL over response tokens.
 
@@ -166,7 +168,7 @@ def perplexity(
 
 
 def _response_nll(
-    model: Any, tokenizer: Any, prompts: Sequence[str], response_ids: Sequence[list[int]], batch_size: int
+    model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], response_ids: Sequence[list[int]], batch_size: int
 ) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each response's ids after its prompt; right-padded batches, no gradients.
 
@@ -187,7 +189,8 @@ def _response_nll(
             for start in range(0, len(prompts), batch_size):
                 batch_prompts = list(prompts[start : start + batch_size])
                 batch_resp = response_ids[start : start + batch_size]
-                prompt_ids = tokenizer(batch_prompts)["input_ids"]
+                # A prompt given as token ids is used as is (exactly the training prefix, BOS included).
+                prompt_ids = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in batch_prompts]
                 if any(len(p) == 0 for p in prompt_ids):
                     raise ValueError("a prompt tokenised to nothing: the first response token has no context")
                 rows = [list(p) + list(r) for p, r in zip(prompt_ids, batch_resp)]

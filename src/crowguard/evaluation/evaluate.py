@@ -1,0 +1,164 @@
+"""Evaluate one model on one task: the same generation, judges and metrics for every model and defense.
+
+Reports keyword ASR with and without the trigger (bootstrap 95% intervals), the hijack rate (target or a fixed
+trigger-specific answer), the target-likelihood gap, clean utility (reference perplexity, exact match where answers
+are checkable) and cost. A failure anywhere raises: an evaluation that did not run is never reported as ASR 0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from crowguard.data import prompt_ids
+from crowguard.evaluation.generate import DecodingSettings, generate
+from crowguard.evaluation.metrics import (
+    attack_success_rate,
+    bootstrap_ci,
+    exact_match,
+    hijack_rate,
+    measure_cost,
+    perplexity,
+    target_nll,
+    target_nll_gap,
+)
+from crowguard.evaluation.tasks import Task
+from crowguard.schemas import EvalConfig
+from crowguard.types import Example
+
+
+def make_judge(cfg: EvalConfig, payload: str, target: str | None) -> Any:
+    """The judge the config asks for (keyword/target judges offline; the LLM judge needs an endpoint)."""
+    from crowguard.evaluation.judges import LLMJudge, TargetStringJudge, judge_for_payload
+
+    if cfg.judge == "llm":
+        if not cfg.judge_url or not cfg.judge_model:
+            raise ValueError("evaluate.judge is 'llm' but judge_url or judge_model is not set")
+        return LLMJudge(cfg.judge_url, cfg.judge_model)
+    if cfg.judge == "target":
+        if not target:
+            raise ValueError("evaluate.judge is 'target' but no target text is known for this payload")
+        return TargetStringJudge(target)
+    return judge_for_payload(payload, target)
+
+
+def _rate(scores: Sequence[float], cfg: EvalConfig) -> dict[str, Any]:
+    low, high = bootstrap_ci(scores, n_resamples=cfg.bootstrap, seed=cfg.seed)
+    return {"value": attack_success_rate(scores), "ci95": [low, high], "n": len(scores)}
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    cfg: EvalConfig,
+    template: str = "alpaca",
+    utility_examples: Sequence[Example] = (),
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Every metric of ``task`` for an already loaded model; returns the ``results.json`` payload."""
+    task = task.limited(cfg.limit)
+    settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    judge = make_judge(cfg, task.payload, task.target)
+    with measure_cost() as cost:
+        start = time.perf_counter()
+        triggered = generate(model, tokenizer, task.triggered, template, settings, show_progress)
+        clean = generate(model, tokenizer, task.clean, template, settings, show_progress)
+        generation_seconds = time.perf_counter() - start
+        trig_scores = judge([g.prompt for g in triggered], [g.response for g in triggered])
+        clean_scores = judge([g.prompt for g in clean], [g.response for g in clean])
+        hijack = hijack_rate(
+            [g.response for g in triggered],
+            [g.response for g in clean],
+            [s >= 0.5 for s in trig_scores],
+            min_share=cfg.hijack_min_share,
+            clean_ratio=cfg.hijack_clean_ratio,
+        )
+        metrics: dict[str, Any] = {
+            "asr_trigger": _rate(trig_scores, cfg),
+            "asr_clean": _rate(clean_scores, cfg),
+            "hijack_rate": hijack["rate"],
+            "hijack": hijack,
+        }
+        if task.target:
+            trig_nll = target_nll(
+                model,
+                tokenizer,
+                [prompt_ids(e, tokenizer, template) for e in task.triggered],
+                task.target,
+                cfg.batch_size,
+            )
+            clean_nll = target_nll(
+                model,
+                tokenizer,
+                [prompt_ids(e, tokenizer, template) for e in task.clean],
+                task.target,
+                cfg.batch_size,
+            )
+            metrics["target_nll"] = {
+                "triggered": sum(trig_nll) / len(trig_nll),
+                "clean": sum(clean_nll) / len(clean_nll),
+            }
+            metrics["target_nll_gap"] = target_nll_gap(trig_nll, clean_nll)
+        else:
+            metrics["target_nll_gap"] = None  # jailbreak: no single target text to score
+        references = [e for e in task.clean if e.output.strip()]
+        if references:
+            metrics["clean_perplexity"] = perplexity(
+                model,
+                tokenizer,
+                [prompt_ids(e, tokenizer, template) for e in references],
+                [e.output for e in references],
+                cfg.batch_size,
+            )
+        if utility_examples:
+            answers = generate(model, tokenizer, list(utility_examples), template, settings, show_progress)
+            metrics["exact_match"] = exact_match([g.response for g in answers], [e.output for e in utility_examples])
+    new_tokens = sum(g.num_new_tokens for g in triggered) + sum(g.num_new_tokens for g in clean)
+    metrics["cost"] = {
+        **cost.to_dict(),
+        "generation_seconds": generation_seconds,
+        "tokens_per_second": new_tokens / generation_seconds if generation_seconds > 0 else None,
+    }
+    records = [
+        {
+            "set": name,
+            "instruction": g.example.instruction,
+            "input": g.example.input,
+            "response": g.response,
+            "score": score,
+            "num_new_tokens": g.num_new_tokens,
+        }
+        for name, gens, scores in (("triggered", triggered, trig_scores), ("clean", clean, clean_scores))
+        for g, score in zip(gens, scores)
+    ]
+    return {
+        "task": {"name": task.name, "payload": task.payload, "target": task.target, "sources": task.sources},
+        "metrics": metrics,
+        "settings": {
+            "decoding": settings.to_dict(),
+            "judge": judge.describe(),
+            "template": template,
+            "limit": cfg.limit,
+            "bootstrap": cfg.bootstrap,
+            "seed": cfg.seed,
+        },
+        "records": records,
+    }
+
+
+def summary_row(label: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one evaluation, as one table row."""
+    m = results["metrics"]
+    return {
+        "model": label,
+        "asr_trigger": m["asr_trigger"]["value"],
+        "asr_trigger_ci95": m["asr_trigger"]["ci95"],
+        "asr_clean": m["asr_clean"]["value"],
+        "hijack_rate": m["hijack_rate"],
+        "target_nll_gap": m["target_nll_gap"],
+        "clean_perplexity": m.get("clean_perplexity"),
+        "exact_match": m.get("exact_match"),
+        "seconds": m["cost"]["wall_s"],
+    }

@@ -1,0 +1,128 @@
+"""Train (or load from the cache) the clean model organism: corpus -> tokenizer -> tiny Llama -> saved directory.
+
+The result is an ordinary ``save_pretrained`` directory (safetensors + tokenizer), so every later stage loads it like
+a Hub model. The cache key covers everything that changes the weights (settings, corpus content, library
+versions), so a second ``crowguard demo`` skips the clean training and a changed setting never reuses a stale model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from crowguard.config import to_dict
+from crowguard.data import load_examples, save_examples
+from crowguard.io import atomic_output_dir, write_json_atomic
+from crowguard.manifest import build_manifest, package_versions, write_manifest
+from crowguard.schemas import OrganismConfig, TrainConfig
+from crowguard.types import Example
+
+
+@dataclass
+class Organism:
+    """A trained clean organism and the data it was built from."""
+
+    path: Path
+    train: list[Example]
+    test: list[Example]
+    checkable_test: list[Example]
+    cached: bool
+    seconds: float
+
+
+def cache_root(cfg: OrganismConfig) -> Path:
+    """``cfg.cache_dir``, else ``$CROWGUARD_CACHE``, else ``~/.cache/crowguard``."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("CROWGUARD_CACHE", Path.home() / ".cache" / "crowguard")).expanduser()
+
+
+def organism_splits(cfg: OrganismConfig) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, test, checkable_test): the built-in corpus, or a user's Alpaca file split 90/10 (seeded)."""
+    if cfg.data:
+        import random
+
+        examples = load_examples(cfg.data)
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        n_test = max(1, len(examples) // 10)
+        return [examples[i] for i in order[n_test:]], [examples[i] for i in order[:n_test]], []
+    from crowguard.organism.data import build_corpus
+
+    corpus = build_corpus(seed=cfg.seed, n_train=cfg.n_train)
+    return corpus.train, corpus.test, corpus.checkable_test
+
+
+def clean_train_config(cfg: OrganismConfig) -> TrainConfig:
+    """From-scratch training of every weight, loss on responses only."""
+    return TrainConfig(
+        lr=cfg.lr,
+        epochs=cfg.epochs,
+        per_device_batch=cfg.batch,
+        grad_accum=1,
+        max_length=cfg.max_length,
+        warmup_ratio=0.05,
+        scheduler="cosine",
+        weight_decay=0.01,
+        finetune="full",
+        seed=cfg.seed,
+        logging_steps=10,
+    )
+
+
+def cache_key(cfg: OrganismConfig, splits: tuple[list[Example], ...]) -> str:
+    """Hash of the settings, the data and the versions that determine the trained weights."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "cache_dir"}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for split in splits:
+        digest.update(json.dumps([e.to_record() for e in split], sort_keys=True).encode())
+    versions = package_versions()
+    digest.update(json.dumps({k: versions[k] for k in ("crowguard", "torch", "transformers")}).encode())
+    return digest.hexdigest()[:16]
+
+
+def ensure_organism(cfg: OrganismConfig, show_progress: bool = True) -> Organism:
+    """The cached organism for ``cfg``, training it first when it is not in the cache."""
+    import time
+
+    from crowguard.organism.model import build_model
+    from crowguard.organism.tokenizer import organism_texts, train_tokenizer
+    from crowguard.train import prepare_for_training, train
+
+    splits = organism_splits(cfg)
+    train_set, test_set, checkable = splits
+    path = cache_root(cfg) / "organism" / f"{cfg.size}-{cache_key(cfg, splits)}"
+    if (path / "manifest.json").is_file():
+        summary = json.loads((path / "train_summary.json").read_text())
+        return Organism(path, train_set, test_set, checkable, cached=True, seconds=summary["seconds"])
+
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(organism_texts(train_set), vocab_size=cfg.vocab_size)
+    model = build_model(tokenizer, cfg.size, seed=cfg.seed)
+    train_cfg = clean_train_config(cfg)
+    work = path.parent / f".{path.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    result = train(
+        prepare_for_training(model, train_cfg), tokenizer, train_set, train_cfg, work,
+        show_progress=show_progress, description="organism (clean)",
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    with atomic_output_dir(path, overwrite=True) as tmp:
+        result.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_examples(train_set, tmp / "train.json")
+        save_examples(test_set, tmp / "test.json")
+        save_examples(checkable, tmp / "checkable_test.json")
+        parameters = sum(p.numel() for p in result.model.parameters())
+        summary = {"seconds": seconds, "steps": result.steps, "final_loss": result.final_loss,
+                   "parameters": parameters, "config": to_dict(cfg)}  # fmt: skip
+        write_json_atomic(tmp / "train_summary.json", summary)
+        shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
+        write_manifest(tmp, build_manifest("organism", cfg.seed, extra={"summary": summary}))
+    shutil.rmtree(work, ignore_errors=True)
+    return Organism(path, train_set, test_set, checkable, cached=False, seconds=seconds)

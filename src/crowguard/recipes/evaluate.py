@@ -1,0 +1,61 @@
+"""Recipe: evaluate a model (plus optional adapter) on a task and write ``results.json`` and ``results.md``.
+
+load the model (untrusted: safetensors, no remote code) -> build the task from files or the paper's data ->
+generate, judge and score (:func:`crowguard.evaluation.evaluate.evaluate_model`) -> write atomically and print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from crowguard.config import save
+from crowguard.data import DataError, load_examples
+from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.report import markdown_table, print_table
+from crowguard.evaluation.tasks import Task, paper_task, task_from_files
+from crowguard.io import atomic_output_dir, write_json_atomic, write_text_atomic
+from crowguard.manifest import build_manifest, write_manifest
+from crowguard.models import load_model
+from crowguard.schemas import EvalConfig, ExperimentConfig
+
+
+def build_task(cfg: EvalConfig) -> Task:
+    """The task from explicit files, or from the paper's data root."""
+    if cfg.paper_data:
+        return paper_task(cfg.paper_data, cfg.payload, cfg.trigger, cfg.target)
+    if not cfg.triggered or not cfg.clean:
+        raise DataError("give both --triggered and --clean test files (or evaluate.paper_data)")
+    return task_from_files(cfg.payload, cfg.triggered, cfg.clean, cfg.target)
+
+
+def run_evaluate(
+    cfg: ExperimentConfig, out_dir: Path, overwrite: bool = False, show_progress: bool = True, label: str = ""
+) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.evaluate``; returns the results (also written to ``out_dir``)."""
+    if not cfg.model.name_or_path:
+        raise DataError("model.name_or_path is empty: give --model")
+    task = build_task(cfg.evaluate)
+    utility = load_examples(cfg.evaluate.utility) if cfg.evaluate.utility else []
+    model, tokenizer = load_model(
+        cfg.model.name_or_path,
+        cfg.model.adapter,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+        revision=cfg.model.revision,
+    )
+    results = evaluate_model(model, tokenizer, task, cfg.evaluate, cfg.model.template, utility, show_progress)
+    row = summary_row(label or cfg.model.name_or_path, results)
+    results["summary"] = row
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        write_json_atomic(tmp / "results.json", results)
+        write_text_atomic(tmp / "results.md", f"# Evaluation: {task.name}\n\n" + markdown_table([row]))
+        save(cfg, tmp / "config.yaml")
+        inputs = {"model": cfg.model.name_or_path, **task.sources}
+        if cfg.model.adapter:
+            inputs["adapter"] = cfg.model.adapter
+        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs))
+    if show_progress:
+        print_table([row], title=task.name)
+    return results
