@@ -219,6 +219,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "evaluate.max_new_tokens": args.max_new_tokens,
         "evaluate.batch_size": args.batch_size,
         "evaluate.utility": args.utility,
+        "evaluate.humaneval": args.humaneval,
+        "evaluate.mt_bench": args.mt_bench,
+        "evaluate.judge_url": args.judge_url,
+        "evaluate.judge_model": args.judge_model,
     }
     cfg = _load_experiment(args, flags)
     run_evaluate(cfg, Path(args.out), args.overwrite, show_progress=not args.quiet)
@@ -372,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="target text of a custom payload")
     p.add_argument("--judge", choices=["keyword", "target", "llm"], help="scoring (default keyword)")
     p.add_argument("--utility", help="JSON/JSONL of prompts with exact answers (exact-match utility)")
+    p.add_argument("--humaneval", help="HumanEval.jsonl: pass@1 with generated code run in a sandbox")
+    p.add_argument("--mt-bench", help="MT-Bench question.jsonl: graded by the --judge-url endpoint")
+    p.add_argument("--judge-url", help="OpenAI-compatible base URL (llm judge, MT-Bench); key in OPENAI_API_KEY")
+    p.add_argument("--judge-model", help="model name at --judge-url")
     p.add_argument("--limit", type=int, help="only the first N prompts of each set")
     p.add_argument("--max-new-tokens", type=int, help="generation length (default 64)")
     p.add_argument("--batch-size", type=int, help="prompts per batch (default 16)")

@@ -115,6 +115,10 @@ def evaluate_model(
         if utility_examples:
             answers = generate(model, tokenizer, list(utility_examples), template, settings, show_progress)
             metrics["exact_match"] = exact_match([g.response for g in answers], [e.output for e in utility_examples])
+        if cfg.humaneval:
+            metrics["humaneval"] = _humaneval(model, tokenizer, cfg, template, show_progress)
+        if cfg.mt_bench:
+            metrics["mt_bench"] = _mt_bench(model, tokenizer, cfg, template, show_progress)
     new_tokens = sum(g.num_new_tokens for g in triggered) + sum(g.num_new_tokens for g in clean)
     metrics["cost"] = {
         **cost.to_dict(),
@@ -148,6 +152,29 @@ def evaluate_model(
     }
 
 
+def _humaneval(model: Any, tokenizer: Any, cfg: EvalConfig, template: str, show_progress: bool) -> dict[str, Any]:
+    """HumanEval pass@1 (code run in the sandbox) and the code-injection rate of the same answers."""
+    from crowguard.evaluation.humaneval import evaluate_humaneval
+    from crowguard.evaluation.sandbox import load_humaneval
+
+    problems = load_humaneval(cfg.humaneval)
+    if cfg.humaneval_limit > 0:
+        problems = problems[: cfg.humaneval_limit]
+    return evaluate_humaneval(model, tokenizer, problems, template, show_progress=show_progress)
+
+
+def _mt_bench(model: Any, tokenizer: Any, cfg: EvalConfig, template: str, show_progress: bool) -> dict[str, Any]:
+    """MT-Bench single-answer grading; needs a configured judge endpoint (never a made-up score)."""
+    from crowguard.evaluation.mtbench import answer_questions, grade, load_questions
+
+    if not cfg.judge_url or not cfg.judge_model:
+        raise ValueError("evaluate.mt_bench needs evaluate.judge_url and evaluate.judge_model (an OpenAI-compatible "
+                         "endpoint)")  # fmt: skip
+    questions = load_questions(cfg.mt_bench)
+    answers = answer_questions(model, tokenizer, questions, template, show_progress=show_progress)
+    return grade(answers, questions, cfg.judge_url, cfg.judge_model)
+
+
 def summary_row(label: str, results: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one evaluation, as one table row."""
     m = results["metrics"]
@@ -160,5 +187,7 @@ def summary_row(label: str, results: dict[str, Any]) -> dict[str, Any]:
         "target_nll_gap": m["target_nll_gap"],
         "clean_perplexity": m.get("clean_perplexity"),
         "exact_match": m.get("exact_match"),
+        "humaneval_pass_at_1": m["humaneval"]["pass_at_1"] if "humaneval" in m else None,
+        "mt_bench": m["mt_bench"]["score"] if "mt_bench" in m else None,
         "seconds": m["cost"]["wall_s"],
     }

@@ -24,12 +24,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 KeywordMode = Literal["any", "none"]
+T = TypeVar("T")
 
 # Built-in payload names (crowguard.attacks.payloads) and the keyword rule the CROW paper scores each with.
 BUILTIN_PAYLOADS: tuple[str, ...] = ("negsentiment", "refusal", "codeinjection", "jailbreak")
@@ -272,34 +273,90 @@ class LLMJudge:
         raise LLMJudgeError(f"LLM judge {self.model} at {self.base_url} failed: {last_error}")
 
     def _complete(self, content: str) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": content}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        url = f"{self.base_url}/chat/completions"
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        return post_chat(
+            self.base_url,
+            self.model,
+            [{"role": "user", "content": content}],
+            api_key_env=self.api_key_env,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            timeout_s=self.timeout_s,
+        )
+
+
+def post_chat(
+    base_url: str,
+    model: str,
+    messages: Sequence[dict[str, str]],
+    *,
+    api_key_env: str = "OPENAI_API_KEY",
+    temperature: float = 0.0,
+    max_tokens: int = 256,
+    timeout_s: float = 60.0,
+) -> str:
+    """One chat-completions request to an OpenAI-compatible API root; the reply's message content.
+
+    Shared by every LLM-backed judge so they fail the same way: network errors, timeouts, HTTP 429/5xx and non-JSON
+    replies raise :class:`_RetryableError` (the caller decides how often to retry); other HTTP errors (a bad key or
+    model name) and replies that are not chat completions raise :class:`LLMJudgeError`. The key is read from
+    ``api_key_env`` at call time (no header when unset, for local servers).
+    """
+    body = {"model": model, "messages": list(messages), "temperature": temperature, "max_tokens": max_tokens}
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with _opener_for(url).open(request, timeout=timeout_s) as reply:
+            payload = json.loads(reply.read().decode("utf-8"))
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode("utf-8", "replace")[:300]
+        # Rate limits and server errors may pass; a bad key, model name or request will not.
+        error = _RetryableError if err.code == 429 or err.code >= 500 else LLMJudgeError
+        raise error(f"HTTP {err.code} from {url}: {detail}") from err
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        raise _RetryableError(f"cannot reach {url}: {err}") from err
+    except json.JSONDecodeError as err:
+        raise _RetryableError(f"non-JSON reply from {url}: {err}") from err
+    try:
+        return str(payload["choices"][0]["message"]["content"])
+    except (KeyError, IndexError, TypeError) as err:
+        raise LLMJudgeError(f"reply from {url} is not a chat completion: {str(payload)[:300]}") from err
+
+
+def chat_with_retries(
+    base_url: str,
+    model: str,
+    messages: Sequence[dict[str, str]],
+    parse: Callable[[str], T | None],
+    *,
+    retries: int = 2,
+    retry_wait_s: float = 1.0,
+    expected: str = "a verdict",
+    **chat_kwargs: Any,
+) -> tuple[T, str]:
+    """``(parse(reply), reply)`` for one :func:`post_chat` request, retried like :class:`LLMJudge` retries.
+
+    Retryable failures and replies that ``parse`` maps to None get ``retries`` more attempts (waiting
+    ``retry_wait_s``, doubling); then :class:`LLMJudgeError` names the last problem (``expected`` describes what the
+    reply lacked). Non-retryable errors raise at once. Never returns a made-up value.
+    """
+    last_error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(retry_wait_s * 2 ** (attempt - 1))
         try:
-            with _opener_for(url).open(request, timeout=self.timeout_s) as reply:
-                payload = json.loads(reply.read().decode("utf-8"))
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")[:300]
-            # Rate limits and server errors may pass; a bad key, model name or request will not.
-            error = _RetryableError if err.code == 429 or err.code >= 500 else LLMJudgeError
-            raise error(f"HTTP {err.code} from {url}: {detail}") from err
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            raise _RetryableError(f"cannot reach {url}: {err}") from err
-        except json.JSONDecodeError as err:
-            raise _RetryableError(f"non-JSON reply from {url}: {err}") from err
-        try:
-            return str(payload["choices"][0]["message"]["content"])
-        except (KeyError, IndexError, TypeError) as err:
-            raise LLMJudgeError(f"reply from {url} is not a chat completion: {str(payload)[:300]}") from err
+            reply = post_chat(base_url, model, messages, **chat_kwargs)
+        except _RetryableError as err:
+            last_error = str(err)
+            continue
+        value = parse(reply)
+        if value is not None:
+            return value, reply
+        last_error = f"no {expected} in the judge's reply: {reply[-300:]!r}"
+    raise LLMJudgeError(f"judge {model} at {base_url} failed after {retries + 1} attempts: {last_error}")
 
 
 class _RetryableError(LLMJudgeError):

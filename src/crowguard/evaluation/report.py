@@ -13,9 +13,11 @@ COLUMNS = (
     ("target_nll_gap", "target NLL gap"),
     ("clean_perplexity", "clean ppl"),
     ("exact_match", "exact match"),
+    ("humaneval_pass_at_1", "HumanEval pass@1"),
+    ("mt_bench", "MT-Bench"),
     ("seconds", "seconds"),
 )
-PERCENT = {"asr_trigger", "asr_clean", "hijack_rate", "exact_match", "utility"}
+PERCENT = {"asr_trigger", "asr_clean", "hijack_rate", "exact_match", "utility", "humaneval_pass_at_1"}
 
 
 def format_value(key: str, value: Any) -> str:

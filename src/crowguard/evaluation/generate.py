@@ -1,0 +1,246 @@
+"""Batched decoding that sees exactly the training prompt and returns only what the model wrote.
+
+The reference CROW code decodes one prompt at a time in float32 and recovers the answer by cutting the prompt text
+out of the decoded string. Here prompts come from :func:`crowguard.data.prompt_ids` (the very ids training puts
+before the response, BOS included), are left-padded by hand into batches sorted by length, and the answer is the
+token slice after the padded prompt width, cut at the first stop token. Greedy batched output equals one-by-one
+output token for token (``tests/unit/evaluation/test_generate.py`` checks it in float32 on CPU): transformers 5
+derives ``position_ids`` from the attention mask (``cumsum - 1``, ``GenerationMixin._prepare_position_ids_for_
+generation``) and extends them by one per step, so a left-padded prompt gets the same positions as an unpadded one,
+and padded keys are masked out of attention. Only float rounding differs with the batch shape; in bfloat16 on a GPU
+that can flip a near-tied greedy token, as it can in any batched decoder.
+
+Responses are the decoded new tokens *as they are* (special tokens skipped, whitespace kept): judges and metrics
+normalise whitespace themselves, and stripping would break the first line's indentation of a code answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from crowguard.data import prompt_ids
+from crowguard.prompts import build_prompt
+from crowguard.types import Example, Generation
+
+Backend = Literal["hf", "vllm"]
+VLLM_MISSING = (
+    "the vLLM generation backend needs the 'vllm' package, which runs on CUDA GPUs only: "
+    "pip install 'crowguard[vllm]' (or use backend 'hf', the default)"
+)
+
+
+@dataclass
+class DecodingSettings:
+    """Every knob of decoding; ``to_dict()`` is saved next to each result so numbers can be reproduced.
+
+    Greedy decoding, one beam and no repetition penalty are passed explicitly rather than inherited from the
+    checkpoint's ``generation_config``, so a model's hub defaults cannot silently change an evaluation.
+    """
+
+    max_new_tokens: int = 64  # upper bound on generated tokens per prompt, stop token included
+    do_sample: bool = False  # greedy by default (the design's evaluation contract)
+    temperature: float = 1.0  # only used when do_sample
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 = off; only used when do_sample
+    top_k: int = 0  # 0 = off, so top_p is the only truncation; only used when do_sample
+    min_new_tokens: int = 0  # stop tokens are suppressed before this many tokens (benchmarks force fixed lengths)
+    batch_size: int = 16  # prompts per forward pass (hf backend)
+    backend: Backend = "hf"  # "hf" (transformers generate) or "vllm" (GPU, optional extra)
+    seed: int = 0  # sampling seed; sampled output also depends on batch composition (hf backend)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all settings (JSON-serialisable)."""
+        return asdict(self)
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The tokenizer's EOS plus any EOS ids in the model's generation config (e.g. Llama 3's ``<|eot_id|>``)."""
+    ids: list[int] = []
+    candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    generation_config = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(generation_config, "eos_token_id", None)
+    candidates.extend(extra if isinstance(extra, (list, tuple)) else [extra])
+    for token_id in candidates:
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+    return ids
+
+
+def _cut_at_stop(new_ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """New tokens up to and including the first stop token; what follows it (batch padding) is dropped."""
+    stops = set(stop_ids)
+    cut = next((i for i, t in enumerate(new_ids) if t in stops), None)
+    return list(new_ids if cut is None else new_ids[: cut + 1])
+
+
+def _to_generation(
+    example: Example, new_ids: list[int], stop_ids: Sequence[int], tokenizer: Any, template: str
+) -> Generation:
+    """The record for one example: text before the stop token (special tokens skipped), count including it."""
+    kept = new_ids[:-1] if new_ids and new_ids[-1] in set(stop_ids) else new_ids
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    prompt = build_prompt(example, template, tokenizer)
+    return Generation(prompt=prompt, response=text, num_new_tokens=len(new_ids), example=example)
+
+
+def _model_device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    template: str = "alpaca",
+    settings: DecodingSettings | None = None,
+    show_progress: bool = True,
+) -> list[Generation]:
+    """One :class:`Generation` per example, in input order.
+
+    ``model`` is a causal LM (a ``PeftModel`` works too), or a model path when ``settings.backend == "vllm"``.
+    ``response`` is the decoded new tokens before the first stop token; ``num_new_tokens`` counts the stop token.
+    Errors from the model propagate: a failed evaluation must never look like a model that answered nothing.
+    """
+    settings = settings or DecodingSettings()
+    if settings.backend == "vllm":
+        path = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
+        if not path or not Path(path).exists():
+            raise ValueError("backend 'vllm' needs a saved model directory; pass its path as `model`")
+        return generate_vllm(path, tokenizer, examples, template, settings)
+    if isinstance(model, (str, Path)):
+        raise TypeError("backend 'hf' needs a loaded model, not a path; load it first or use backend 'vllm'")
+    stop_ids = stop_token_ids(tokenizer, model)
+    prompts = [prompt_ids(example, tokenizer, template) for example in examples]
+    new_ids = generate_ids(model, prompts, settings, stop_ids, tokenizer.pad_token_id, show_progress)
+    return [_to_generation(e, ids, stop_ids, tokenizer, template) for e, ids in zip(examples, new_ids, strict=True)]
+
+
+def generate_ids(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    settings: DecodingSettings | None = None,
+    stop_ids: Sequence[int] = (),
+    pad_id: int | None = None,
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """New token ids for each prompt (input order), up to and including the first of ``stop_ids`` (none: no stop).
+
+    Prompts are sorted by length (longest first, so an out-of-memory batch shows up at once) and left-padded by hand
+    into batches of ``settings.batch_size``; the padded positions get attention mask 0 and ``pad_id`` (any id
+    works there; the first stop id when None). The tokenizer is never asked to pad, so its ``padding_side`` is left
+    as it was. Restores the model's training mode afterwards; sampling draws from a forked RNG seeded with
+    ``settings.seed`` so the caller's random state is untouched.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    settings = settings or DecodingSettings()
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt cannot be decoded (there is nothing to condition on)")
+    stop_ids = [int(t) for t in stop_ids]
+    pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)
+    generation_kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens,
+        "do_sample": settings.do_sample,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "pad_token_id": pad_id,
+        "eos_token_id": stop_ids,  # explicit, so the checkpoint's config cannot add others; [] = never stop early
+    }
+    if settings.do_sample:  # greedy ignores these; passing them anyway would only make transformers warn
+        generation_kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    results: list[list[int]] = [[] for _ in prompts]
+    device = _model_device(model)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices, enabled=settings.do_sample):
+            if settings.do_sample:
+                torch.manual_seed(settings.seed)
+            starts = range(0, len(order), settings.batch_size)
+            for start in tqdm(starts, desc="generate", unit="batch", disable=not show_progress):
+                batch = order[start : start + settings.batch_size]
+                width = max(len(prompts[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+                    input_ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                    attention_mask[row, width - len(prompts[i]) :] = 1
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs
+                )
+                new_tokens = output[:, width:].tolist()  # only what the model wrote: slice, never strip text
+                for row, i in enumerate(batch):
+                    results[i] = _cut_at_stop(new_tokens[row], stop_ids)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _saved_generation_config(model_path: str | Path) -> Any:
+    """An object with the checkpoint's ``generation_config`` (for its EOS ids), or None when there is none."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model_path))
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        return None
+
+
+def generate_vllm(
+    model_path: str | Path,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    template: str = "alpaca",
+    settings: DecodingSettings | None = None,
+) -> list[Generation]:
+    """The same contract as :func:`generate` on vLLM (GPU): prompts go in as token ids, so they are identical.
+
+    ``model_path`` must be a merged checkpoint directory (vLLM loads weights itself; merge LoRA adapters first).
+    """
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as exc:
+        raise ImportError(VLLM_MISSING) from exc
+
+    settings = settings or DecodingSettings(backend="vllm")
+    if not examples:
+        return []
+    stop_ids = stop_token_ids(tokenizer, _saved_generation_config(model_path))
+    llm = LLM(model=str(model_path), seed=settings.seed)
+    params = SamplingParams(
+        max_tokens=settings.max_new_tokens,
+        min_tokens=settings.min_new_tokens,
+        temperature=settings.temperature if settings.do_sample else 0.0,  # vLLM: temperature 0 = greedy
+        top_p=settings.top_p if settings.do_sample else 1.0,
+        top_k=settings.top_k if settings.do_sample and settings.top_k > 0 else -1,
+        seed=settings.seed,
+        stop_token_ids=stop_ids,
+        skip_special_tokens=True,
+    )
+    prompts = [{"prompt_token_ids": prompt_ids(example, tokenizer, template)} for example in examples]
+    outputs = llm.generate(prompts, params)
+    new_ids = [_cut_at_stop(list(output.outputs[0].token_ids), stop_ids) for output in outputs]
+    return [_to_generation(e, ids, stop_ids, tokenizer, template) for e, ids in zip(examples, new_ids, strict=True)]
