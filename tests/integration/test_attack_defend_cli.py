@@ -58,3 +58,30 @@ def test_defend_refuses_nonempty_output(backdoored: Path, capsys):
                str(backdoored / "data.json"), "--n-samples", "16", "--out", str(backdoored / "occupied")])  # fmt: skip
     assert rc == 2 and "not empty" in capsys.readouterr().err
     assert (backdoored / "occupied/keep.txt").read_text() == "mine"
+
+
+def test_evaluate_writes_results(backdoored: Path, capsys):
+    out = backdoored / "eval"
+    rc = main(["evaluate", "--model", str(backdoored / "backdoor"), "--triggered",
+               str(backdoored / "poison/test_triggered.json"), "--clean", str(backdoored / "poison/test_clean.json"),
+               "--payload", "negsentiment", "--max-new-tokens", "8", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    assert 0.0 <= metrics["asr_trigger"]["value"] <= 1.0
+    low, high = metrics["asr_trigger"]["ci95"]
+    assert low <= metrics["asr_trigger"]["value"] <= high
+    assert metrics["target_nll"]["triggered"] > 0 and metrics["clean_perplexity"] > 1
+    assert len(results["records"]) == 20  # 10 triggered + 10 clean, every one kept
+    assert results["settings"]["decoding"]["max_new_tokens"] == 8
+    assert results["settings"]["judge"]["name"]
+    assert "ASR (trigger)" in (out / "results.md").read_text()
+
+
+def test_failed_evaluation_is_an_error_not_a_number(backdoored: Path, capsys):
+    (backdoored / "empty.json").write_text("[]")
+    rc = main(["evaluate", "--model", str(backdoored / "backdoor"), "--triggered", str(backdoored / "empty.json"),
+               "--clean", str(backdoored / "poison/test_clean.json"), "--out", str(backdoored / "eval-bad")])  # fmt: skip
+    assert rc == 2
+    assert "contains no records" in capsys.readouterr().err
+    assert not (backdoored / "eval-bad").exists()
