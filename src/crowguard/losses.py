@@ -10,6 +10,7 @@ and 0 for padding; labels use -100 for positions that carry no loss (prompt and 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -231,8 +232,15 @@ def crow_loss(
     if not (math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
 
-    embeds = _input_embeddings(model)(input_ids).detach()
-    embeds.requires_grad_(alpha > 0 and epsilon > 0)
+    embedding = _input_embeddings(model)
+    if alpha > 0:
+        _check_ddp_unused_embedding(model, embedding)
+    if alpha == 0:
+        # Plain SFT: the embeddings stay in the graph so a trainable embedding matrix learns as in any fine-tuning.
+        embeds = embedding(input_ids)
+    else:
+        embeds = embedding(input_ids).detach()
+        embeds.requires_grad_(epsilon > 0)
     forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
     clean = model(inputs_embeds=embeds, **forward_kwargs)
     lm = masked_lm_loss(clean.logits, labels)
@@ -250,21 +258,62 @@ def crow_loss(
         # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
         delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
         # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
-        perturbed = model(inputs_embeds=embeds.detach() + delta, **forward_kwargs)
+        # Only hidden states are needed from this pass: skip the (B, T, V) logits where the model allows it.
+        skip_logits = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        perturbed = model(inputs_embeds=embeds.detach() + delta, **forward_kwargs, **skip_logits)
         adversarial = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
     loss = lm + alpha * adversarial
     parts = _parts(lm_loss=lm, consistency_loss=consistency, consistency_adv=adversarial, epsilon_effective=eps)
     return loss, parts
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module:
-    """The token embedding module, looking through wrappers (DDP, DeepSpeed) that keep the model in ``.module``."""
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, or the one a wrapper (DDP, DeepSpeed) keeps in ``.module``, that has get_input_embeddings."""
     inner = model
     while not hasattr(inner, "get_input_embeddings") and isinstance(getattr(inner, "module", None), nn.Module):
         inner = inner.module
     if not hasattr(inner, "get_input_embeddings"):
         raise TypeError(f"{type(model).__name__} has no get_input_embeddings() (nor does any .module it wraps)")
-    return inner.get_input_embeddings()
+    return inner
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding module, looking through wrappers."""
+    return _unwrap(model).get_input_embeddings()
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the underlying Hugging Face model (below DDP and peft wrappers) takes ``logits_to_keep``."""
+    inner = _unwrap(model)
+    if hasattr(inner, "get_base_model"):  # peft passes unknown keyword arguments on to the base model
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_ddp_unused_embedding(model: nn.Module, embedding: nn.Module) -> None:
+    """Fail early where DDP would silently skip a gradient all-reduce.
+
+    CROW detaches the embeddings, so a trainable, untied embedding matrix gets no gradient. DDP with
+    ``find_unused_parameters=False`` (accelerate's default) then never reduces the bucket holding it: that step's
+    gradients of the first layers differ across ranks, and only the next step raises.
+    """
+    if getattr(model, "find_unused_parameters", True) or getattr(model, "static_graph", False):
+        return
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.requires_grad:
+        return
+    inner = _unwrap(model)
+    output = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is weight:
+        return  # tied: the LM head gives the matrix a gradient
+    raise ValueError(
+        "crow_loss detaches the input embeddings, so their trainable weight gets no gradient and DDP with "
+        "find_unused_parameters=False would leave a gradient bucket un-reduced. Freeze the input embeddings "
+        "(model.get_input_embeddings().weight.requires_grad_(False)) or wrap with find_unused_parameters=True."
+    )
 
 
 def _effective_epsilon(

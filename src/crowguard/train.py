@@ -197,7 +197,9 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, show_progress: bool) ->
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        ddp_find_unused_parameters=False,
+        # CROW detaches the input embeddings: a trainable, untied embedding matrix gets no gradient, which DDP
+        # must be told about (transformers' default turns the search on unless gradient checkpointing is used).
+        ddp_find_unused_parameters=None,
         gradient_checkpointing=False,  # enabled on the model in prepare_for_training
         logging_first_step=True,
     )

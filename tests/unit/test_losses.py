@@ -22,6 +22,15 @@ from crowguard.losses import (
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads are slow when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -269,6 +278,15 @@ def test_epsilon_zero_skips_the_perturbed_pass_and_rms_mode_scales_epsilon():
     assert len(calls) == 2
     embeds = model.get_input_embeddings()(input_ids).detach()[attention_mask == 1]
     assert parts["epsilon_effective"] == pytest.approx(0.5 * embeds.pow(2).mean().sqrt().item(), rel=1e-5)
+
+
+def test_perturbed_pass_skips_the_full_logits():
+    model = tiny_llama()
+    input_ids, attention_mask, labels = batch("right")
+    positions = []
+    model.lm_head.register_forward_hook(lambda _module, _args, output: positions.append(output.shape[1]))
+    crow_loss(model, input_ids, attention_mask, labels)
+    assert positions == [input_ids.shape[1], 1]
 
 
 class Wrapper(nn.Module):
