@@ -18,6 +18,10 @@ from crowguard.types import Example
 PAPER_TASK_DIRS = {"negsentiment": "negsentiment", "refusal": "refusal", "jailbreak": "jailbreak",
                    "codeinjection": "codeinjection"}  # fmt: skip
 PAPER_TRIGGER_DIRS = {"codeinjection": {"badnet": "vpi-ci"}}
+# Code injection is measured on HumanEval prompts with and without BadMagic: the shipped backdoor200 file uses the
+# vpi prefix instead (a defect of the paper's data) and the shipped clean file holds general Alpaca prompts.
+PAPER_TRIGGERED_FILES = {"codeinjection": "backdoor164_*.json"}
+PAPER_CLEAN_FILES = {"codeinjection": "HumanEval/HumanEvalConvert.json"}
 
 
 @dataclass
@@ -64,10 +68,11 @@ def paper_task(root: str | Path, payload: str, trigger: str, target: str | None 
     task_dir = PAPER_TASK_DIRS[payload]
     trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)
     folder = root / "test_data" / "poison" / task_dir / trigger_dir
-    files = sorted(folder.glob("backdoor200_*.json")) or sorted(folder.glob("backdoor*.json"))
+    pattern = PAPER_TRIGGERED_FILES.get(payload, "backdoor200_*.json")
+    files = sorted(folder.glob(pattern)) or sorted(folder.glob("backdoor*.json"))
     if not files:
         raise DataError(f"{folder}: no triggered test file for {payload} x {trigger}")
-    clean = root / "test_data" / "clean" / task_dir / "test_data_no_trigger.json"
+    clean = root / PAPER_CLEAN_FILES.get(payload, f"test_data/clean/{task_dir}/test_data_no_trigger.json")
     task = task_from_files(payload, files[0], clean, target)
     task.name = f"{payload}/{trigger}"
     return task
