@@ -40,9 +40,9 @@ def _record_to_example(record: Any, where: str, require_output: bool) -> tuple[E
     for key in ("instruction", "input", "output"):
         if key in record and not isinstance(record[key], str):
             errors.append(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
-    if isinstance(record.get("instruction"), str) and not record["instruction"].strip():
-        if not (isinstance(record.get("input"), str) and record["input"].strip()):
-            errors.append(f"{where}: field 'instruction' is empty (and there is no 'input')")
+    instruction, context = record.get("instruction"), record.get("input")
+    if isinstance(instruction, str) and not instruction.strip() and not (isinstance(context, str) and context.strip()):
+        errors.append(f"{where}: field 'instruction' is empty (and there is no 'input')")
     if "meta" in record and not isinstance(record["meta"], dict):
         errors.append(f"{where}: field 'meta' must be an object, got {type(record['meta']).__name__}")
     if errors:
