@@ -81,8 +81,9 @@ def test_evaluate_writes_results(backdoored: Path, capsys):
 def test_failed_evaluation_is_an_error_not_a_number(backdoored: Path, capsys):
     (backdoored / "empty.json").write_text("[]")
     bad = backdoored / "empty.json"
+    clean = backdoored / "poison/test_clean.json"
     rc = main(["evaluate", "--model", str(backdoored / "backdoor"), "--triggered", str(bad),
-               "--clean", str(backdoored / "poison/test_clean.json"), "--out", str(backdoored / "eval-bad")])  # fmt: skip
+               "--clean", str(clean), "--out", str(backdoored / "eval-bad")])  # fmt: skip
     assert rc == 2
     assert "contains no records" in capsys.readouterr().err
     assert not (backdoored / "eval-bad").exists()
