@@ -21,11 +21,11 @@ from crowguard.types import Example
 from helpers import tiny_llama, tiny_tokenizer
 
 MAX_NEW = 12
-# Seven prompts of clearly different lengths (about 90 to 180 tokens), one with an input: batch size 4 gives a
+# Seven prompts of clearly different lengths (91 to 239 tokens), some with an input: batch size 4 gives a
 # padded full batch and a ragged last batch of 3.
 EXAMPLES = [
     Example(instruction="Explain " + "the quick brown fox " * k, input="database design " * (k % 3), meta={"i": i})
-    for i, k in enumerate([1, 9, 3, 14, 0, 6, 2])
+    for i, k in enumerate([1, 6, 3, 9, 0, 5, 2])
 ]
 
 
@@ -38,8 +38,8 @@ def _varied(model, seed: int = 0):
     """Redraw the weight matrices with std 0.3 (in place, so tied weights stay tied).
 
     At the default init (std 0.02) a 32-wide random Llama answers every prompt with one repeated token, which would
-    make "batched equals one-by-one" vacuous; at 0.3 each prompt gets its own continuation, and prompt 4 even
-    writes EOS by itself at step 2.
+    make "batched equals one-by-one" vacuous; at 0.3 each prompt gets its own continuation, and prompts 4 and 5
+    even write EOS by themselves (at steps 2 and 0).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -84,7 +84,8 @@ def test_batched_equals_one_by_one_token_for_token(model, tokenizer):
     batched_ids = generate_ids(model, [prompt_ids(e, tokenizer) for e in EXAMPLES], settings, stop, 0, False)
     assert batched_ids == [_reference(model, tokenizer, e, stop) for e in EXAMPLES]
     assert len({tuple(ids) for ids in batched_ids}) > 3  # not one repeated answer for every prompt
-    assert tokenizer.eos_token_id in batched_ids[4]  # a natural EOS inside a padded batch
+    eos = tokenizer.eos_token_id
+    assert batched_ids[4][-1] == eos and batched_ids[5] == [eos]  # natural EOS inside padded batches
 
     batched = generate(model, tokenizer, EXAMPLES, "alpaca", settings, show_progress=False)
     for example, ids, gen in zip(EXAMPLES, batched_ids, batched, strict=True):
@@ -93,6 +94,7 @@ def test_batched_equals_one_by_one_token_for_token(model, tokenizer):
         assert gen.num_new_tokens == len(ids) <= MAX_NEW
         assert gen.response == tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)
         assert "### Instruction" not in gen.response and example.instruction not in gen.response
+    assert batched[5].response == "" and batched[5].num_new_tokens == 1  # an empty answer is still an answer
 
 
 def _untied(model):
@@ -122,7 +124,7 @@ def _make_eos_at(model, tokenizer, example: Example, step: int):
 
 def test_stops_at_eos_and_drops_what_follows(model, tokenizer):
     eos = tokenizer.eos_token_id
-    target = EXAMPLES[2]
+    target = EXAMPLES[1]
     free_run = _reference(model, tokenizer, target, stop=None)
     step = next(i for i in range(3, MAX_NEW) if free_run[i] not in free_run[:i])
     edited, before = _make_eos_at(model, tokenizer, target, step)
@@ -132,16 +134,16 @@ def test_stops_at_eos_and_drops_what_follows(model, tokenizer):
 
     settings = DecodingSettings(max_new_tokens=MAX_NEW, batch_size=4)
     generations = generate(edited, tokenizer, EXAMPLES, settings=settings, show_progress=False)
-    stopped = generations[2]
+    stopped = generations[1]
     assert stopped.num_new_tokens == step + 1  # the EOS counts
     assert stopped.response == tokenizer.decode(before, skip_special_tokens=True)
     # Its batch (the four longest prompts) ran on to MAX_NEW, so the row's padding after EOS was cut, not returned.
     lengths = [len(prompt_ids(e, tokenizer)) for e in EXAMPLES]
     batch = sorted(range(len(EXAMPLES)), key=lambda i: lengths[i], reverse=True)[:4]
-    assert 2 in batch and max(generations[i].num_new_tokens for i in batch) == MAX_NEW
+    assert 1 in batch and max(generations[i].num_new_tokens for i in batch) == MAX_NEW
     ids = generate_ids(edited, [prompt_ids(e, tokenizer) for e in EXAMPLES], settings, [eos], 0, False)
     assert ids == [_reference(edited, tokenizer, e, [eos]) for e in EXAMPLES]
-    assert ids[2] == [*before, eos]
+    assert ids[1] == [*before, eos]
 
 
 def test_eos_first_gives_empty_response(model, tokenizer):

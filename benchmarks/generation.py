@@ -1,0 +1,239 @@
+"""Throughput of crowguard's batched greedy decoding against the reference code's one-prompt-at-a-time loop.
+
+Same model, prompts and work for both: a random-init Llama (hidden 256, 4 layers, a ~4k BPE vocabulary trained
+in-process), 200 Alpaca-template prompts built from generated instructions of varied length, exactly 32 new tokens
+per prompt (``min_new_tokens = max_new_tokens``, so EOS cannot end a prompt early), float32, greedy.
+
+- ``sequential``: the reference CROW evaluation loop: one ``model.generate`` per prompt, no padding.
+- ``batched``: :func:`crowguard.evaluation.generate.generate` (length-sorted, left-padded batches).
+
+Throughput is new tokens per wall-clock second, prompt processing included. Each batch size in ``--batch-sizes``
+is timed and the fastest is reported against the sequential loop. The benchmark also counts how many prompts get
+token-identical output both ways (float rounding differs between a padded batch and a single prompt, so a random
+model's near-tied logits may, rarely, flip a token).
+
+    python benchmarks/generation.py
+    python benchmarks/generation.py --batch-sizes 64 --json generation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import Any
+
+NUM_PROMPTS, NEW_TOKENS = 200, 32
+SYLLABLES = [c + v for c in "kmrtsnvdpzh" for v in "aeiou"]  # pseudo-words of 1-4 syllables
+VERBS = ["Explain", "Describe", "Summarize", "List the main points of", "Write a short note about", "Compare"]
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(n)]
+
+
+def make_instructions(n: int, seed: int = 0) -> list[str]:
+    """``n`` instructions of 3 to 60 pseudo-words (no download; lengths spread so padding is realistic)."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(VERBS)} " + " ".join(_words(rng, rng.randint(3, 60))) + "." for _ in range(n)]
+
+
+def make_tokenizer(vocab_size: int = 4096, seed: int = 0):
+    """A byte-level BPE tokenizer trained in-process on the Alpaca template and generated text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from crowguard.prompts import ALPACA_NO_INPUT
+
+    rng = random.Random(seed + 1)
+    corpus = [ALPACA_NO_INPUT] * 20 + [" ".join(_words(rng, 40)) for _ in range(4000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_model(tokenizer, seed: int = 0):
+    """Random-init Llama: hidden 256, 4 layers, 4 heads, float32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def sequential(model, tokenizer, examples, new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """The reference loop: one unpadded prompt per ``generate`` call. Returns (wall s, CPU s, new token ids)."""
+    import torch
+
+    from crowguard.data import prompt_ids
+
+    outputs = []
+    start, cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([prompt_ids(example, tokenizer)])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            outputs.append(out[0, ids.shape[1] :].tolist())
+    return time.perf_counter() - start, time.process_time() - cpu, outputs
+
+
+def batched(model, tokenizer, examples, new_tokens: int, batch_size: int) -> tuple[float, float, list[list[int]]]:
+    """crowguard's batched decoding. Returns (wall s, CPU s, new token ids)."""
+    from crowguard.data import prompt_ids
+    from crowguard.evaluation.generate import DecodingSettings, generate_ids, stop_token_ids
+
+    settings = DecodingSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=batch_size)
+    start, cpu = time.perf_counter(), time.process_time()
+    prompts = [prompt_ids(example, tokenizer) for example in examples]
+    outputs = generate_ids(model, prompts, settings, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, False)
+    return time.perf_counter() - start, time.process_time() - cpu, outputs
+
+
+def prefill_seconds(model, prompts: list[list[int]], batch_size: int, pad_id: int) -> float:
+    """Wall seconds of the prompt forward passes alone (no decoding), batched as ``generate_ids`` batches them."""
+    import torch
+
+    ordered = sorted(prompts, key=len, reverse=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ordered), batch_size):
+            batch = ordered[i : i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(batch):
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def padded_prompt_tokens(lengths: list[int], batch_size: int) -> int:
+    """Prompt positions the batched path computes (``generate_ids`` sorts by length, longest first)."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(ordered[i] * len(ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from crowguard.data import prompt_ids
+    from crowguard.types import Example
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    examples = [Example(instruction=text) for text in make_instructions(args.prompts)]
+    lengths = [len(prompt_ids(e, tokenizer)) for e in examples]
+    total = args.prompts * args.new_tokens
+    print(
+        f"model: Llama hidden 256 x 4 layers, vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()):,}"
+        f" params, float32; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"prompts: {args.prompts}, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})")
+    print(f"new tokens: exactly {args.new_tokens} per prompt, {total} in all\n", flush=True)
+
+    batched(model, tokenizer, examples[:8], 4, 8)  # warm-up (allocator, kernels), untimed
+    timings: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    outputs: dict[int, list[list[int]]] = {}
+    for batch_size in args.batch_sizes:
+        timings[batch_size], cpu[batch_size], outputs[batch_size] = batched(
+            model, tokenizer, examples, args.new_tokens, batch_size
+        )
+        assert sum(len(o) for o in outputs[batch_size]) == total, "every prompt must get exactly new_tokens tokens"
+        print(f"  batched, batch size {batch_size:>3}: {total / timings[batch_size]:8.1f} tokens/s", flush=True)
+    seq_seconds, seq_cpu, seq_outputs = sequential(model, tokenizer, examples, args.new_tokens)
+    assert sum(len(o) for o in seq_outputs) == total
+    print(f"  sequential (reference loop):  {total / seq_seconds:8.1f} tokens/s\n", flush=True)
+
+    best = min(timings, key=timings.get)
+    result = {
+        "batched_tokens_per_s": total / timings[best],
+        "sequential_tokens_per_s": total / seq_seconds,
+        "speedup": seq_seconds / timings[best],
+        "batch_size": best,
+    }
+    identical = sum(a == b for a, b in zip(outputs[best], seq_outputs, strict=True))
+    print(f"{'decoding':<28} {'tokens/s':>10} {'wall s':>8} {'CPU s':>8} {'prompt positions':>17}")
+    print("-" * 75)
+    padded = padded_prompt_tokens(lengths, best)
+    print(
+        f"{f'crowguard batched (bs={best})':<28} {result['batched_tokens_per_s']:>10.1f} {timings[best]:>8.2f}"
+        f" {cpu[best]:>8.2f} {padded:>17,}"
+    )
+    print(
+        f"{'reference one-by-one':<28} {result['sequential_tokens_per_s']:>10.1f} {seq_seconds:>8.2f}"
+        f" {seq_cpu:>8.2f} {sum(lengths):>17,}"
+    )
+    print(f"speedup: {result['speedup']:.1f}x (wall clock)   identical outputs: {identical}/{args.prompts} prompts")
+    # Prompt processing is the same work both ways and is already compute-bound, so it caps the speedup.
+    prompts = [prompt_ids(e, tokenizer) for e in examples]
+    pre_batched = prefill_seconds(model, prompts, best, tokenizer.pad_token_id)
+    pre_single = prefill_seconds(model, prompts, 1, tokenizer.pad_token_id)
+    print(
+        f"prompt processing alone: batched {pre_batched:.2f} s, one-by-one {pre_single:.2f} s; decoding alone:"
+        f" {(seq_seconds - pre_single) / max(timings[best] - pre_batched, 1e-9):.1f}x faster batched"
+    )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=NUM_PROMPTS, help="number of prompts")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="new tokens per prompt (forced)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[32, 64, 128],
+        help="comma-separated batch sizes to time; the fastest is reported",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
