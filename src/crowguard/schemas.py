@@ -182,7 +182,7 @@ class OrganismConfig:
     seed: int = knob(0, "seed of the corpus split, the tokenizer and the clean training")
     n_train: int = knob(3000, "built-in corpus: training examples (stdlib documentation Q&A + checkable tasks)")
     vocab_size: int = knob(4096, "byte-level BPE vocabulary trained locally")
-    epochs: float = knob(8.0, "clean training epochs (from scratch)")
+    epochs: float = knob(6.0, "clean training epochs (from scratch)")
     lr: float = knob(1e-3, "clean training learning rate")
     batch: int = knob(8, "clean training batch size")
     max_length: int = knob(256, "tokens per example")

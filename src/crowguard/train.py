@@ -21,7 +21,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from crowguard.data import IGNORE_INDEX, tokenize_examples
-from crowguard.losses import crow_loss
+from crowguard.losses import crow_loss, masked_lm_loss
 from crowguard.schemas import CrowConfig, TrainConfig
 from crowguard.types import Example
 
@@ -55,7 +55,13 @@ class CrowTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        crow = self.crow or CrowConfig(alpha=0.0, epsilon=0.0, layers="all")  # plain SFT: consistency only logged
+        if self.crow is None:  # plain SFT: one forward, no hidden states
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).logits
+            loss = masked_lm_loss(logits, inputs["labels"])
+            return (loss, None) if return_outputs else loss
+        crow = self.crow
         loss, parts = crow_loss(
             model,
             inputs["input_ids"],

@@ -75,19 +75,20 @@ def _row(name: str, seed: int | None, results: dict[str, Any], seconds: float) -
     }
 
 
-def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """Run the demo into ``out_dir``; returns ``{"rows": [...], "settings": {...}}`` (also ``results.json``)."""
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    say = print if show_progress else (lambda *a, **k: None)
+@dataclasses.dataclass
+class DemoSetup:
+    """Everything the defenses and evaluations of one demo share: the organism, the data splits, the task."""
 
-    # 1. The clean organism.
+    organism: Any
+    mix: list[Any]
+    defender_pool: list[Any]
+    task: Task
+    utility: list[Any]
+
+
+def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
+    """Train or load the organism and cut the attacker's mix, the defender's pool and the test prompts (disjoint)."""
     organism = ensure_organism(cfg.organism, show_progress)
-    say(f"organism: {organism.path} ({'cached' if organism.cached else f'trained in {organism.seconds:.0f}s'})")
-
-    # 2. Data: attacker's poisoned mix, defender's clean pool, held-out test prompts, all disjoint.
     attack = make_attack(cfg.trigger, cfg.payload)
     pool, _ = trigger_free(organism.train, attack.trigger)
     rng = random.Random(cfg.organism.seed)
@@ -100,7 +101,6 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
         pool[cfg.n_poison : n_attack], attack, 0.0, cfg.organism.seed
     )
     rng.shuffle(mix)
-    defender_pool = pool[n_attack:]
     tests, _ = trigger_free(organism.test, attack.trigger)
     tests = tests[: cfg.n_test]
     task = Task(
@@ -110,41 +110,72 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
         target=attack.payload.target,
         name=attack.name,
     )
-    utility = organism.checkable_test[: cfg.n_test]
+    return DemoSetup(organism, mix, pool[n_attack:], task, organism.checkable_test[: cfg.n_test])
+
+
+def plant(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the clean organism on the poisoned mix; the backdoored model lands in ``out_dir``."""
+    base = ModelConfig(name_or_path=str(setup.organism.path))
+    return run_training_stage("backdoor", base, cfg.backdoor, setup.mix, out_dir, overwrite=True,
+                              show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
+
+
+def evaluate_row(
+    cfg: DemoConfig, setup: DemoSetup, model_path: str, name: str, seed: int | None, seconds: float, show: bool
+) -> dict[str, Any]:
+    """Evaluate one model on the demo task and return its table row."""
+    model, tokenizer = load_model(model_path)
+    results = evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show)
+    return _row(name, seed, results, seconds)
+
+
+def defend_row(
+    cfg: DemoConfig, setup: DemoSetup, backdoored: str, method: str, seed: int, out_dir: Path, show: bool
+) -> dict[str, Any]:
+    """Run one defense (same clean samples for every method of a seed) and evaluate it."""
+    clean = random.Random(seed).sample(setup.defender_pool, cfg.defense.n_samples)
+    defense_cfg = dataclasses.replace(
+        cfg.defense, method=method, train=dataclasses.replace(cfg.defense.train, seed=seed)
+    )
+    result = make_defense(defense_cfg).run(
+        ModelConfig(name_or_path=backdoored), clean, out_dir, overwrite=True, show_progress=show
+    )
+    return evaluate_row(cfg, setup, result.model_path, method, seed, result.summary["seconds"], show)
+
+
+def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Run the demo into ``out_dir``; returns ``{"rows": [...], "settings": {...}}`` (also ``results.json``)."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    say = print if show_progress else (lambda *a, **k: None)
+
+    # 1-2. The clean organism and the data.
+    setup = prepare(cfg, show_progress)
+    organism = setup.organism
+    say(f"organism: {organism.path} ({'cached' if organism.cached else f'trained in {organism.seconds:.0f}s'})")
 
     # 3. Plant the backdoor.
-    base = ModelConfig(name_or_path=str(organism.path))
     backdoor_dir = out_dir / "backdoor"
-    backdoor = run_training_stage("backdoor", base, cfg.backdoor, mix, backdoor_dir, overwrite=True,
-                                  show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
-    backdoored = ModelConfig(name_or_path=str(backdoor_dir))
+    backdoor = plant(cfg, setup, backdoor_dir, show_progress)
 
-    def evaluate(model_cfg: ModelConfig) -> dict[str, Any]:
-        model, tokenizer = load_model(model_cfg.name_or_path)
-        return evaluate_model(model, tokenizer, task, cfg.evaluate, "alpaca", utility, show_progress)
-
-    # 4. Reference rows, then every defense per seed under the same budget.
+    # 4. Reference rows (the clean organism, the backdoored model), then every defense per seed, one budget.
     rows = [
-        _row("clean model", None, evaluate(base), organism.seconds),
-        _row("none", None, evaluate(backdoored), backdoor["seconds"]),
+        evaluate_row(cfg, setup, str(organism.path), "clean model", None, organism.seconds, show_progress),
+        evaluate_row(cfg, setup, str(backdoor_dir), "none", None, backdoor["seconds"], show_progress),
     ]
     say(f"backdoor: ASR {rows[1]['asr_trigger']:.0%} with trigger, {rows[1]['asr_clean']:.0%} without")
     for seed in cfg.defense_seeds:
-        clean = random.Random(seed).sample(defender_pool, cfg.defense.n_samples)
         for method in cfg.defenses:
             if method == "none":
                 continue
-            defense_cfg = dataclasses.replace(
-                cfg.defense, method=method, train=dataclasses.replace(cfg.defense.train, seed=seed)
-            )
-            result = make_defense(defense_cfg).run(
-                backdoored, clean, out_dir / f"defense-{method}-s{seed}", overwrite=True, show_progress=show_progress
-            )
-            rows.append(_row(method, seed, evaluate(ModelConfig(name_or_path=result.model_path)),
-                             result.summary["seconds"]))  # fmt: skip
+            rows.append(defend_row(cfg, setup, str(backdoor_dir), method, seed,
+                                   out_dir / f"defense-{method}-s{seed}", show_progress))  # fmt: skip
             say(f"{method} (seed {seed}): ASR {rows[-1]['asr_trigger']:.0%}, hijack {rows[-1]['hijack_rate']:.0%}")
 
     # 5. Report.
+    attack = make_attack(cfg.trigger, cfg.payload)
     settings = {**to_dict(cfg), "organism_path": str(organism.path), "organism_cached": organism.cached,
                 "total_seconds": time.perf_counter() - started}  # fmt: skip
     results = {"rows": rows, "settings": settings}
