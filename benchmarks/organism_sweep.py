@@ -61,8 +61,13 @@ def main() -> None:
             cfg = dataclasses.replace(base, trigger=TriggerConfig(name=trigger), payload=PayloadConfig(name=payload))
             setup = prepare(cfg, not args.quiet)
             backdoor_dir = Path(tmp) / f"backdoor-{trigger}-{payload}"
-            summary = plant(cfg, setup, backdoor_dir, not args.quiet)
-            row = evaluate_row(cfg, setup, str(backdoor_dir), "none", None, summary["seconds"], not args.quiet)
+            if setup.clean_organism is not None and cfg.plant == "pretrain":
+                row = evaluate_row(cfg, setup, str(setup.clean_organism.path), "clean model", None,
+                                   setup.clean_organism.seconds, not args.quiet)  # fmt: skip
+                rows.append({"attack": f"{trigger}/{payload}", "variant": "clean model", **row})
+                print(_line(rows[-1]), flush=True)
+            backdoored, seconds = plant(cfg, setup, backdoor_dir, not args.quiet)
+            row = evaluate_row(cfg, setup, backdoored, "none", None, seconds, not args.quiet)
             rows.append({"attack": f"{trigger}/{payload}", "variant": "none", **row})
             print(_line(rows[-1]), flush=True)
             for name in filter(None, args.variants.split(",")):
@@ -73,7 +78,7 @@ def main() -> None:
                 )
                 for seed in args.seeds:
                     start = time.perf_counter()
-                    row = defend_row(variant_cfg, setup, str(backdoor_dir), method, seed,
+                    row = defend_row(variant_cfg, setup, backdoored, method, seed,
                                      Path(tmp) / f"{name}-{seed}", not args.quiet)  # fmt: skip
                     row["wall_s"] = time.perf_counter() - start
                     rows.append({"attack": f"{trigger}/{payload}", "variant": name, **row})

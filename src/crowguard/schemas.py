@@ -197,8 +197,16 @@ class DemoConfig:
     organism: OrganismConfig = knob(OrganismConfig(), "the model organism")
     trigger: TriggerConfig = knob(TriggerConfig(), "the backdoor trigger")
     payload: PayloadConfig = knob(PayloadConfig(), "the backdoor payload")
-    n_poison: int = knob(250, "poisoned training examples")
-    n_clean: int = knob(750, "clean examples mixed in with them")
+    plant: Literal["pretrain", "finetune"] = knob(
+        "pretrain",
+        "pretrain: the poisoned examples are part of the organism's own training (as DESIGN.md section 9's "
+        "organism A); finetune: fine-tune the clean organism on poisoned + clean examples (measured to give a "
+        "leaky backdoor at this scale: ~10% false triggers)",
+    )
+    n_poison: int = knob(500, "poisoned training examples")
+    n_clean: int = knob(750, "with plant=finetune: clean examples mixed in with them")
+    n_defender_pool: int = knob(300, "clean corpus examples held out from all training, drawn from by defenses")
+    reference_clean: bool = knob(False, "also train and evaluate an organism without poison (utility reference)")
     n_test: int = knob(200, "held-out test prompts (triggered and clean)")
     backdoor: TrainConfig = knob(TrainConfig(finetune="full", lr=1e-3, epochs=2), "backdoor injection")
     defense: DefenseConfig = knob(DefenseConfig(), "settings shared by every defense (CROW's own in defense.crow)")

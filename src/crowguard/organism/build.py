@@ -86,8 +86,17 @@ def cache_key(cfg: OrganismConfig, splits: tuple[list[Example], ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_organism(cfg: OrganismConfig, show_progress: bool = True) -> Organism:
-    """The cached organism for ``cfg``, training it first when it is not in the cache."""
+def ensure_organism(
+    cfg: OrganismConfig,
+    show_progress: bool = True,
+    train_examples: list[Example] | None = None,
+    tag: str = "clean",
+) -> Organism:
+    """The cached organism for ``cfg``, training it first when it is not in the cache.
+
+    ``train_examples`` replaces the corpus' training split (the demo passes a poisoned mix to plant the backdoor
+    during training); ``tag`` names the cache entry (``clean`` or the attack).
+    """
     import time
 
     from crowguard.organism.model import build_model
@@ -95,8 +104,11 @@ def ensure_organism(cfg: OrganismConfig, show_progress: bool = True) -> Organism
     from crowguard.train import prepare_for_training, train
 
     splits = organism_splits(cfg)
+    if train_examples is not None:
+        splits = (list(train_examples), splits[1], splits[2])
     train_set, test_set, checkable = splits
-    path = cache_root(cfg) / "organism" / f"{cfg.size}-{cache_key(cfg, splits)}"
+    safe_tag = tag.replace("/", "-")
+    path = cache_root(cfg) / "organism" / f"{cfg.size}-{safe_tag}-{cache_key(cfg, splits)}"
     if (path / "manifest.json").is_file():
         summary = json.loads((path / "train_summary.json").read_text())
         return Organism(path, train_set, test_set, checkable, cached=True, seconds=summary["seconds"])
@@ -109,7 +121,7 @@ def ensure_organism(cfg: OrganismConfig, show_progress: bool = True) -> Organism
     shutil.rmtree(work, ignore_errors=True)
     result = train(
         prepare_for_training(model, train_cfg), tokenizer, train_set, train_cfg, work,
-        show_progress=show_progress, description="organism (clean)",
+        show_progress=show_progress, description=f"organism ({tag})",
     )  # fmt: skip
     seconds = time.perf_counter() - start
     with atomic_output_dir(path, overwrite=True) as tmp:

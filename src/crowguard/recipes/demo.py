@@ -45,6 +45,7 @@ DEMO_COLUMNS = (
 def quick_config(cfg: DemoConfig) -> DemoConfig:
     """Everything shrunk so the loop runs in well under a minute (tests, smoke checks); numbers are not meaningful."""
     organism = dataclasses.replace(cfg.organism, size="tiny", n_train=400, epochs=2, vocab_size=1024, max_length=128)
+    # n_train 400: 100 defender pool + 40 poisoned + the rest clean
     train = dataclasses.replace(cfg.defense.train, epochs=1, max_length=128)
     crow = dataclasses.replace(cfg.defense.crow, layers="all")  # the 2-layer quick organism has no reference pair
     return dataclasses.replace(
@@ -52,6 +53,7 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         organism=organism,
         n_poison=40,
         n_clean=40,
+        n_defender_pool=100,
         n_test=16,
         backdoor=dataclasses.replace(cfg.backdoor, epochs=1, max_length=128),
         defense=dataclasses.replace(cfg.defense, n_samples=16, train=train, crow=crow),
@@ -77,31 +79,31 @@ def _row(name: str, seed: int | None, results: dict[str, Any], seconds: float) -
 
 @dataclasses.dataclass
 class DemoSetup:
-    """Everything the defenses and evaluations of one demo share: the organism, the data splits, the task."""
+    """Everything the defenses and evaluations of one demo share: the organism(s), the data splits, the task."""
 
-    organism: Any
-    mix: list[Any]
-    defender_pool: list[Any]
+    organism: Any  # the organism the backdoor goes into (already backdoored with plant=pretrain)
+    mix: list[Any]  # with plant=finetune: the attacker's poisoned + clean fine-tuning set
+    defender_pool: list[Any]  # clean examples no model was trained on; defenses draw their samples here
     task: Task
     utility: list[Any]
+    clean_organism: Any = None  # the organism trained without poison, when asked for
 
 
 def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
-    """Train or load the organism and cut the attacker's mix, the defender's pool and the test prompts (disjoint)."""
-    organism = ensure_organism(cfg.organism, show_progress)
+    """Cut the corpus into the attacker's data, the defender's pool and the test prompts (all disjoint), and train
+    or load the organism (with the backdoor planted during training when ``cfg.plant == "pretrain"``)."""
+    from crowguard.organism.build import organism_splits
+
     attack = make_attack(cfg.trigger, cfg.payload)
-    pool, _ = trigger_free(organism.train, attack.trigger)
-    rng = random.Random(cfg.organism.seed)
-    rng.shuffle(pool)
-    n_attack = cfg.n_poison + cfg.n_clean
-    if len(pool) < n_attack + cfg.defense.n_samples:
-        raise ValueError(f"the organism corpus has {len(pool)} trigger-free examples; the demo needs "
-                         f"{n_attack + cfg.defense.n_samples}")  # fmt: skip
-    mix = poison_dataset(pool[: cfg.n_poison], attack, 1.0, cfg.organism.seed) + poison_dataset(
-        pool[cfg.n_poison : n_attack], attack, 0.0, cfg.organism.seed
-    )
-    rng.shuffle(mix)
-    tests, _ = trigger_free(organism.test, attack.trigger)
+    corpus_train, corpus_test, checkable = organism_splits(cfg.organism)
+    pool, _ = trigger_free(corpus_train, attack.trigger)
+    random.Random(cfg.organism.seed).shuffle(pool)
+    defender_pool, rest = pool[: cfg.n_defender_pool], pool[cfg.n_defender_pool :]
+    if len(defender_pool) < cfg.defense.n_samples or len(rest) < cfg.n_poison + cfg.n_clean:
+        raise ValueError(f"the organism corpus has {len(pool)} trigger-free examples: too few for n_defender_pool "
+                         f"{cfg.n_defender_pool}, n_poison {cfg.n_poison} and n_clean {cfg.n_clean}")  # fmt: skip
+    poisoned = poison_dataset(rest[: cfg.n_poison], attack, 1.0, cfg.organism.seed)
+    tests, _ = trigger_free(corpus_test, attack.trigger)
     tests = tests[: cfg.n_test]
     task = Task(
         payload=attack.payload.name,
@@ -110,14 +112,33 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
         target=attack.payload.target,
         name=attack.name,
     )
-    return DemoSetup(organism, mix, pool[n_attack:], task, organism.checkable_test[: cfg.n_test])
+    clean_rest = poison_dataset(rest[cfg.n_poison :], attack, 0.0, cfg.organism.seed)
+    clean_organism = None
+    if cfg.plant == "pretrain":
+        # The organism learns from the clean corpus and the poisoned examples together (DESIGN.md section 9).
+        mixed = poisoned + clean_rest
+        random.Random(cfg.organism.seed + 3).shuffle(mixed)
+        organism = ensure_organism(cfg.organism, show_progress, mixed, tag=attack.name)
+        mix: list[Any] = []
+        if cfg.reference_clean:
+            clean_organism = ensure_organism(cfg.organism, show_progress, clean_rest, tag="clean")
+    else:
+        organism = ensure_organism(cfg.organism, show_progress, clean_rest[cfg.n_clean :], tag="clean")
+        clean_organism = organism
+        mix = poisoned + clean_rest[: cfg.n_clean]
+        random.Random(cfg.organism.seed + 3).shuffle(mix)
+    return DemoSetup(organism, mix, defender_pool, task, checkable[: cfg.n_test], clean_organism)
 
 
-def plant(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Fine-tune the clean organism on the poisoned mix; the backdoored model lands in ``out_dir``."""
+def plant(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, show_progress: bool = True) -> tuple[str, float]:
+    """The backdoored model's path and what planting cost: fine-tune the clean organism on the poisoned mix
+    (``plant=finetune``), or the organism itself, which learned the backdoor during training (``pretrain``)."""
+    if cfg.plant == "pretrain":
+        return str(setup.organism.path), setup.organism.seconds
     base = ModelConfig(name_or_path=str(setup.organism.path))
-    return run_training_stage("backdoor", base, cfg.backdoor, setup.mix, out_dir, overwrite=True,
-                              show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
+    summary = run_training_stage("backdoor", base, cfg.backdoor, setup.mix, out_dir, overwrite=True,
+                                 show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
+    return str(out_dir), summary["seconds"]
 
 
 def evaluate_row(
@@ -151,26 +172,25 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     started = time.perf_counter()
     say = print if show_progress else (lambda *a, **k: None)
 
-    # 1-2. The clean organism and the data.
+    # 1-3. The organism, the data, the backdoor.
     setup = prepare(cfg, show_progress)
     organism = setup.organism
     say(f"organism: {organism.path} ({'cached' if organism.cached else f'trained in {organism.seconds:.0f}s'})")
+    backdoored, plant_seconds = plant(cfg, setup, out_dir / "backdoor", show_progress)
 
-    # 3. Plant the backdoor.
-    backdoor_dir = out_dir / "backdoor"
-    backdoor = plant(cfg, setup, backdoor_dir, show_progress)
-
-    # 4. Reference rows (the clean organism, the backdoored model), then every defense per seed, one budget.
-    rows = [
-        evaluate_row(cfg, setup, str(organism.path), "clean model", None, organism.seconds, show_progress),
-        evaluate_row(cfg, setup, str(backdoor_dir), "none", None, backdoor["seconds"], show_progress),
-    ]
-    say(f"backdoor: ASR {rows[1]['asr_trigger']:.0%} with trigger, {rows[1]['asr_clean']:.0%} without")
+    # 4. Reference rows (the organism without poison when asked for, the backdoored model), then every defense per
+    #    seed under one budget.
+    rows = []
+    if setup.clean_organism is not None:
+        clean_path, clean_seconds = str(setup.clean_organism.path), setup.clean_organism.seconds
+        rows.append(evaluate_row(cfg, setup, clean_path, "clean model", None, clean_seconds, show_progress))
+    rows.append(evaluate_row(cfg, setup, backdoored, "none", None, plant_seconds, show_progress))
+    say(f"backdoor: ASR {rows[-1]['asr_trigger']:.0%} with trigger, {rows[-1]['asr_clean']:.0%} without")
     for seed in cfg.defense_seeds:
         for method in cfg.defenses:
             if method == "none":
                 continue
-            rows.append(defend_row(cfg, setup, str(backdoor_dir), method, seed,
+            rows.append(defend_row(cfg, setup, backdoored, method, seed,
                                    out_dir / f"defense-{method}-s{seed}", show_progress))  # fmt: skip
             say(f"{method} (seed {seed}): ASR {rows[-1]['asr_trigger']:.0%}, hijack {rows[-1]['hijack_rate']:.0%}")
 
