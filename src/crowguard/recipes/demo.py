@@ -18,7 +18,7 @@ from typing import Any
 from crowguard.attacks import make_attack, poison_dataset, trigger_free
 from crowguard.config import save, to_dict
 from crowguard.defenses.base import make_defense
-from crowguard.evaluation.evaluate import evaluate_model
+from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task
@@ -62,19 +62,11 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
 
 
 def _row(name: str, seed: int | None, results: dict[str, Any], seconds: float) -> dict[str, Any]:
-    m = results["metrics"]
-    return {
-        "defense": name,
-        "seed": seed,
-        "asr_trigger": m["asr_trigger"]["value"],
-        "asr_trigger_ci95": m["asr_trigger"]["ci95"],
-        "asr_clean": m["asr_clean"]["value"],
-        "hijack_rate": m["hijack_rate"],
-        "target_nll_gap": m["target_nll_gap"],
-        "utility": m.get("exact_match"),
-        "clean_perplexity": m.get("clean_perplexity"),
-        "seconds": seconds,
-    }
+    """The demo's row schema: the evaluation's summary, exact match as ``utility``, training time as ``seconds``."""
+    row = summary_row(name, results)
+    keep = ("asr_trigger", "asr_trigger_ci95", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity")
+    return {"defense": name, "seed": seed, **{k: row[k] for k in keep}, "utility": row["exact_match"],
+            "seconds": seconds}  # fmt: skip
 
 
 @dataclasses.dataclass
