@@ -47,7 +47,10 @@ def test_every_preset_validates(preset: str, capsys):
 def test_validate_explain_and_print(capsys):
     assert main(["validate", "--explain"]) == 0
     assert "defense.crow.alpha" in capsys.readouterr().out
-    assert main(["validate", "attacks/vpi", "--print", "--set", "defense.crow.alpha=11", "--set", "backdoor.lr=5e-4"]) == 0
+    assert (
+        main(["validate", "attacks/vpi", "--print", "--set", "defense.crow.alpha=11", "--set", "backdoor.lr=5e-4"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "alpha: 11.0" in out and "lr: 0.0005" in out
 
