@@ -15,7 +15,10 @@ def defense_chart(rows: Sequence[dict[str, Any]], path: Path, title: str = "", u
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [str(r.get("defense", r.get("model", "?"))) for r in rows]
+    labels = [
+        str(r.get("defense", r.get("model", "?"))) + (f"\nseed {r['seed']}" if r.get("seed") is not None else "")
+        for r in rows
+    ]
     series = [
         ("ASR (trigger)", "asr_trigger", "#c0392b"),
         ("hijack rate", "hijack_rate", "#e67e22"),
