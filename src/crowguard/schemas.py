@@ -126,9 +126,6 @@ class DefenseConfig:
     n_samples: int = knob(100, "clean samples drawn (seeded) from data; 0 = all")
     train: TrainConfig = knob(TrainConfig(lr=1e-3), "fine-tuning settings shared by every training defense")
     crow: CrowConfig = knob(CrowConfig(), "CROW's own knobs")
-    prune_sparsity: float = knob(0.5, "fraction of weights removed by the prune defense")
-    prune_method: Literal["magnitude", "wanda"] = knob("wanda", "pruning criterion")
-    quantize_bits: int = knob(8, "bits for the quantize defense")
 
     def validate(self) -> None:
         if self.n_samples < 0:
