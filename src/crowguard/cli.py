@@ -340,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "defend",
         help="purify a model with CROW or a baseline on a small clean set",
-        epilog="example: crowguard defend --method crow --model runs/backdoor --data clean.json --out runs/crow\n"
-        "paper defaults for crow: 100 clean samples, epsilon 0.1, alpha 5.5, lr 1e-3, 5 epochs, batch 2 x 4; "
+        epilog="example:\n  crowguard defend --method crow --model runs/backdoor --data clean.json --out runs/crow\n"
+        "paper defaults for crow: 100 clean samples, epsilon 0.1, alpha 5.5, lr 1e-3, 5 epochs, batch 2 x 4;\n"
         "finetune is the same run with alpha 0 and no perturbation",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
     _add_model_args(p)

@@ -155,6 +155,13 @@ class EvalConfig:
     bootstrap: int = knob(1000, "bootstrap resamples for confidence intervals")
     seed: int = knob(0, "seed for the bootstrap")
 
+    def validate(self) -> None:
+        needs_endpoint = self.judge == "llm" or bool(self.mt_bench)
+        if needs_endpoint and not (self.judge_url and self.judge_model):
+            raise ValueError("the llm judge and MT-Bench need judge_url and judge_model (OpenAI-compatible endpoint)")
+        if self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise ValueError("max_new_tokens and batch_size must be positive")
+
 
 @dataclass
 class ExperimentConfig:

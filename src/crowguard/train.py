@@ -175,7 +175,7 @@ def prepare_for_training(model: Any, cfg: TrainConfig) -> Any:
     return get_peft_model(model, lora)
 
 
-def training_arguments(cfg: TrainConfig, work_dir: Path, show_progress: bool) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, work_dir: Path) -> TrainingArguments:
     """``TrainingArguments`` from crowguard's ``TrainConfig`` (paper defaults: cosine, warmup 0.1, 2 x 4)."""
     use_cuda = torch.cuda.is_available()
     return TrainingArguments(
@@ -251,7 +251,7 @@ def train(
     tokenizer.padding_side = "right"
     trainer = CrowTrainer(
         model=model,
-        args=training_arguments(cfg, work_dir, show_progress),
+        args=training_arguments(cfg, work_dir),
         train_dataset=TokenizedDataset(features),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=callbacks,

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from crowguard.config import ConfigError
 from crowguard.data import prompt_ids
 from crowguard.evaluation.generate import DecodingSettings, generate
 from crowguard.evaluation.metrics import (
@@ -34,11 +35,11 @@ def make_judge(cfg: EvalConfig, payload: str, target: str | None) -> Any:
 
     if cfg.judge == "llm":
         if not cfg.judge_url or not cfg.judge_model:
-            raise ValueError("evaluate.judge is 'llm' but judge_url or judge_model is not set")
+            raise ConfigError("evaluate.judge is 'llm' but judge_url or judge_model is not set")
         return LLMJudge(cfg.judge_url, cfg.judge_model)
     if cfg.judge == "target":
         if not target:
-            raise ValueError("evaluate.judge is 'target' but no target text is known for this payload")
+            raise ConfigError("evaluate.judge is 'target' but no target text is known for this payload")
         return TargetStringJudge(target)
     return judge_for_payload(payload, target)
 
@@ -168,7 +169,7 @@ def _mt_bench(model: Any, tokenizer: Any, cfg: EvalConfig, template: str, show_p
     from crowguard.evaluation.mtbench import answer_questions, grade, load_questions
 
     if not cfg.judge_url or not cfg.judge_model:
-        raise ValueError("evaluate.mt_bench needs evaluate.judge_url and evaluate.judge_model (an OpenAI-compatible "
+        raise ConfigError("evaluate.mt_bench needs evaluate.judge_url and evaluate.judge_model (an OpenAI-compatible "
                          "endpoint)")  # fmt: skip
     questions = load_questions(cfg.mt_bench)
     answers = answer_questions(model, tokenizer, questions, template, show_progress=show_progress)

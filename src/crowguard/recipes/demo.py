@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.attacks import make_attack, poison_dataset, trigger_free
-from crowguard.config import save, to_dict
+from crowguard.config import ConfigError, save, to_dict
 from crowguard.defenses.base import make_defense
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.plots import defense_chart
@@ -92,7 +92,7 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
     random.Random(cfg.organism.seed).shuffle(pool)
     defender_pool, rest = pool[: cfg.n_defender_pool], pool[cfg.n_defender_pool :]
     if len(defender_pool) < cfg.defense.n_samples or len(rest) < cfg.n_poison + cfg.n_clean:
-        raise ValueError(f"the organism corpus has {len(pool)} trigger-free examples: too few for n_defender_pool "
+        raise ConfigError(f"the organism corpus has {len(pool)} trigger-free examples: too few for n_defender_pool "
                          f"{cfg.n_defender_pool}, n_poison {cfg.n_poison} and n_clean {cfg.n_clean}")  # fmt: skip
     poisoned = poison_dataset(rest[: cfg.n_poison], attack, 1.0, cfg.organism.seed)
     tests, _ = trigger_free(corpus_test, attack.trigger)
