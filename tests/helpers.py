@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +107,31 @@ def fixed_batch(vocab_size: int, rows: int = 4, length: int = 12, seed: int = 0)
 def grad_dict(model) -> dict:
     """Parameter gradients by name (contiguous copies, for safetensors)."""
     return {n: p.grad.detach().clone().contiguous() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A request handler with ``_send(code, payload)`` for JSON replies and no request logging."""
+
+    def _send(self, code: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+
+@contextlib.contextmanager
+def local_http_server(handler):
+    """Serve ``handler`` on 127.0.0.1 (a free port) in a thread; yields ``http://127.0.0.1:PORT``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

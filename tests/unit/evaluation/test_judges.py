@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
@@ -21,6 +19,8 @@ from crowguard.evaluation.judges import (
     parse_verdict,
     strip_prompt_echo,
 )
+
+from helpers import JsonHandler, local_http_server
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -178,7 +178,7 @@ def test_parse_verdict(reply: str, expected: float | None) -> None:
     assert parse_verdict(reply) == expected
 
 
-class _FakeOpenAI(BaseHTTPRequestHandler):
+class _FakeOpenAI(JsonHandler):
     """A canned chat-completions endpoint: `[[1]]` when the judged response says 'Sure', else `[[0]]`."""
 
     requests: ClassVar[list[dict[str, Any]]] = []
@@ -195,30 +195,13 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         verdict = "no verdict here" if self.mode == "garbled" else ("[[1]]" if "Sure" in response else "[[0]]")
         self._send(200, {"id": "x", "object": "chat.completion", "choices": [{"message": {"content": verdict}}]})
 
-    def _send(self, code: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:  # keep test output quiet
-        pass
-
 
 @pytest.fixture
 def fake_openai() -> Iterator[str]:
     _FakeOpenAI.requests = []
     _FakeOpenAI.mode = "ok"
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(_FakeOpenAI) as url:
+        yield url + "/v1/"
 
 
 def test_llm_judge_scores_through_an_openai_compatible_endpoint(

@@ -7,9 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -27,7 +25,7 @@ from crowguard.evaluation.mtbench import (
 )
 from crowguard.types import Example
 
-from helpers import SHARED_DATA, tiny_llama, tiny_tokenizer
+from helpers import SHARED_DATA, JsonHandler, local_http_server, tiny_llama, tiny_tokenizer
 
 MT_BENCH = SHARED_DATA / "mt_bench"
 ONE_TURN = [{"question_id": 5, "category": "writing", "turns": ["Write a haiku."]}]
@@ -49,7 +47,7 @@ ANSWERS = [
 ]
 
 
-class _FakeJudge(BaseHTTPRequestHandler):
+class _FakeJudge(JsonHandler):
     """Canned chat completions: reference prompts get "Rating: [[3]]", other multi-turn ones "[[9]]", else "[[7]]"."""
 
     requests: ClassVar[list[dict[str, Any]]] = []
@@ -72,17 +70,6 @@ class _FakeJudge(BaseHTTPRequestHandler):
             reply = "Decent answer.\n[[7]]"
         self._send(200, {"id": "x", "object": "chat.completion", "choices": [{"message": {"content": reply}}]})
 
-    def _send(self, code: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
@@ -93,14 +80,8 @@ def tokenizer() -> Any:
 def judge_url() -> Iterator[str]:
     _FakeJudge.requests = []
     _FakeJudge.mode = "ok"
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeJudge)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(_FakeJudge) as url:
+        yield url + "/v1"
 
 
 def test_grade_averages_per_turn_and_category(judge_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
