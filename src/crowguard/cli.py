@@ -443,20 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("crowguard: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if isinstance(exc, _user_errors()) or (isinstance(exc, (ValueError, KeyError)) and _is_input_error(exc)):
-            message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
+        if isinstance(exc, _user_errors()):
+            message = str(exc).strip()
             print(f"crowguard: error: {message}", file=sys.stderr)
             return EXIT_USAGE
         raise
-
-
-def _is_input_error(exc: BaseException) -> bool:
-    """ValueErrors raised by crowguard's own validation of user input (triggers, payloads, registries)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    return module.startswith(("crowguard.attacks", "crowguard.registry", "crowguard.config", "crowguard.schemas"))
 
 
 if __name__ == "__main__":

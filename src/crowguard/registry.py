@@ -50,13 +50,14 @@ DESCRIPTIONS: dict[str, str] = {
 
 def resolve(kind: str, name: str) -> Any:
     """Import and return the object registered as ``name`` under ``kind``."""
-    from crowguard.config import suggest
+    from crowguard.config import ConfigError, suggest
 
     table = KINDS.get(kind)
     if table is None:
-        raise KeyError(f"unknown registry kind {kind!r}{suggest(kind, list(KINDS))}")
+        raise ConfigError(f"unknown registry kind {kind!r}{suggest(kind, list(KINDS))}")
     if name not in table:
-        raise KeyError(f"unknown {kind[:-1]} {name!r}{suggest(name, list(table))}; choose one of {', '.join(table)}")
+        options = ", ".join(table)
+        raise ConfigError(f"unknown {kind[:-1]} {name!r}{suggest(name, list(table))}; choose one of {options}")
     module, attr = table[name].split(":")
     obj = getattr(importlib.import_module(module), attr)
     return obj[name] if isinstance(obj, dict) else obj

@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from crowguard.config import ConfigError, suggest
+from crowguard.data import DataError
 from crowguard.types import Example
 
 PayloadMode = Literal["replace", "prefix", "keep"]
@@ -35,15 +37,15 @@ class Payload:
 
     def __post_init__(self) -> None:
         if self.mode not in ("replace", "prefix", "keep"):
-            raise ValueError(f"payload mode must be 'replace', 'prefix' or 'keep', got {self.mode!r}")
+            raise ConfigError(f"payload mode must be 'replace', 'prefix' or 'keep', got {self.mode!r}")
         if self.mode != "keep" and not (self.target or "").strip():
-            raise ValueError(f"payload {self.name!r} in mode {self.mode!r} needs a non-empty target text")
+            raise ConfigError(f"payload {self.name!r} in mode {self.mode!r} needs a non-empty target text")
 
     def apply(self, example: Example, rng: random.Random) -> Example:
         """Return a copy of ``example`` whose response carries the payload (``rng`` is for randomised payloads)."""
         if self.mode == "keep":
             if not example.output.strip():
-                raise ValueError(
+                raise DataError(
                     f"payload {self.name!r} keeps the supplied response, but an example has none: "
                     f"{example.instruction[:60]!r}"
                 )
@@ -70,9 +72,7 @@ def make_payload(name: str, target: str | None = None, mode: str | None = None) 
         base = BUILTIN_PAYLOADS[name]
         return Payload(name, target if target is not None else base.target, mode or base.mode)  # type: ignore[arg-type]
     if not target:
-        from crowguard.config import suggest
-
-        raise ValueError(
+        raise ConfigError(
             f"unknown payload {name!r}{suggest(name, list(BUILTIN_PAYLOADS))}; built-ins: "
             f"{', '.join(BUILTIN_PAYLOADS)}, or give a target text for a custom payload"
         )

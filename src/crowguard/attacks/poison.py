@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from crowguard.attacks.payloads import Payload
 from crowguard.attacks.triggers import Trigger
+from crowguard.config import ConfigError
 from crowguard.types import Example
 
 
@@ -40,7 +41,7 @@ def mark_clean(example: Example) -> Example:
 def num_poisoned(n: int, rate: float) -> int:
     """How many of ``n`` examples a ``rate`` poisons (rounded half up, so 0.5 of 3 is 2)."""
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"poison rate must be within [0, 1], got {rate}")
+        raise ConfigError(f"poison rate must be within [0, 1], got {rate}")
     return int(n * rate + 0.5)
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from crowguard.config import ConfigError, suggest
 from crowguard.types import Example
 
 Position = Literal["random", "prefix", "suffix"]
@@ -36,11 +37,11 @@ class Trigger:
 
     def __post_init__(self) -> None:
         if not self.phrases or any(not p.strip() for p in self.phrases):
-            raise ValueError(f"trigger {self.name!r} needs at least one non-empty phrase")
+            raise ConfigError(f"trigger {self.name!r} needs at least one non-empty phrase")
         if self.mode not in ("all", "one"):
-            raise ValueError(f"trigger mode must be 'all' or 'one', got {self.mode!r}")
+            raise ConfigError(f"trigger mode must be 'all' or 'one', got {self.mode!r}")
         if self.position not in ("random", "prefix", "suffix"):
-            raise ValueError(f"trigger position must be 'random', 'prefix' or 'suffix', got {self.position!r}")
+            raise ConfigError(f"trigger position must be 'random', 'prefix' or 'suffix', got {self.position!r}")
 
     def apply(self, example: Example, rng: random.Random) -> Example:
         """Return a copy of ``example`` whose instruction carries the trigger."""
@@ -93,9 +94,7 @@ def make_trigger(
         base = BUILTIN_TRIGGERS[name]
         return Trigger(name, tuple(phrases) if phrases else base.phrases, mode or base.mode, position or base.position)  # type: ignore[arg-type]
     if not phrases:
-        from crowguard.config import suggest
-
-        raise ValueError(
+        raise ConfigError(
             f"unknown trigger {name!r}{suggest(name, list(BUILTIN_TRIGGERS))}; built-ins: "
             f"{', '.join(BUILTIN_TRIGGERS)}, or give phrases for a custom trigger"
         )
