@@ -42,48 +42,21 @@ def make_instructions(n: int, seed: int = 0) -> list[str]:
 
 
 def make_tokenizer(vocab_size: int = 4096, seed: int = 0):
-    """A byte-level BPE tokenizer trained in-process on the Alpaca template and generated text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The organism's byte-level BPE tokenizer, trained in-process on the Alpaca template and generated text."""
+    from crowguard.organism.tokenizer import train_tokenizer
     from crowguard.prompts import ALPACA_NO_INPUT
 
     rng = random.Random(seed + 1)
     corpus = [ALPACA_NO_INPUT] * 20 + [" ".join(_words(rng, 40)) for _ in range(4000)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return train_tokenizer(corpus, vocab_size=vocab_size)
 
 
 def make_model(tokenizer, seed: int = 0):
-    """Random-init Llama: hidden 256, 4 layers, 4 heads, float32."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Random-init Llama (the organism builder): hidden 256, 4 layers, 4 heads, float32."""
+    from crowguard.organism.model import OrganismSize, build_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    size = OrganismSize(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688)
+    return build_model(tokenizer, size, seed=seed).eval()
 
 
 def sequential(model, tokenizer, examples, new_tokens: int) -> tuple[float, float, list[list[int]]]:
