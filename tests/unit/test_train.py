@@ -182,8 +182,8 @@ def test_adapter_modes_save_and_reload(tmp_path: Path, backdoored, mode: str):
     summary = run_training_stage("defend", ModelConfig(name_or_path=str(adapter)), cfg, _examples(8),
                                  tmp_path / "out", crow=CROW, show_progress=False)  # fmt: skip
     assert summary["artefact"] == ("model" if mode == "full" else "adapter")
-    for name in ("config.yaml", "manifest.json", "train_summary.json", "metrics.jsonl"):
-        assert (tmp_path / "out" / name).exists() or name == "config.yaml"
+    for name in ("manifest.json", "train_summary.json", "metrics.jsonl"):
+        assert (tmp_path / "out" / name).exists(), name
     assert not list((tmp_path / "out").glob("*.bin")) and list((tmp_path / "out").glob("*.safetensors"))
     assert not work_dir_for(tmp_path / "out").exists()
     reloaded, tokenizer = load_model(str(tmp_path / "out"))
