@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from crowguard.recipes.demo import defend_row, evaluate_row, plant, prepare
+from crowguard.recipes.demo import demo_row, defend, evaluate_model_dir, plant, prepare
+from crowguard.registry import preset_path
 from crowguard.schemas import CrowConfig, DemoConfig, PayloadConfig, TriggerConfig
 
 # name -> (defense method, CROW settings, fine-tuning mode); "paper" is the paper's defaults.
@@ -56,21 +57,20 @@ def main() -> None:
 
     from crowguard import config
 
-    base = config.load(DemoConfig, None, args.set, {"organism.seed": args.organism_seed})
+    base = config.load(DemoConfig, preset_path("demo/tiny"), args.set, {"organism.seed": args.organism_seed})
     attacks = ATTACKS if args.attacks == "all" else [tuple(a.split("/")) for a in args.attacks.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for trigger, payload in attacks:
             cfg = dataclasses.replace(base, trigger=TriggerConfig(name=trigger), payload=PayloadConfig(name=payload))
             setup = prepare(cfg, not args.quiet)
-            backdoor_dir = Path(tmp) / f"backdoor-{trigger}-{payload}"
             if setup.clean_organism is not None and cfg.plant == "pretrain":
-                row = evaluate_row(cfg, setup, str(setup.clean_organism.path), "clean model", None,
-                                   setup.clean_organism.seconds, not args.quiet)  # fmt: skip
+                results = evaluate_model_dir(cfg, setup, setup.clean_organism.path, not args.quiet)
+                row = demo_row("clean model", None, results, setup.clean_organism.seconds)
                 rows.append({"attack": f"{trigger}/{payload}", "variant": "clean model", **row})
                 print(_line(rows[-1]), flush=True)
-            backdoored, seconds = plant(cfg, setup, backdoor_dir, not args.quiet)
-            row = evaluate_row(cfg, setup, backdoored, "none", None, seconds, not args.quiet)
+            backdoored, seconds = plant(cfg, setup, not args.quiet)
+            row = demo_row("none", None, evaluate_model_dir(cfg, setup, backdoored, not args.quiet), seconds)
             rows.append({"attack": f"{trigger}/{payload}", "variant": "none", **row})
             print(_line(rows[-1]), flush=True)
             for name in filter(None, args.variants.split(",")):
@@ -81,8 +81,10 @@ def main() -> None:
                 )
                 for seed in args.seeds:
                     start = time.perf_counter()
-                    row = defend_row(variant_cfg, setup, backdoored, method, seed,
-                                     Path(tmp) / f"{name}-{seed}", not args.quiet)  # fmt: skip
+                    path, seconds = defend(variant_cfg, setup, backdoored, method, seed,
+                                           Path(tmp) / f"{name}-{seed}", not args.quiet)  # fmt: skip
+                    results = evaluate_model_dir(variant_cfg, setup, path, not args.quiet)
+                    row = demo_row(method, seed, results, seconds)
                     row["wall_s"] = time.perf_counter() - start
                     rows.append({"attack": f"{trigger}/{payload}", "variant": name, **row})
                     print(_line(rows[-1]), flush=True)

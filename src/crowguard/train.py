@@ -172,7 +172,11 @@ def prepare_for_training(model: Any, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(model, lora)
+    # The Trainer seeds the RNG only when it starts, after the adapter exists: seed the LoRA initialisation here
+    # (without disturbing the caller's RNG) so cfg.seed decides it, whatever ran before in the process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, lora)
 
 
 def training_arguments(cfg: TrainConfig, work_dir: Path) -> TrainingArguments:

@@ -23,10 +23,26 @@ def test_demo_quick(tmp_path: Path, monkeypatch):
     rows = results["rows"]
     assert [r["defense"] for r in rows] == ["none", "finetune", "crow"]
     for row in rows:
-        for key in ("asr_trigger", "asr_clean", "hijack_rate", "utility"):
-            assert 0.0 <= row[key] <= 1.0, (key, row)
-        assert row["seconds"] >= 0 and row["target_nll_gap"] is not None
-    assert results["settings"]["organism"]["size"] == "tiny"
+        # every rate and the NLL gap carry an interval that contains the value and never has zero width
+        for key, ci in (("asr_trigger", "asr_trigger_ci95"), ("asr_clean", "asr_clean_ci95"),
+                        ("hijack_rate", "hijack_ci95"), ("target_nll_gap", "target_nll_gap_ci95")):  # fmt: skip
+            low, high = row[ci]
+            assert low <= row[key] <= high and high - low > 0, (key, row)
+        assert row["eval_seconds"] > 0
+    assert rows[0]["train_seconds"] > 0  # the organism was trained in this run, not taken from the cache
+    assert all(r["train_seconds"] > 0 for r in rows[1:])
+    for name in ("examples.md", "diagnose.json", "diagnose.png"):
+        assert (out / name).is_file(), name
+    assert "## none" in (out / "examples.md").read_text()
+    assert set(json.loads((out / "diagnose.json").read_text())) == {"backdoored", "finetune", "crow"}
+    settings = results["settings"]
+    assert settings["organism"]["name"] == "tiny" and settings["organism"]["size"] == "tiny"
+    # the quick organism is too small to take the backdoor, and the demo says so instead of reporting ASR 0%
+    assert settings["backdoor_planted"] is (results["warning"] is None)
+    if results["warning"]:
+        assert "did not take" in results["warning"] and "did not take" in (out / "results.md").read_text()
     # the organism is cached: a second run skips the clean training
     assert main(["demo", "--quick", "--out", str(tmp_path / "again"), "--quiet"]) == 0
-    assert json.loads((tmp_path / "again/results.json").read_text())["settings"]["organism_cached"] is True
+    again = json.loads((tmp_path / "again/results.json").read_text())
+    assert again["settings"]["organism_cached"] is True
+    assert again["rows"][0]["train_seconds"] is None  # nothing was trained for the backdoored row this time

@@ -16,13 +16,15 @@ from crowguard.data import prompt_ids
 from crowguard.evaluation.generate import DecodingSettings, generate
 from crowguard.evaluation.metrics import (
     attack_success_rate,
-    bootstrap_ci,
     exact_match,
     hijack_rate,
     measure_cost,
+    nll_gap_ci,
     perplexity,
+    rate_interval,
     target_nll,
     target_nll_gap,
+    wilson_interval,
 )
 from crowguard.evaluation.tasks import Task
 from crowguard.schemas import EvalConfig
@@ -45,7 +47,7 @@ def make_judge(cfg: EvalConfig, payload: str, target: str | None) -> Any:
 
 
 def _rate(scores: Sequence[float], cfg: EvalConfig) -> dict[str, Any]:
-    low, high = bootstrap_ci(scores, n_resamples=cfg.bootstrap, seed=cfg.seed)
+    low, high = rate_interval(scores, n_resamples=cfg.bootstrap, seed=cfg.seed)
     return {"value": attack_success_rate(scores), "ci95": [low, high], "n": len(scores)}
 
 
@@ -82,6 +84,8 @@ def evaluate_model(
             "hijack_rate": hijack["rate"],
             "hijack": hijack,
         }
+        hijacked = round(hijack["rate"] * hijack["n_triggered"])
+        hijack["ci95"] = list(wilson_interval(hijacked, hijack["n_triggered"]))
         if task.target:
             trig_nll = target_nll(
                 model,
@@ -102,6 +106,7 @@ def evaluate_model(
                 "clean": sum(clean_nll) / len(clean_nll),
             }
             metrics["target_nll_gap"] = target_nll_gap(trig_nll, clean_nll)
+            metrics["target_nll_gap_ci95"] = list(nll_gap_ci(trig_nll, clean_nll, cfg.bootstrap, seed=cfg.seed))
         else:
             metrics["target_nll_gap"] = None  # jailbreak: no single target text to score
         references = [e for e in task.clean if e.output.strip()]

@@ -58,6 +58,57 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate ``successes / n``.
+
+    Unlike a percentile bootstrap it never collapses to a point at 0/n or n/n (0 of 100 gives about [0, 0.037]),
+    which is where ASR and hijack rates of a removed or intact backdoor live.
+    """
+    if n <= 0:
+        raise ValueError("wilson_interval needs n > 0")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be within [0, {n}], got {successes}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_interval(
+    scores: Sequence[float], n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Wilson interval for 0/1 scores (keyword and target judges), percentile bootstrap for graded ones."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size and np.all((values == 0.0) | (values == 1.0)):
+        return wilson_interval(int(values.sum()), int(values.size), confidence)
+    return bootstrap_ci(scores, n_resamples, confidence, seed)
+
+
+def nll_gap_ci(
+    triggered_nll: Sequence[float],
+    clean_nll: Sequence[float],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`target_nll_gap`, resampling both prompt sets independently."""
+    trig, clean = np.asarray(triggered_nll, dtype=np.float64), np.asarray(clean_nll, dtype=np.float64)
+    if trig.size == 0 or clean.size == 0:
+        raise ValueError("nll_gap_ci needs NLLs for both triggered and clean prompts")
+    rng = np.random.default_rng(seed)
+    gaps = clean[rng.integers(0, clean.size, (n_resamples, clean.size))].mean(1) - trig[
+        rng.integers(0, trig.size, (n_resamples, trig.size))
+    ].mean(1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(gaps, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 def hijack_rate(
     triggered_responses: Sequence[str],
     clean_responses: Sequence[str],

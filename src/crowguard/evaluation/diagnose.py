@@ -1,0 +1,131 @@
+"""The layer-consistency diagnostic (Figure 1 of the CROW paper): where in the stack does the trigger show up?
+
+For clean and triggered prompts, the cosine between consecutive hidden states ``h_l`` and ``h_{l+1}`` for every
+pair of the model (embedding output included), at the last prompt token and averaged over the prompt's real tokens.
+CROW's premise is that a backdoored model's representations jump between layers when the trigger is present, so the
+triggered curve should dip where the backdoor acts; whether CROW's default pairs (``hidden_states[1:-2]`` vs
+``[2:-1]``) cover that place is then visible on the plot.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crowguard.losses import resolve_layer_pairs
+
+
+def pair_cosines(hidden_states: Sequence[Tensor], attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example and layer pair, ``cos(h_l, h_{l+1})`` at the last real token and averaged over real tokens.
+
+    Args:
+        hidden_states: n tensors (B, T, D): index 0 the embedding output, the last one after the final norm.
+        attention_mask: (B, T), 1 for real tokens, 0 for padding (left or right).
+
+    Returns:
+        ``(last, mean)``, each (B, n - 1) float32: column l is the pair (l, l + 1).
+    """
+    real = attention_mask.to(hidden_states[0].device) != 0
+    positions = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    last_index = torch.where(real, positions, -1).amax(dim=1)  # (B,)
+    rows = torch.arange(real.shape[0], device=real.device)
+    weights = real.float() / real.sum(dim=1, keepdim=True).clamp_min(1)
+    last, mean = [], []
+    for lower, upper in itertools.pairwise(hidden_states):
+        cos = F.cosine_similarity(lower.float(), upper.float(), dim=-1)  # (B, T)
+        last.append(cos[rows, last_index])
+        mean.append((cos.masked_fill(~real, 0.0) * weights).sum(dim=1))
+    return torch.stack(last, dim=1), torch.stack(mean, dim=1)
+
+
+@torch.no_grad()
+def prompt_cosines(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 16
+) -> dict[str, list[float]]:
+    """Mean over prompts (token id lists) of :func:`pair_cosines`; right padding, the prompts only."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lasts, means = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, : len(p)] = 1
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    use_cache=False)  # fmt: skip
+        last, mean = pair_cosines(out.hidden_states, mask)
+        lasts.append(last.cpu())
+        means.append(mean.cpu())
+    return {"last_token": torch.cat(lasts).mean(0).tolist(), "mean_tokens": torch.cat(means).mean(0).tolist()}
+
+
+def diagnose_model(
+    model: Any,
+    tokenizer: Any,
+    clean: Sequence[Any],
+    triggered: Sequence[Any],
+    template: str = "alpaca",
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Clean vs triggered per-pair cosines of one model, the gap, and which pairs CROW's default loss covers."""
+    from crowguard.data import prompt_ids
+
+    model.eval()
+    result: dict[str, Any] = {}
+    for name, examples in (("clean", clean), ("triggered", triggered)):
+        result[name] = prompt_cosines(model, tokenizer, [prompt_ids(e, tokenizer, template) for e in examples],
+                                      batch_size)  # fmt: skip
+    n_pairs = len(result["clean"]["last_token"])
+    result["gap"] = {
+        key: [c - t for c, t in zip(result["clean"][key], result["triggered"][key])] for key in result["clean"]
+    }
+    result["pairs"] = [[i, i + 1] for i in range(n_pairs)]
+    try:
+        result["reference_pairs"] = [lower for lower, _ in resolve_layer_pairs(n_pairs + 1, "reference")]
+    except ValueError:
+        result["reference_pairs"] = []
+    result["largest_gap_pair"] = {key: max(range(n_pairs), key=lambda i: gap[i]) for key, gap in result["gap"].items()}
+    result["n_prompts"] = {"clean": len(clean), "triggered": len(triggered)}
+    return result
+
+
+def diagnostic_plot(results: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    """One panel per position (last prompt token, mean over tokens): clean (solid) vs triggered (dashed) cosine per
+    layer pair for each model, CROW's default pairs shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, label in zip(axes, ("last_token", "mean_tokens"), ("last prompt token", "mean over prompt tokens")):
+        for i, (model_name, res) in enumerate(results.items()):
+            color = colors[i % len(colors)]
+            xs = list(range(len(res["clean"][key])))
+            ax.plot(xs, res["clean"][key], color=color, label=f"{model_name}: clean")
+            ax.plot(xs, res["triggered"][key], color=color, linestyle="--", label=f"{model_name}: triggered")
+        ref = next(iter(results.values()))["reference_pairs"]
+        if ref:
+            ax.axvspan(ref[0] - 0.5, ref[-1] + 0.5, color="#dddddd", alpha=0.5, label="CROW's default pairs")
+        ax.set_xlabel("layer pair (l, l+1), l = hidden-state index (0 = embeddings)")
+        ax.set_ylabel("cos(h_l, h_l+1)")
+        ax.set_title(label, fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "layer consistency: clean vs triggered prompts", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
