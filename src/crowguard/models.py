@@ -8,9 +8,11 @@ model it names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,18 @@ import torch
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+"""peft reads this deprecated transformers property on every adapter it wraps (a FutureWarning per model load)."""
+
+
+@contextlib.contextmanager
+def without_peft_deprecation_warning() -> Iterator[None]:
+    """A ``with`` block in which only that one FutureWarning is silenced (other warnings keep their filters)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+        yield
 
 
 class ModelLoadError(ValueError):
@@ -130,7 +144,7 @@ def attach_adapter(model: Any, adapter: str | Path, allow_pickle: bool = False, 
         raise ModelLoadError(f"{adapter}: not an adapter directory (no adapter_config.json)")
     _check_adapter_files(adapter, allow_pickle)
     try:
-        with warnings.catch_warnings():
+        with without_peft_deprecation_warning():
             warnings.simplefilter("error", UserWarning)  # peft warns (not raises) on missing/unexpected keys
             return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, UserWarning) as exc:

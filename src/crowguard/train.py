@@ -174,7 +174,9 @@ def prepare_for_training(model: Any, cfg: TrainConfig) -> Any:
     )
     # The Trainer seeds the RNG only when it starts, after the adapter exists: seed the LoRA initialisation here
     # (without disturbing the caller's RNG) so cfg.seed decides it, whatever ran before in the process.
-    with torch.random.fork_rng(devices=[]):
+    from crowguard.models import without_peft_deprecation_warning
+
+    with torch.random.fork_rng(devices=[]), without_peft_deprecation_warning():
         torch.manual_seed(cfg.seed)
         return get_peft_model(model, lora)
 

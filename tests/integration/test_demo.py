@@ -46,3 +46,43 @@ def test_demo_quick(tmp_path: Path, monkeypatch):
     again = json.loads((tmp_path / "again/results.json").read_text())
     assert again["settings"]["organism_cached"] is True
     assert again["rows"][0]["train_seconds"] is None  # nothing was trained for the backdoored row this time
+
+
+def test_demo_on_a_pretrained_organism_plants_by_lora_and_continues_the_adapter(tmp_path: Path, monkeypatch):
+    """The smollm2 path (LoRA plant cached by settings, CROW continuing the backdoored adapter) on a tiny stand-in
+    model, so no weights are needed: the conversion itself is tested in tests/unit/organism/test_smollm2.py."""
+    import dataclasses
+
+    from crowguard.organism import smollm2
+    from crowguard.recipes.demo import quick_config, run_demo
+    from crowguard.schemas import DemoConfig
+
+    from helpers import save_tiny_model
+
+    monkeypatch.setenv("CROWGUARD_CACHE", str(tmp_path / "cache"))
+    stand_in = save_tiny_model(tmp_path / "pretrained", layers=3)
+    provenance = {"source": "test", "path": str(stand_in)}
+    monkeypatch.setattr(smollm2, "ensure_smollm2", lambda *a, **k: (str(stand_in), provenance))
+    quick = quick_config(DemoConfig())
+    cfg = dataclasses.replace(
+        quick,
+        organism=dataclasses.replace(quick.organism, name="smollm2"),
+        plant="finetune",
+        reference_clean=True,
+        n_clean=40,
+        defense=dataclasses.replace(
+            quick.defense, train=dataclasses.replace(quick.defense.train, adapter_mode="continue")
+        ),
+    )
+    results = run_demo(cfg, tmp_path / "demo", show_progress=False)
+    assert [r["defense"] for r in results["rows"]] == ["unpoisoned", "none", "finetune", "crow"]
+    settings = results["settings"]
+    assert settings["organism_source"] == provenance and settings["backdoor_cached"] is False
+    backdoored = Path(settings["backdoored_path"])
+    assert (backdoored / "adapter_config.json").is_file()  # the backdoor lives in an adapter
+    assert backdoored.is_relative_to(tmp_path / "cache")
+    for method in ("finetune", "crow"):  # continue mode: the defenses trained that same adapter further
+        adapter = json.loads((tmp_path / "demo" / f"defense-{method}-s0" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str(stand_in.resolve())
+    again = run_demo(dataclasses.replace(cfg, defenses=["none"]), tmp_path / "again", show_progress=False)
+    assert again["settings"]["backdoor_cached"] is True and again["rows"][1]["train_seconds"] is None
