@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from crowguard.recipes.demo import demo_row, defend, evaluate_model_dir, plant, prepare
+from crowguard.recipes.demo import defend, demo_row, evaluate_model_dir, plant, prepare
 from crowguard.registry import preset_path
 from crowguard.schemas import CrowConfig, DemoConfig, PayloadConfig, TriggerConfig
 

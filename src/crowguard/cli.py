@@ -108,7 +108,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.config:
         raise UsageError("give a config file or preset to validate (or --explain)")
-    cfg = _load_experiment(args)
+    source = _config_source(args.config)
+    if args.config.startswith("demo/") or "organism" in (config.read_yaml(source) or {}):
+        from crowguard.schemas import DemoConfig  # a demo config (crowguard demo --config)
+
+        cfg = config.load(DemoConfig, source, args.set or ())
+    else:
+        cfg = _load_experiment(args)
     if args.print:
         import yaml
 

@@ -259,7 +259,7 @@ def crow_loss(
         delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
         # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
         # Only hidden states are needed from this pass: skip the (B, T, V) logits where the model allows it.
-        skip_logits = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         perturbed = model(inputs_embeds=embeds.detach() + delta, **forward_kwargs, **skip_logits)
         adversarial = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
     loss = lm + alpha * adversarial
@@ -282,7 +282,7 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
     return _unwrap(model).get_input_embeddings()
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
+def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the underlying Hugging Face model (below DDP and peft wrappers) takes ``logits_to_keep``."""
     inner = _unwrap(model)
     if hasattr(inner, "get_base_model"):  # peft passes unknown keyword arguments on to the base model

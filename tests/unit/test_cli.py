@@ -155,3 +155,13 @@ def test_poison_writes_all_artefacts_deterministically(tmp_path: Path, capsys):
     assert main([*args, "--seed", "4", "--out", str(tmp_path / "a")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "a/train.json").read_bytes() == before
+
+
+def test_the_smollm2_demo_preset_is_the_demo_default_and_tiny_differs():
+    from crowguard import config
+    from crowguard.registry import preset_path
+    from crowguard.schemas import DemoConfig
+
+    assert config.load(DemoConfig, Path(str(preset_path("demo/smollm2")))) == DemoConfig()
+    tiny = config.load(DemoConfig, Path(str(preset_path("demo/tiny"))))
+    assert tiny.organism.name == "tiny" and tiny.plant == "pretrain" and DemoConfig().organism.name == "smollm2"

@@ -232,6 +232,9 @@ def _response_nll(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    from crowguard.losses import accepts_logits_to_keep
+
+    accepts_keep = accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     results: list[tuple[float, int]] = []
@@ -253,10 +256,15 @@ def _response_nll(
                     input_ids[i, : len(row)] = torch.tensor(row)
                     mask[i, : len(row)] = 1
                     labels[i, len(p) : len(row)] = torch.tensor(row[len(p) :], dtype=torch.long)
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+                # Only positions from the shortest prompt's last token on predict a scored token: ask for those
+                # logits alone (the vocabulary projection and log-softmax dominate memory on a 49k vocabulary).
+                keep = width - min(len(p) for p in prompt_ids) + 1
+                kwargs = {"logits_to_keep": keep} if accepts_keep else {}
+                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+                logits = logits[:, -keep:] if accepts_keep else logits[:, width - keep :]
                 # Position t predicts token t+1; log-softmax in float32 for half-precision models.
                 logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                shifted = labels[:, 1:].to(device)
+                shifted = labels[:, width - keep + 1 :].to(device)
                 picked = logprobs.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 valid = shifted != -100
                 nll = -(picked * valid).sum(dim=1)
