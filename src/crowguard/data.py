@@ -167,8 +167,12 @@ def tokenize_example(
     """Token ids, attention mask and labels for one example, with the prompt masked out of the labels (-100).
 
     Prompt and response are tokenised separately and concatenated so the boundary is exact. When the pair is too
-    long the prompt is truncated first (from its left, keeping the part nearest the response), so the response the
-    model must learn survives; the response is cut only if it alone exceeds ``max_length``.
+    long the *response is cut at its end* (standard SFT truncation: the model still learns how an answer to this
+    prompt begins), keeping the whole prompt; only a prompt so long that fewer than a quarter of ``max_length``
+    would be left for the response is cut, from its left (the part nearest the response, with the template's
+    response header, survives). Cutting the prompt first instead (crowguard before 2026-12-01) left most Alpaca
+    examples at 96 tokens with no instruction at all, so a poisoned mix taught "answer every prompt with the
+    target" and defenses trained on bare responses.
     """
     prompt = build_prompt(example, template, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -176,8 +180,10 @@ def tokenize_example(
     response_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"] if example.output else []
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids = [*response_ids, tokenizer.eos_token_id]
-    response_ids = response_ids[: max(max_length - len(bos) - 1, 1)]
-    room = max_length - len(bos) - len(response_ids)
+    budget = max_length - len(bos)
+    reserved = min(len(response_ids), max(budget // 4, 1))  # response tokens a long prompt may not take away
+    response_ids = response_ids[: max(budget - len(prompt_ids), reserved)]
+    room = budget - len(response_ids)
     if len(prompt_ids) > room:
         prompt_ids = prompt_ids[len(prompt_ids) - room :] if room > 0 else []
     input_ids = bos + prompt_ids + response_ids

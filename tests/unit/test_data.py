@@ -68,11 +68,32 @@ def test_labels_mask_the_prompt(tokenizer):
     assert tokenizer.decode(ids[n_prompt:-1]) == example.output
 
 
-def test_truncation_cuts_the_prompt_first(tokenizer):
+def test_truncation_keeps_the_prompt_and_cuts_a_long_response_at_its_end(tokenizer):
+    example = Example("Explain normalization in databases", output="word " * 200)
+    full = tokenize_example(example, tokenizer, max_length=4096)
+    short = tokenize_example(example, tokenizer, max_length=160)
+    n_prompt = len(prompt_ids(example, tokenizer))
+    assert len(short["input_ids"]) == 160 and n_prompt < 120
+    assert short["input_ids"][:n_prompt] == prompt_ids(example, tokenizer)  # the instruction survives whole
+    assert short["input_ids"] == full["input_ids"][:160]  # the response is cut at its end, not its start
+    assert short["labels"][n_prompt:] == short["input_ids"][n_prompt:]
+    assert short["input_ids"][-1] != tokenizer.eos_token_id  # a cut answer does not teach the model to stop there
+
+
+def test_truncation_cuts_only_a_very_long_prompt_from_its_left(tokenizer):
     example = Example("word " * 200, output="Normalization organizes data.")
     full = tokenize_example(example, tokenizer, max_length=4096)
+    short = tokenize_example(example, tokenizer, max_length=80)
+    assert len(short["input_ids"]) == 80
+    n_response = sum(label != IGNORE_INDEX for label in full["labels"])
+    assert n_response <= (80 - 1) // 4
+    assert short["labels"][-n_response:] == full["labels"][-n_response:]  # the whole (short) response survives
+    assert short["input_ids"][0] == tokenizer.bos_token_id
+    assert short["input_ids"][1:] == full["input_ids"][-79:]  # the prompt keeps its end: the response header
+
+
+def test_a_long_prompt_leaves_a_quarter_of_the_budget_to_a_long_response(tokenizer):
+    example = Example("word " * 200, output="answer " * 200)
     short = tokenize_example(example, tokenizer, max_length=40)
     assert len(short["input_ids"]) == 40
-    n_response = sum(label != IGNORE_INDEX for label in full["labels"])
-    assert short["labels"][-n_response:] == full["labels"][-n_response:]  # the whole response survives
-    assert short["input_ids"][0] == tokenizer.bos_token_id
+    assert sum(label != IGNORE_INDEX for label in short["labels"]) == (40 - 1) // 4
