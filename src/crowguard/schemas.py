@@ -64,7 +64,7 @@ class TrainConfig:
     max_steps: int = knob(-1, "stop after this many optimizer steps (-1: use epochs)")
     per_device_batch: int = knob(2, "micro-batch size per process")
     grad_accum: int = knob(4, "micro-batches per optimizer step (effective batch = batch x accum x processes)")
-    max_length: int = knob(512, "maximum tokens per example (prompt truncated first)")
+    max_length: int = knob(512, "maximum tokens per example (a long response is cut at its end)")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = knob("cosine", "LR schedule")
     warmup_ratio: float = knob(0.1, "fraction of steps spent warming up the learning rate")
     weight_decay: float = knob(0.0, "AdamW weight decay")

@@ -1,4 +1,4 @@
-"""Data layer: loading, prompt templates, tokenisation with the prompt masked and truncated first."""
+"""Data layer: loading, prompt templates, tokenisation with the prompt masked; truncation keeps the prompt."""
 
 from __future__ import annotations
 

@@ -90,8 +90,12 @@ def test_gradient_accumulation_equivalence(tmp_path: Path, optim: str):
     b = _one_step_weights(tmp_path / "b", 2, 2, optim)
     init = tiny_llama(tiny_tokenizer(), layers=3).state_dict()
     assert any(not torch.allclose(a[k], init[k]) for k in a)  # training did something
+    # Adam's first steps move each weight by about lr * sign(g): where a gradient is near 0, float-summation noise
+    # between the two splits shows up (measured: up to 2e-4 on a handful of elements). A real accumulation bug
+    # moves weights by ~lr = 0.05; SGD, which is sensitive to the loss scale (Adam is not), is checked to 1e-5.
+    atol = 1e-5 if optim == "sgd" else 1e-3
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=key)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path):

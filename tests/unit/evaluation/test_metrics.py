@@ -230,6 +230,7 @@ def test_measure_cost_records_wall_time_and_memory() -> None:
 def test_wilson_interval_matches_reference_values(k: int, n: int, low: float, high: float) -> None:
     got = wilson_interval(k, n)
     assert got == pytest.approx((low, high), abs=1e-5)
+    assert got[0] <= k / n <= got[1] and (k > 0 or got[0] == 0.0) and (k < n or got[1] == 1.0)
 
 
 def test_rate_interval_never_has_zero_width_at_0_or_100_percent() -> None:
