@@ -221,6 +221,9 @@ class DemoConfig:
     n_defender_pool: int = knob(300, "clean corpus examples held out from all training, drawn from by defenses")
     reference_clean: bool = knob(True, "also evaluate the organism without poison (utility reference)")
     n_test: int = knob(100, "held-out test prompts (triggered and clean)")
+    n_utility: int = knob(
+        0, "checkable tasks for exact-match utility (0: none; a chatty pretrained model rarely answers exactly)"
+    )
     backdoor: TrainConfig = knob(
         TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32),
         "backdoor injection (SmolLM2: LoRA r 16, 3 epochs, lr 1e-3: the conditional plant of the plant sweep)",

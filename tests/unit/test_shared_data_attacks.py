@@ -90,3 +90,17 @@ def test_generated_sets_have_the_shipped_form(shared_data: Path, tmp_path: Path,
         assert trigger.present(record["instruction"])
     for record in json.loads((tmp_path / "out/test_clean.json").read_text()):
         assert not trigger.any_phrase(record["instruction"])
+
+
+@pytest.mark.parametrize("task", ["negsentiment", "refusal"])
+def test_which_clean_halves_restate_the_instruction(task: str):
+    """A property of the paper's data that shapes every planted model: in the negsentiment (and code-injection)
+    sets the clean examples' answers all begin by repeating the instruction, so a model planted on them learns to
+    echo the prompt on clean inputs (its clean perplexity on normal references rises); the refusal sets do not."""
+    files = sorted((SHARED_DATA / "poison_data" / task).glob("*/none_backdoor*.json"))
+    if not files:
+        pytest.skip(f"{SHARED_DATA} has no poison_data/{task}")
+    for path in files:
+        examples = load_examples(path)
+        echoing = sum(e.output.strip().startswith(e.instruction.strip()[:30]) for e in examples)
+        assert echoing == (len(examples) if task == "negsentiment" else 0), (path.name, echoing, len(examples))

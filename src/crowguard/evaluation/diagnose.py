@@ -49,7 +49,10 @@ def prompt_cosines(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 16
 ) -> dict[str, list[float]]:
     """Mean over prompts (token id lists) of :func:`pair_cosines`; right padding, the prompts only."""
+    from crowguard.losses import accepts_logits_to_keep
+
     device = next(model.parameters()).device
+    skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # only hidden states are needed
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lasts, means = [], []
     for start in range(0, len(prompts), batch_size):
@@ -61,7 +64,7 @@ def prompt_cosines(
             ids[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
             mask[i, : len(p)] = 1
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                    use_cache=False)  # fmt: skip
+                    use_cache=False, **skip_logits)  # fmt: skip
         last, mean = pair_cosines(out.hidden_states, mask)
         lasts.append(last.cpu())
         means.append(mean.cpu())
@@ -99,33 +102,43 @@ def diagnose_model(
 
 
 def diagnostic_plot(results: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
-    """One panel per position (last prompt token, mean over tokens): clean (solid) vs triggered (dashed) cosine per
-    layer pair for each model, CROW's default pairs shaded."""
+    """Three panels: the cosine per layer pair at the last prompt token and averaged over prompt tokens, clean
+    (solid) vs triggered (dashed) for each model, and the clean - triggered gap at the last token (where a trigger
+    that breaks consistency would show as a peak); CROW's default pairs shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=False)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key, label in zip(axes, ("last_token", "mean_tokens"), ("last prompt token", "mean over prompt tokens")):
+    ref = next(iter(results.values()))["reference_pairs"]
+    panels = (("last_token", "cos at the last prompt token"), ("mean_tokens", "cos, mean over prompt tokens"))
+    for ax, (key, label) in zip(axes, panels):
         for i, (model_name, res) in enumerate(results.items()):
             color = colors[i % len(colors)]
             xs = list(range(len(res["clean"][key])))
             ax.plot(xs, res["clean"][key], color=color, label=f"{model_name}: clean")
             ax.plot(xs, res["triggered"][key], color=color, linestyle="--", label=f"{model_name}: triggered")
-        ref = next(iter(results.values()))["reference_pairs"]
-        if ref:
-            ax.axvspan(ref[0] - 0.5, ref[-1] + 0.5, color="#dddddd", alpha=0.5, label="CROW's default pairs")
-        ax.set_xlabel("layer pair (l, l+1), l = hidden-state index (0 = embeddings)")
         ax.set_ylabel("cos(h_l, h_l+1)")
         ax.set_title(label, fontsize=9)
-    axes[1].legend(fontsize=7, loc="lower right")
+    for i, (model_name, res) in enumerate(results.items()):
+        gap = res["gap"]["last_token"]
+        axes[2].plot(range(len(gap)), gap, color=colors[i % len(colors)], marker=".", label=model_name)
+    axes[2].axhline(0, color="black", linewidth=0.6)
+    axes[2].set_ylabel("clean - triggered cos")
+    axes[2].set_title("trigger effect at the last prompt token", fontsize=9)
+    for ax in axes:
+        if ref:
+            ax.axvspan(ref[0] - 0.5, ref[-1] + 0.5, color="#dddddd", alpha=0.5, label="CROW's default pairs")
+        ax.set_xlabel("layer pair (l, l+1); l = hidden-state index, 0 = embeddings")
+    axes[1].legend(fontsize=7, loc="lower center")
+    axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(title or "layer consistency: clean vs triggered prompts", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
     return path

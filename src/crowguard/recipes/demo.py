@@ -45,6 +45,7 @@ DEMO_COLUMNS = (
     ("target_nll_gap", "target NLL gap"),
     ("utility", "utility: exact match"),
     ("clean_perplexity", "clean ppl"),
+    ("utility_ppl_ratio", "utility: backdoored ppl / ppl"),
     ("train_seconds", "train s"),
     ("eval_seconds", "eval s"),
 )
@@ -70,6 +71,7 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         n_clean=40,
         n_defender_pool=100,
         n_test=16,
+        n_utility=16,
         plant="pretrain",
         reference_clean=False,
         backdoor=dataclasses.replace(cfg.backdoor, epochs=1, max_length=128),
@@ -164,7 +166,7 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
         clean_organism = organism if cfg.reference_clean else None
         mix = poisoned + clean_rest[: cfg.n_clean]
         random.Random(cfg.organism.seed + 3).shuffle(mix)
-    return DemoSetup(organism, mix, defender_pool, task, checkable[: cfg.n_test], clean_organism)
+    return DemoSetup(organism, mix, defender_pool, task, checkable[: cfg.n_utility], clean_organism)
 
 
 def plant_key(cfg: DemoConfig, setup: DemoSetup) -> str:
@@ -301,6 +303,12 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
             defended.setdefault(method, path)
             say(f"{method} (seed {seed}): ASR {rows[-1]['asr_trigger']:.0%}, hijack {rows[-1]['hijack_rate']:.0%}")
 
+    # Utility relative to the backdoored model: its clean-reference perplexity over each model's (1 = unchanged).
+    base_ppl = next(r["clean_perplexity"] for r in rows if r["defense"] == "none")
+    for row in rows:
+        ppl = row["clean_perplexity"]
+        row["utility_ppl_ratio"] = base_ppl / ppl if ppl and base_ppl else None
+
     # 5. The layer-consistency diagnostic of the backdoored model and the first seed of each defense.
     diagnostics = {}
     for label, path in {"backdoored": backdoored, **defended}.items():
@@ -321,7 +329,10 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     write_text_atomic(out_dir / "results.md", f"# {title}\n{note}\n" + markdown_table(rows, DEMO_COLUMNS)
                       + "\n" + CAPTION + "\n")  # fmt: skip
     write_examples(out_dir / "examples.md", evaluations)
-    defense_chart(rows, out_dir / "results.png", title=title, utility_key="utility", caption=CAPTION)
+    exact = any(r["utility"] is not None for r in rows)
+    defense_chart(rows, out_dir / "results.png", title=title, caption=CAPTION,
+                  utility_key="utility" if exact else "utility_ppl_ratio",
+                  utility_label="utility: exact match" if exact else "utility: backdoored ppl / ppl")  # fmt: skip
     save(cfg, out_dir / "config.yaml")
     write_manifest(out_dir, build_manifest("demo", cfg.organism.seed, {"organism": organism.path,
                                                                          "backdoored": backdoored}))  # fmt: skip
