@@ -212,8 +212,9 @@ def training_arguments(cfg: TrainConfig, work_dir: Path) -> TrainingArguments:
         # CROW detaches the input embeddings: a trainable, untied embedding matrix gets no gradient, which DDP
         # must be told about (transformers' default turns the search on unless gradient checkpointing is used).
         ddp_find_unused_parameters=None,
-        gradient_checkpointing=False,  # enabled on the model in prepare_for_training
         logging_first_step=True,
+        # gradient checkpointing is enabled on the model in prepare_for_training; the argument is left at its
+        # default (renamed activation_checkpointing in transformers 5.2x, so naming it warns on every run)
     )
 
 

@@ -269,12 +269,13 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     attack = make_attack(cfg.trigger, cfg.payload)
 
     # 1-3. The organism, the data, the backdoor.
+    say(f"expected time on 2 CPU cores: about {expected_seconds(cfg, False, False) / 60:.0f} min the first time "
+        f"(weights prepared, backdoor planted), about {expected_seconds(cfg, True, True) / 60:.0f} min once both "
+        "are cached")  # fmt: skip
     setup = prepare(cfg, show_progress)
     organism = setup.organism
     say(f"organism: {cfg.organism.name} at {organism.path} "
         f"({'cached' if organism.cached else f'prepared in {organism.seconds:.0f}s'})")  # fmt: skip
-    say(f"expected time for the rest: about {expected_seconds(cfg, True, False) / 60:.0f} min on 2 CPU cores "
-        "with the backdoor to plant (less when it is cached)")  # fmt: skip
     backdoored, plant_seconds = plant(cfg, setup, show_progress)
     how = "cached" if plant_seconds is None else f"planted in {plant_seconds:.0f}s"
     say(f"backdoored model: {backdoored} ({how})")
