@@ -144,7 +144,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         for path in sorted(cell_dir.glob("eval-*.json")):
             results = json.loads(path.read_text())
-            label = path.stem.removeprefix("eval-")
+            label = path.stem.removeprefix("eval-").replace("base", "unpoisoned")
             stage = cell_dir / ("plant" if label == "backdoored" else label)
             summary = stage / "train_summary.json"
             train_s = json.loads(summary.read_text())["seconds"] if summary.is_file() else None
