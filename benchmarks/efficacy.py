@@ -12,6 +12,7 @@ new ``--out``). Values chosen on one cell (``--variant name=method:mode:key=valu
 
     python benchmarks/efficacy.py --data ../shared/data --cells badnet-negsentiment --seeds 0 1
     python benchmarks/efficacy.py --report
+    python benchmarks/efficacy.py --report --out benchmarks/results/efficacy   # the evaluations committed so far
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -117,6 +119,13 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
     cached_eval(cell_dir / "eval-base.json", base, task, "unpoisoned", args.quiet)
     plant_dir = cell_dir / "plant"
     if not (plant_dir / "manifest.json").is_file():
+        # A new plant makes every later result of the cell stale: never pair old evaluations with a new model.
+        for stale in [
+            *cell_dir.glob("eval-*.json"),
+            *(p for p in cell_dir.iterdir() if p.is_dir() and p != plant_dir),
+        ]:
+            if stale.name != "eval-base.json":
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         say(f"[{cell}] planting: {N_POISON} poisoned + {N_CLEAN} clean, {PLANT.epochs:g} epochs")
         mix = plant_data(root, trigger, payload, args.plant_seed)
         plant_cfg = dataclasses.replace(PLANT, seed=args.plant_seed)
@@ -129,6 +138,7 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
         for name, (method, mode, crow) in variants.items():
             out = cell_dir / f"{name}-s{seed}"
             if not (out / "manifest.json").is_file():
+                (cell_dir / f"eval-{name}-s{seed}.json").unlink(missing_ok=True)  # it evaluated another model
                 say(f"[{cell}] {name} seed {seed}")
                 train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode)
                 cfg = DefenseConfig(method=method, n_samples=len(clean), train=train, crow=crow)
