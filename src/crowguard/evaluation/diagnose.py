@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crowguard.evaluation.plots import save_figure
 from crowguard.losses import resolve_layer_pairs
 
 
@@ -136,9 +137,4 @@ def diagnostic_plot(results: dict[str, dict[str, Any]], path: Path, title: str =
     axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(title or "layer consistency: clean vs triggered prompts", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)

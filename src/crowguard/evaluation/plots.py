@@ -73,9 +73,16 @@ def defense_chart(
     if caption:
         fig.text(0.01, 0.01, caption, fontsize=7, wrap=True, va="bottom")
     fig.tight_layout(rect=(0, 0.07 if caption else 0, 1, 1))
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG atomically (a temporary sibling renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path
