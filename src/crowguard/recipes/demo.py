@@ -49,11 +49,12 @@ DEMO_COLUMNS = (
     ("train_seconds", "train s"),
     ("eval_seconds", "eval s"),
 )
-# Measured on 2 CPU cores (2026-12-01), for the up-front time estimate: seconds per optimizer step or per model.
-SECONDS_PER_STEP = {("smollm2", "plant"): 3.1, ("smollm2", "finetune"): 3.2, ("smollm2", "crow"): 6.8,
-                    ("tiny", "plant"): 0.6, ("tiny", "finetune"): 0.3, ("tiny", "crow"): 0.7}  # fmt: skip
-SECONDS_PER_EVAL = {"smollm2": 90.0, "tiny": 8.0}
-SECONDS_CONVERT = 30.0
+# SmolLM2 costs measured by the cold `crowguard demo` of 2026-12-01 on 2 CPU cores (README), for the up-front
+# estimate: seconds per optimizer step (plant 679 s / 225, fine-tuning 209 s / 65, CROW 496 s / 65), per evaluation
+# of 100 + 100 prompts, and for the weight conversion. The tiny organism has no such measurements: no estimate.
+SECONDS_PER_STEP = {"plant": 3.0, "finetune": 3.2, "crow": 7.6}
+SECONDS_PER_EVAL = 65.0
+SECONDS_CONVERT = 24.0
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -218,19 +219,20 @@ def defend(
     return result.model_path, result.summary["seconds"]
 
 
-def expected_seconds(cfg: DemoConfig, setup_cached: bool, plant_cached: bool) -> float:
-    """A rough up-front estimate of the demo's wall time from per-step costs measured on 2 CPU cores."""
-    name = cfg.organism.name
+def expected_seconds(cfg: DemoConfig, setup_cached: bool, plant_cached: bool) -> float | None:
+    """An up-front estimate of the SmolLM2 demo's wall time from the measured per-step costs (None: tiny)."""
+    if cfg.organism.name != "smollm2":
+        return None
     per_epoch = -(-cfg.defense.n_samples // (cfg.defense.train.per_device_batch * cfg.defense.train.grad_accum))
     steps = per_epoch * cfg.defense.train.epochs * len(cfg.defense_seeds)
-    total = 0.0 if setup_cached else (SECONDS_CONVERT if name == "smollm2" else 150.0)
-    if not plant_cached and cfg.plant == "finetune":
-        total += -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs * \
-            SECONDS_PER_STEP[(name, "plant")]  # fmt: skip
+    total = 0.0 if setup_cached else SECONDS_CONVERT
+    if not plant_cached:
+        plant_steps = -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs
+        total += plant_steps * SECONDS_PER_STEP["plant"]
     methods = [m for m in cfg.defenses if m != "none"]
-    total += sum(steps * SECONDS_PER_STEP[(name, "crow" if m == "crow" else "finetune")] for m in methods)
+    total += sum(steps * SECONDS_PER_STEP["crow" if m == "crow" else "finetune"] for m in methods)
     n_evals = 1 + int(cfg.reference_clean) + len(methods) * len(cfg.defense_seeds)
-    return total + n_evals * SECONDS_PER_EVAL[name] * cfg.n_test / 100
+    return total + n_evals * SECONDS_PER_EVAL * cfg.n_test / 100
 
 
 def write_examples(path: Path, evaluations: dict[str, dict[str, Any]], n: int = 5) -> None:
@@ -269,9 +271,10 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     attack = make_attack(cfg.trigger, cfg.payload)
 
     # 1-3. The organism, the data, the backdoor.
-    say(f"expected time on 2 CPU cores: about {expected_seconds(cfg, False, False) / 60:.0f} min the first time "
-        f"(weights prepared, backdoor planted), about {expected_seconds(cfg, True, True) / 60:.0f} min once both "
-        "are cached")  # fmt: skip
+    cold, cached = expected_seconds(cfg, False, False), expected_seconds(cfg, True, True)
+    if cold is not None and cached is not None:
+        say(f"expected time on 2 CPU cores: about {cold / 60:.0f} min the first time (weights prepared, backdoor "
+            f"planted), about {cached / 60:.0f} min once both are cached")  # fmt: skip
     setup = prepare(cfg, show_progress)
     organism = setup.organism
     say(f"organism: {cfg.organism.name} at {organism.path} "
