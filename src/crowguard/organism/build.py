@@ -74,16 +74,22 @@ def clean_train_config(cfg: OrganismConfig) -> TrainConfig:
     )
 
 
-def cache_key(cfg: OrganismConfig, splits: tuple[list[Example], ...]) -> str:
-    """Hash of the settings, the data and the versions that determine the trained weights."""
+def content_key(settings: dict, datasets: tuple[list[Example], ...], packages: tuple[str, ...]) -> str:
+    """Hash of JSON-able settings, example lists and the versions of ``packages``: a cache key that changes
+    whenever anything that determines a trained model does."""
     digest = hashlib.sha256()
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "cache_dir"}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    for split in splits:
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for split in datasets:
         digest.update(json.dumps([e.to_record() for e in split], sort_keys=True).encode())
     versions = package_versions()
-    digest.update(json.dumps({k: versions[k] for k in ("crowguard", "torch", "transformers")}).encode())
+    digest.update(json.dumps({k: versions[k] for k in packages}).encode())
     return digest.hexdigest()[:16]
+
+
+def cache_key(cfg: OrganismConfig, splits: tuple[list[Example], ...]) -> str:
+    """Hash of the settings, the data and the versions that determine the trained weights."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "cache_dir"}
+    return content_key(settings, splits, ("crowguard", "torch", "transformers"))
 
 
 def ensure_organism(

@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -30,9 +28,9 @@ from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task
 from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
-from crowguard.manifest import build_manifest, package_versions, write_manifest
+from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import load_model
-from crowguard.organism.build import cache_root, ensure_organism, organism_splits
+from crowguard.organism.build import cache_root, content_key, ensure_organism, organism_splits
 from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import DemoConfig, ModelConfig
 
@@ -172,13 +170,12 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
 
 def plant_key(cfg: DemoConfig, setup: DemoSetup) -> str:
     """Cache key of a planted backdoor: the base model, the plant settings, the poisoned mix and the versions."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"base": setup.organism.provenance, "backdoor": to_dict(cfg.backdoor),
-                              "organism": to_dict(cfg.organism)}, sort_keys=True, default=str).encode())  # fmt: skip
-    digest.update(json.dumps([e.to_record() for e in setup.mix], sort_keys=True).encode())
-    versions = package_versions()
-    digest.update(json.dumps({k: versions[k] for k in ("crowguard", "torch", "transformers", "peft")}).encode())
-    return digest.hexdigest()[:16]
+    settings = {
+        "base": setup.organism.provenance,
+        "backdoor": to_dict(cfg.backdoor),
+        "organism": to_dict(cfg.organism),
+    }
+    return content_key(settings, (setup.mix,), ("crowguard", "torch", "transformers", "peft"))
 
 
 def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tuple[str, float | None]:
