@@ -41,10 +41,14 @@ from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import CrowConfig, DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
-PLANT = TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32)
+# Every cell so far was measured with the per-micro-batch mean (the reference code's): kept for a consistent table.
+# The plant (one micro-batch per step, one process) is the same under either loss average.
+PLANT = TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32,
+                    loss_average="micro_batch")  # fmt: skip
 N_POISON, N_CLEAN = 120, 480
 # The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
-DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96)
+DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
+                            loss_average="micro_batch")  # fmt: skip
 EVAL = EvalConfig(max_new_tokens=16, batch_size=32, limit=100, bootstrap=1000)
 
 # name -> (method, adapter_mode, CROW settings). "crow-*" are the paper's defaults (alpha 5.5, absolute eps 0.1).

@@ -41,8 +41,8 @@ def tiny_tokenizer(vocab_size: int = 300):
     )
 
 
-def tiny_llama(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0):
-    """A random-init Llama with a few layers, sized for unit tests."""
+def tiny_llama(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0, tied: bool = True):
+    """A random-init Llama with a few layers, sized for unit tests (``tied``: LM head shares the embeddings)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,7 +58,7 @@ def tiny_llama(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config)
 
@@ -102,6 +102,17 @@ def fixed_batch(vocab_size: int, rows: int = 4, length: int = 12, seed: int = 0)
     labels = input_ids.clone()
     labels[:, : length // 3] = -100
     return input_ids, attention_mask, labels
+
+
+def unequal_examples(n: int = 4) -> list:
+    """``n`` Alpaca examples whose prompts and responses have different lengths (padding differs per batch)."""
+    from crowguard.types import Example
+
+    words = "the river runs past the old garden where music plays each day".split()
+    return [
+        Example(f"Describe item {i}: " + " ".join(words[: 2 + 3 * i]), output=" ".join(words[: 1 + 2 * (n - i)]))
+        for i in range(n)
+    ]
 
 
 def grad_dict(model) -> dict:

@@ -30,23 +30,45 @@ DEFAULT_LAYERS: LayerSpec = "reference"
 EpsilonMode = Literal["absolute", "rms"]
 
 
-def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def masked_lm_loss(logits: Tensor, labels: Tensor, num_items: int | Tensor | None = None) -> Tensor:
     """Causal LM cross entropy: the logits at position t predict the label at t + 1.
 
     Args:
         logits: (B, T, V) next-token logits, any float dtype (upcast to float32 for the loss).
         labels: (B, T) token ids, -100 where no loss is taken (prompt, padding).
+        num_items: None: divide by this batch's own label-token count (a per-batch mean); a number: divide the
+            summed cross entropy by it instead, e.g. the label tokens of a whole optimizer step across micro-batches
+            and processes, so that summing the micro-batches' losses gives the step's token mean whatever the split.
 
     Returns:
-        Scalar: mean cross entropy in nats over the label tokens that are not -100 (identical to the loss Hugging
-        Face causal LMs return for one batch). NaN when no label token is left, as in Hugging Face.
+        Scalar: with ``num_items=None`` the mean cross entropy in nats over the label tokens that are not -100
+        (identical to the loss Hugging Face causal LMs return for one batch; NaN when no label token is left, as
+        in Hugging Face); otherwise the sum over those tokens divided by ``num_items``.
     """
+    total, count = lm_loss_sum(logits, labels)
+    return total / (count if num_items is None else num_items)
+
+
+def lm_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum of the shifted cross entropy over label tokens, number of those tokens)``; shapes as `masked_lm_loss`."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
     # Shift the labels, not the logits: padding the labels by one avoids copying the (B, T, V) logits.
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(logits.device)
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
-    return F.cross_entropy(flat_logits, shifted.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(flat_logits, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (shifted != IGNORE_INDEX).sum()
+
+
+def count_loss_tokens(labels: Tensor, attention_mask: Tensor | None) -> tuple[int, int]:
+    """``(label tokens that `masked_lm_loss` scores, real tokens that `layer_consistency_loss` averages over)``.
+
+    The denominators of a token-weighted loss: summed over the micro-batches (and processes) of one optimizer step
+    they are the ``num_items`` / ``num_tokens`` to pass to both losses. Shapes: labels and mask (B, T).
+    """
+    labelled = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    real = labels.numel() if attention_mask is None else int((attention_mask != 0).sum())
+    return labelled, real
 
 
 def resolve_layer_pairs(num_hidden_states: int, layers: LayerSpec = DEFAULT_LAYERS) -> list[tuple[int, int]]:
@@ -116,7 +138,10 @@ def _is_int(x: Any) -> bool:
 
 
 def layer_consistency_loss(
-    hidden_states: Sequence[Tensor], attention_mask: Tensor | None, layers: LayerSpec = DEFAULT_LAYERS
+    hidden_states: Sequence[Tensor],
+    attention_mask: Tensor | None,
+    layers: LayerSpec = DEFAULT_LAYERS,
+    num_tokens: int | Tensor | None = None,
 ) -> Tensor:
     """Mean over layer pairs (l, l + 1) and over real tokens t of ``1 - cos(h_l[t], h_{l+1}[t])``.
 
@@ -128,10 +153,13 @@ def layer_consistency_loss(
         hidden_states: n tensors of shape (B, T, D), e.g. a Hugging Face model's ``hidden_states``.
         attention_mask: (B, T), 1 for real tokens and 0 for padding; None means every token is real.
         layers: which pairs; see `resolve_layer_pairs`.
+        num_tokens: None: average over this batch's real tokens; a number: divide the per-token sums by it instead
+            (the real tokens of a whole optimizer step, for a token-weighted mean across micro-batches).
 
     Returns:
-        Scalar float32 in [0, 2]: the mean over pairs of the masked mean over tokens (the same mask for every pair,
-        so it is also the mean over all (pair, token) terms).
+        Scalar float32: with ``num_tokens=None``, in [0, 2], the mean over pairs of the masked mean over tokens (the
+        same mask for every pair, so it is also the mean over all (pair, token) terms); otherwise the sum over real
+        tokens of the mean over pairs, divided by ``num_tokens``.
     """
     pairs = resolve_layer_pairs(len(hidden_states), layers)
     first = hidden_states[0]
@@ -155,7 +183,8 @@ def layer_consistency_loss(
         for lower, upper in pairs:
             total = total + (1.0 - F.cosine_similarity(prepared(lower), prepared(upper), dim=-1))
         total = total.masked_fill(~real, 0.0)
-        return total.sum() / (num_real.clamp_min(1) * len(pairs))
+        denominator = num_real.clamp_min(1) if num_tokens is None else num_tokens
+        return total.sum() / (denominator * len(pairs))
 
 
 def fgsm_perturbation(
@@ -196,6 +225,8 @@ def crow_loss(
     epsilon: float = 0.1,
     layers: LayerSpec = DEFAULT_LAYERS,
     epsilon_mode: EpsilonMode = "absolute",
+    num_items: int | Tensor | None = None,
+    num_tokens: int | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """CROW objective ``L = L_LM + alpha * L_cons(hidden states at e + delta)`` with two forwards.
 
@@ -219,11 +250,15 @@ def crow_loss(
             the RMS of the batch's real-token embeddings when ``epsilon_mode="rms"`` (scale-free across models).
         layers: hidden-state pairs; see `resolve_layer_pairs`.
         epsilon_mode: "absolute" or "rms".
+        num_items, num_tokens: None (default) for per-batch means; otherwise the denominators of a token-weighted
+            mean over a whole optimizer step (its label tokens and its real tokens; see `count_loss_tokens`): the
+            LM and the adversarial consistency sums are divided by them. The FGSM direction is a sign, so it does
+            not depend on either.
 
     Returns:
         ``(loss, parts)``: the scalar loss to backpropagate, and floats ``lm_loss``, ``consistency_loss`` (clean
-        pass), ``consistency_adv`` (perturbed pass; absent when alpha == 0, where it is not computed) and
-        ``epsilon_effective`` (the per-dimension step actually used).
+        pass), ``consistency_adv`` (perturbed pass; absent when alpha == 0, where it is not computed), all three
+        this batch's own means whatever the denominators, and ``epsilon_effective`` (the per-dimension step used).
     """
     if epsilon_mode not in ("absolute", "rms"):
         raise ValueError(f'epsilon_mode must be "absolute" or "rms", got {epsilon_mode!r}')
@@ -243,17 +278,19 @@ def crow_loss(
         embeds.requires_grad_(epsilon > 0)
     forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
     clean = model(inputs_embeds=embeds, **forward_kwargs)
-    lm = masked_lm_loss(clean.logits, labels)
+    lm_total, lm_count = lm_loss_sum(clean.logits, labels)
+    lm_mean = lm_total / lm_count
+    lm = lm_mean if num_items is None else lm_total / num_items
     eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
 
     if alpha == 0:
         with torch.no_grad():
             consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
-        return lm, _parts(lm_loss=lm, consistency_loss=consistency, epsilon_effective=eps)
+        return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
 
     consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
     if epsilon == 0:
-        adversarial = consistency
+        adversarial_mean = consistency
     else:
         # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
         delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
@@ -261,9 +298,15 @@ def crow_loss(
         # Only hidden states are needed from this pass: skip the (B, T, V) logits where the model allows it.
         skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         perturbed = model(inputs_embeds=embeds.detach() + delta, **forward_kwargs, **skip_logits)
-        adversarial = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
+        adversarial_mean = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
+    if num_tokens is None:
+        adversarial = adversarial_mean
+    else:  # the same per-token sum over a step-wide denominator (the mean times this batch's share of the step)
+        adversarial = adversarial_mean * count_loss_tokens(labels, attention_mask)[1] / num_tokens
     loss = lm + alpha * adversarial
-    parts = _parts(lm_loss=lm, consistency_loss=consistency, consistency_adv=adversarial, epsilon_effective=eps)
+    parts = _parts(
+        lm_loss=lm_mean, consistency_loss=consistency, consistency_adv=adversarial_mean, epsilon_effective=eps
+    )
     return loss, parts
 
 

@@ -72,6 +72,11 @@ class TrainConfig:
         "adamw_torch", "optimizer (transformers name)"
     )
     max_grad_norm: float = knob(1.0, "gradient clipping (0 disables)")
+    loss_average: Literal["token", "micro_batch"] = knob(
+        "token",
+        "token: each optimizer step's loss is the mean over all its tokens, across micro-batches and processes "
+        "(results do not depend on the split); micro_batch: the mean of per-micro-batch means (the reference code)",
+    )
     finetune: Literal["lora", "full"] = knob("lora", "train a LoRA adapter or every weight")
     adapter_mode: Literal["continue", "merge", "full"] = knob(
         "merge",

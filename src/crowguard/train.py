@@ -2,9 +2,12 @@
 training defense (plain fine-tuning is CROW with ``alpha = 0``).
 
 The only ``Trainer`` subclass, :class:`CrowTrainer`, replaces ``compute_loss`` with :func:`crowguard.losses.crow_loss`
-(per-micro-batch mean; the Trainer divides by the accumulation steps) and logs ``lm_loss``, ``consistency_loss`` and
-``consistency_adv`` separately. Checkpoints go to a persistent work directory beside the output so ``resume``
-continues a crashed run; the final artefact is written atomically.
+and logs ``lm_loss``, ``consistency_loss`` and ``consistency_adv`` separately. How a step's loss is averaged is
+``TrainConfig.loss_average`` and never the installed transformers' choice: the Trainer's own token counting is
+switched off (``model_accepts_loss_kwargs = False``, ``loss_is_scaled_for_ga = False``), so every version from 5.0
+on divides each micro-batch's loss by the accumulation steps, and ``token`` mode counts the step's tokens itself.
+Checkpoints go to a persistent work directory beside the output so ``resume`` continues a crashed run; the final
+artefact is written atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from crowguard.data import IGNORE_INDEX, tokenize_examples
-from crowguard.losses import crow_loss, masked_lm_loss
+from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
 from crowguard.schemas import CrowConfig, TrainConfig
 from crowguard.types import Example
 
@@ -42,24 +45,60 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class CrowTrainer(Trainer):
-    """``Trainer`` whose loss is ``L_LM + alpha * L_cons(x + delta)`` (CROW); ``crow=None`` means plain SFT."""
+    """``Trainer`` whose loss is ``L_LM + alpha * L_cons(x + delta)`` (CROW); ``crow=None`` means plain SFT.
 
-    loss_is_scaled_for_ga = False  # crow_loss is a per-micro-batch mean; the Trainer divides by accumulation steps
+    ``loss_average="token"``: each micro-batch contributes its token sums over the whole optimizer step's token
+    counts (label tokens for the LM loss, real tokens for the consistency loss, summed over the accumulated
+    micro-batches and gathered over processes), so the step's loss and gradient do not depend on how the batch is
+    split into micro-batches and ranks. ``"micro_batch"``: the mean of per-micro-batch means (the reference code).
+    """
 
-    def __init__(self, *args: Any, crow: CrowConfig | None = None, **kwargs: Any) -> None:
+    # Both switches make the Trainer treat compute_loss's value as a per-micro-batch quantity and divide it by the
+    # accumulation steps, on every version: before 5.19 the rule was "model_accepts_loss_kwargs and a token count
+    # exists => do not divide", from 5.19 on loss_is_scaled_for_ga decides. Token mode undoes that division itself.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, crow: CrowConfig | None = None, loss_average: str = "token", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if loss_average not in ("token", "micro_batch"):
+            raise ValueError(f'loss_average must be "token" or "micro_batch", got {loss_average!r}')
+        self.model_accepts_loss_kwargs = False  # no Trainer token counting: crowguard counts (token mode) itself
         self.crow = crow
-        self._part_sums: dict[str, float] = {}
-        self._part_count = 0
+        self.loss_average = loss_average
+        self._step_counts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._part_sums: dict[str, tuple[float, float]] = {}  # name -> (weighted sum, sum of weights)
+
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's micro-batches of one optimizer step; in token mode also their token counts, all ranks."""
+        batch_samples, num_items = super().get_batch_samples(*args, **kwargs)
+        self._step_counts = None
+        if self.loss_average == "token" and batch_samples:
+            counts = torch.tensor(
+                [count_loss_tokens(b["labels"], b.get("attention_mask")) for b in batch_samples], dtype=torch.float64
+            ).sum(0)
+            if self.args.world_size > 1:
+                counts = self.accelerator.gather(counts.to(self.args.device)).reshape(-1, 2).sum(0).cpu()
+            self._step_counts = (counts[0], counts[1])
+        return batch_samples, num_items
+
+    def _denominators(self, model: Any) -> tuple[Any, Any, float]:
+        """``(num_items, num_tokens, scale)`` for this micro-batch: step-wide counts and the factor that undoes the
+        Trainer's division by the accumulation steps and DDP's mean over ranks (token mode, training only)."""
+        if self.loss_average != "token" or not model.training or self._step_counts is None:
+            return None, None, 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        items, tokens = self._step_counts
+        return items.clamp_min(1).item(), tokens.clamp_min(1).item(), float(steps * self.args.world_size)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        num_items, num_tokens, scale = self._denominators(model)
         if self.crow is None:  # plain SFT: one forward, no hidden states
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
             ).logits
-            loss = masked_lm_loss(logits, inputs["labels"])
+            loss = masked_lm_loss(logits, inputs["labels"], num_items) * scale
             return (loss, None) if return_outputs else loss
         crow = self.crow
         loss, parts = crow_loss(
@@ -71,19 +110,26 @@ class CrowTrainer(Trainer):
             epsilon=crow.epsilon,
             layers=crow.layers,
             epsilon_mode=crow.epsilon_mode,
+            num_items=num_items,
+            num_tokens=num_tokens,
         )
+        loss = loss * scale
         if model.training:
+            # Logged parts are averaged like the loss: over tokens in token mode (so loss = lm_loss + alpha *
+            # consistency_adv holds in the logs), over micro-batches otherwise.
+            items, tokens = count_loss_tokens(inputs["labels"], inputs.get("attention_mask"))
             for name in PART_NAMES:
                 if name in parts:
-                    self._part_sums[name] = self._part_sums.get(name, 0.0) + float(parts[name])
-            self._part_count += 1
+                    weight = 1.0 if num_items is None else float(items if name == "lm_loss" else tokens)
+                    total, weights = self._part_sums.get(name, (0.0, 0.0))
+                    self._part_sums[name] = (total + weight * float(parts[name]), weights + weight)
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._part_count and "loss" in logs:
-            for name, total in self._part_sums.items():
-                logs[name] = round(total / self._part_count, 6)
-            self._part_sums, self._part_count = {}, 0
+        if self._part_sums and "loss" in logs:
+            for name, (total, weights) in self._part_sums.items():
+                logs[name] = round(total / max(weights, 1e-12), 6)
+            self._part_sums = {}
         super().log(logs, *args, **kwargs)
 
 
@@ -152,14 +198,13 @@ def prepare_for_training(model: Any, cfg: TrainConfig) -> Any:
         if cfg.adapter_mode == "continue":
             for name, param in model.named_parameters():
                 param.requires_grad = "lora_" in name
+            _enable_checkpointing(model, cfg)
             return model
         model = model.merge_and_unload()
         finetune = "full" if cfg.adapter_mode == "full" else cfg.finetune
     else:
         finetune = cfg.finetune
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    _enable_checkpointing(model, cfg)
     if finetune == "full":
         for param in model.parameters():
             param.requires_grad = True
@@ -181,7 +226,30 @@ def prepare_for_training(model: Any, cfg: TrainConfig) -> Any:
         return get_peft_model(model, lora)
 
 
-def training_arguments(cfg: TrainConfig, work_dir: Path) -> TrainingArguments:
+def _enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
+    """Gradient checkpointing (non-reentrant, so frozen inputs and LoRA need no input-grad hook) when asked."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
+def ddp_needs_unused_parameter_search(model: Any, crow: CrowConfig | None) -> bool:
+    """Whether DDP must look for parameters without a gradient: only CROW (alpha > 0) with a trainable input
+    embedding matrix that is not tied to the LM head, which CROW's detached embeddings leave without a gradient.
+
+    Decided here and passed explicitly: the Trainer's default (search unless gradient checkpointing is on) picks
+    ``False`` exactly for full fine-tuning with checkpointing, where CROW then refused to run on step 1.
+    """
+    if crow is None or crow.alpha == 0:
+        return False
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if weight is None or not weight.requires_grad:
+        return False
+    output = model.get_output_embeddings()
+    return output is None or getattr(output, "weight", None) is not weight
+
+
+def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters: bool = False) -> TrainingArguments:
     """``TrainingArguments`` from crowguard's ``TrainConfig`` (paper defaults: cosine, warmup 0.1, 2 x 4)."""
     use_cuda = torch.cuda.is_available()
     return TrainingArguments(
@@ -209,9 +277,8 @@ def training_arguments(cfg: TrainConfig, work_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        # CROW detaches the input embeddings: a trainable, untied embedding matrix gets no gradient, which DDP
-        # must be told about (transformers' default turns the search on unless gradient checkpointing is used).
-        ddp_find_unused_parameters=None,
+        # see ddp_needs_unused_parameter_search: never left to the Trainer's checkpointing-dependent default
+        ddp_find_unused_parameters=find_unused_parameters,
         logging_first_step=True,
         # gradient checkpointing is enabled on the model in prepare_for_training; the argument is left at its
         # default (renamed activation_checkpointing in transformers 5.2x, so naming it warns on every run)
@@ -258,11 +325,12 @@ def train(
     tokenizer.padding_side = "right"
     trainer = CrowTrainer(
         model=model,
-        args=training_arguments(cfg, work_dir),
+        args=training_arguments(cfg, work_dir, ddp_needs_unused_parameter_search(model, crow)),
         train_dataset=TokenizedDataset(features),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=callbacks,
         crow=crow,
+        loss_average=cfg.loss_average,
     )
     from transformers.trainer_callback import PrinterCallback
 

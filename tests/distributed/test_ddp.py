@@ -46,6 +46,27 @@ def test_ddp_crow_gradients_match_single_process(tmp_path: Path):
         torch.testing.assert_close(ddp_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("variant", ["lora", "full-gc-untied"])
+def test_ddp_training_step_equals_one_process_on_unequal_lengths(tmp_path: Path, variant: str):
+    """The Trainer under DDP (2 ranks x 2 unequal-length examples) takes the same CROW step as one process on all 4
+    with the token average; the per-micro-batch mean does not. ``full-gc-untied`` is full fine-tuning with gradient
+    checkpointing and an untied embedding matrix, where the Trainer's default DDP setting made CROW refuse."""
+    sys.path.insert(0, str(HERE))
+    from ddp_train_worker import one_step_update
+
+    single = one_step_update("token", 4, variant == "full-gc-untied", str(tmp_path / "single"))
+    changed = [k for k, v in single.items() if v.abs().max() > 0]
+    assert changed
+    gaps = {}
+    for average in ("token", "micro_batch"):
+        out = tmp_path / f"{average}.safetensors"
+        _torchrun([str(HERE / "ddp_train_worker.py"), str(out), average, variant], tmp_path)
+        ddp = load_file(out)
+        gaps[average] = max(float((ddp[k] - single[k]).abs().max() / single[k].abs().max()) for k in changed)
+    assert gaps["token"] < 1e-3, gaps
+    assert gaps["micro_batch"] > 0.03, gaps
+
+
 def test_defend_cli_under_torchrun(tmp_path: Path):
     base = save_tiny_model(tmp_path / "base", layers=3)
     (tmp_path / "clean.json").write_text(json.dumps(alpaca_records(16)))

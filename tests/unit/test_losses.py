@@ -12,6 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from crowguard.losses import (
+    count_loss_tokens,
     crow_loss,
     fgsm_perturbation,
     layer_consistency_loss,
@@ -102,6 +103,20 @@ def test_masked_lm_loss_matches_naive_shifted_cross_entropy():
         if labels[b, t] != -100
     ]
     assert masked_lm_loss(logits, labels).item() == pytest.approx(float(sum(terms) / len(terms)), abs=1e-6)
+
+
+def test_masked_lm_loss_with_num_items_is_the_token_sum_over_that_count():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 7, generator=generator)
+    labels = torch.full((3, 6), -100)
+    labels[0, 1:], labels[1, 2], labels[2, 1] = torch.tensor([1, 2, 3, 4, 5]), 6, 1
+    whole = masked_lm_loss(logits, labels)
+    items = count_loss_tokens(labels, None)[0]
+    assert items == 7
+    split = sum(masked_lm_loss(logits[rows], labels[rows], items) for rows in (slice(0, 1), slice(1, 3)))
+    assert split.item() == pytest.approx(whole.item(), abs=1e-6)
+    means = (masked_lm_loss(logits[:1], labels[:1]) + masked_lm_loss(logits[1:], labels[1:])) / 2
+    assert abs(means.item() - whole.item()) > 1e-3  # the mean of means weighs the short rows' tokens more
 
 
 # --- layer pairs and layer_consistency_loss ---------------------------------------------------------------------
@@ -252,6 +267,42 @@ def test_two_forward_crow_equals_three_forward_formula_in_value_and_gradients(pa
     assert len(ours) == len(trainable(model)) - 1
     for name, grad in ours.items():
         torch.testing.assert_close(grad, trainable(model)[name].grad, rtol=0, atol=1e-6, msg=name)
+
+
+def _split_crow(model, rows_list, input_ids, attention_mask, labels, denominators):
+    """Sum of crow_loss over row groups (micro-batches), each backpropagated, with optional step-wide counts."""
+    total = 0.0
+    for rows in rows_list:
+        ids, mask, lab = input_ids[rows], attention_mask[rows], labels[rows]
+        width = int(mask.sum(1).max())  # each micro-batch padded only to its own longest row, as the collator does
+        ids, mask, lab = ids[:, :width], mask[:, :width], lab[:, :width]
+        counts = {"num_items": denominators[0], "num_tokens": denominators[1]} if denominators else {}
+        loss, _ = crow_loss(model, ids, mask, lab, alpha=5.5, epsilon=0.1, layers="all", **counts)
+        scale = 1.0 if denominators else 1.0 / len(rows_list)
+        (loss * scale).backward()
+        total += float(loss.detach()) * scale
+    return total, {name: p.grad.clone() for name, p in trainable(model).items() if p.grad is not None}
+
+
+def test_token_weighted_crow_over_micro_batches_equals_the_whole_batch_and_per_batch_means_do_not():
+    """Unequal lengths and padding: step-wide token counts make 1 + 2 rows equal 3 rows; a mean of means does not."""
+    model = tiny_llama()
+    input_ids, attention_mask, labels = batch("right")
+    loss, _ = crow_loss(model, input_ids, attention_mask, labels, alpha=5.5, epsilon=0.1, layers="all")
+    loss.backward()
+    whole = {name: p.grad.clone() for name, p in trainable(model).items() if p.grad is not None}
+    counts = count_loss_tokens(labels, attention_mask)
+    assert counts == (int((labels[:, 1:] != -100).sum()), 23)
+    groups = [slice(0, 1), slice(1, 3)]
+    model.zero_grad(set_to_none=True)
+    value, token = _split_crow(model, groups, input_ids, attention_mask, labels, counts)
+    assert value == pytest.approx(loss.item(), abs=1e-5)
+    for name, grad in whole.items():
+        torch.testing.assert_close(token[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad(set_to_none=True)
+    _, micro = _split_crow(model, groups, input_ids, attention_mask, labels, None)
+    gap = max(float((micro[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in whole.items())
+    assert gap > 0.05
 
 
 def test_crow_does_not_touch_existing_gradients():

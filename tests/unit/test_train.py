@@ -14,7 +14,7 @@ from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
 from crowguard.train import prepare_for_training, train
 from crowguard.types import Example
 
-from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
+from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer, unequal_examples
 
 CROW = CrowConfig(alpha=5.5, epsilon=0.1, layers="all")
 
@@ -96,6 +96,46 @@ def test_gradient_accumulation_equivalence(tmp_path: Path, optim: str):
     atol = 1e-5 if optim == "sgd" else 1e-3
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=key)
+
+
+def _update(tmp: Path, batch: int, accum: int, loss_average: str, crow: CrowConfig | None) -> dict[str, torch.Tensor]:
+    """One SGD step (no clipping, so a loss-scale error shows) of full fine-tuning on 4 unequal-length examples."""
+    tokenizer = tiny_tokenizer()
+    cfg = _cfg(per_device_batch=batch, grad_accum=accum, max_steps=1, optim="sgd", lr=0.05, finetune="full",
+               max_grad_norm=0.0, loss_average=loss_average)  # fmt: skip
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), cfg)
+    init = _state(model)
+    train(model, tokenizer, unequal_examples(4), cfg, tmp, crow=crow, show_progress=False)
+    return {k: v - init[k] for k, v in _state(model).items()}
+
+
+def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b if b[k].any())
+
+
+@pytest.mark.parametrize("crow", [CROW, None], ids=["crow", "sft"])
+def test_token_average_makes_accumulation_split_invisible_with_unequal_lengths(tmp_path: Path, crow):
+    """Batch 4 vs 2 x 2 (and 1 x 4) on unequal lengths: the token average gives one update; the per-micro-batch
+    mean (the reference code's) does not, and says by how much."""
+    whole = _update(tmp_path / "w", 4, 1, "token", crow)
+    assert any(v.abs().max() > 1e-4 for v in whole.values())
+    for batch, accum in ((2, 2), (1, 4)):
+        split = _update(tmp_path / f"t{batch}", batch, accum, "token", crow)
+        assert _relative_gap(split, whole) < 1e-3, (batch, accum)  # measured: 9e-6 (CROW), 8e-5 (SFT)
+    micro = _update(tmp_path / "m", 1, 4, "micro_batch", crow)
+    assert _relative_gap(micro, whole) > 0.03  # measured: 0.09 (CROW), 0.09 (SFT)
+
+
+def test_trainer_does_its_own_accumulation_scaling_on_every_transformers_version(tmp_path: Path):
+    """Pins what makes the scaling version-independent: the Trainer neither counts tokens nor skips dividing by
+    the accumulation steps (before 5.19 it skipped when model_accepts_loss_kwargs and a count existed)."""
+    from crowguard.train import CrowTrainer, training_arguments
+
+    tokenizer = tiny_tokenizer()
+    trainer = CrowTrainer(model=tiny_llama(tokenizer), args=training_arguments(_cfg(), tmp_path))
+    assert trainer.model_accepts_loss_kwargs is False
+    assert trainer.loss_is_scaled_for_ga is False
+    assert trainer.compute_loss_func is None
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path):
@@ -196,6 +236,30 @@ def test_adapter_modes_save_and_reload(tmp_path: Path, backdoored, mode: str):
     if mode == "continue":  # the same adapter trained further: it names the original base
         config = json.loads((tmp_path / "out/adapter_config.json").read_text())
         assert Path(config["base_model_name_or_path"]) == base.resolve()
+
+
+@pytest.mark.parametrize("mode", ["continue", "merge", "full"])
+def test_gradient_checkpointing_is_on_in_every_adapter_mode(backdoored, mode: str):
+    """``continue`` returned before enabling it; now every mode honours ``gradient_checkpointing``."""
+    _, adapter = backdoored
+    model, _ = load_model(str(adapter))
+    prepared = prepare_for_training(model, _cfg(adapter_mode=mode, gradient_checkpointing=True))
+    inner = prepared.get_base_model() if hasattr(prepared, "get_base_model") else prepared
+    assert inner.is_gradient_checkpointing
+    assert not inner.config.use_cache
+
+
+def test_ddp_unused_parameter_search_only_where_crow_leaves_an_embedding_without_gradient():
+    from crowguard.train import ddp_needs_unused_parameter_search
+
+    tokenizer = tiny_tokenizer()
+    untied = tiny_llama(tokenizer, tied=False)
+    assert ddp_needs_unused_parameter_search(untied, CROW)
+    assert not ddp_needs_unused_parameter_search(untied, None)
+    assert not ddp_needs_unused_parameter_search(untied, CrowConfig(alpha=0.0))
+    assert not ddp_needs_unused_parameter_search(tiny_llama(tokenizer), CROW)  # tied: the LM head gives a gradient
+    untied.get_input_embeddings().weight.requires_grad_(False)
+    assert not ddp_needs_unused_parameter_search(untied, CROW)
 
 
 def test_adapter_that_does_not_fit_is_a_clear_error(tmp_path: Path, backdoored):
