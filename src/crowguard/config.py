@@ -7,6 +7,7 @@ applies ``a.b=c`` overrides and type-checks the result before any work starts: u
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -28,12 +29,10 @@ class ConfigError(ValueError):
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with a help string (shown by ``crowguard validate --explain``)."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: _deepcopy(d), metadata={"help": help}, **kwargs)
-    if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        return dataclasses.field(
-            default_factory=lambda d=default: dataclasses.replace(d), metadata={"help": help}, **kwargs
-        )
+    # Mutable defaults (lists, dicts, nested configs at any depth) are deep-copied per instance: a shallow copy
+    # (dataclasses.replace) left ExperimentConfig().defense.train one object shared by every config.
+    if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 

@@ -61,3 +61,31 @@ def test_run_pipeline_and_resume(tmp_path: Path, capsys):
     assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")} == stamps
     assert json.loads((run / "results.json").read_text())["rows"] == results["rows"]
+
+    # a changed setting re-runs the stages it reaches and nothing else; the old result is kept aside
+    crow_before = json.loads((run / "eval-crow/results.json").read_text())["summary"]
+    argv = ["run", "--config", str(tmp_path / "exp.yaml"), "--set", "defense.crow.alpha=20"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "defense-crow: its settings or inputs changed; re-running it" in out
+    changed = {p.parent.name for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert changed == {"defense-crow", "eval-crow"}
+    assert (run / ".stale").is_dir() and len(list((run / ".stale").glob("defense-crow-*/manifest.json"))) == 1
+    config = yaml.safe_load((run / "defense-crow/config.yaml").read_text())
+    assert config["defense"]["crow"]["alpha"] == 20
+    crow_after = json.loads((run / "eval-crow/results.json").read_text())["summary"]
+    assert crow_after["target_nll_gap"] != crow_before["target_nll_gap"]
+
+    # a run directory without a record of its settings (an older crowguard) is not trusted: every stage re-runs
+    (run / "stages.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
+    assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--quiet", "--set", "defense.crow.alpha=20"]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
+
+
+def test_failed_run_leaves_no_empty_folder(tmp_path: Path, capsys):
+    config = {"out_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path / "missing-model")},
+              "train_data": [str(tmp_path / "missing.json")]}  # fmt: skip
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--quiet"]) != 0
+    assert not (tmp_path / "run").exists()

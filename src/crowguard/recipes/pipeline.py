@@ -1,20 +1,27 @@
 """Recipe: the whole loop for any model: poison -> backdoor -> defend (each defense) -> evaluate -> compare.
 
 Every stage writes its own directory under ``out_dir`` atomically and is skipped when that directory is already
-complete (it has a ``manifest.json``), so an interrupted ``crowguard run`` continues where it stopped.
+complete (it has a ``manifest.json``) *and* was made from the same settings and inputs, so an interrupted
+``crowguard run`` continues where it stopped. Each stage's fingerprint (a hash of the settings it reads, the content
+of its input files and the fingerprint of the stage it builds on) is recorded in ``out_dir/stages.json``. A stage
+whose fingerprint differs (say ``--set defense.crow.alpha=20``) is re-run, and so is every stage after it (their
+fingerprints include it); its old directory is moved to ``out_dir/.stale/`` rather than deleted, and the run says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+from crowguard.config import to_dict
 from crowguard.data import load_examples, save_examples
 from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import COLUMNS, markdown_table, print_table
-from crowguard.io import write_json_atomic, write_text_atomic
+from crowguard.io import sha256_path, write_json_atomic, write_text_atomic
 from crowguard.recipes.backdoor import run_backdoor
 from crowguard.recipes.defend import run_defend
 from crowguard.recipes.evaluate import run_evaluate
@@ -31,22 +38,90 @@ def _log(message: str, quiet: bool) -> None:
         print(f"[crowguard run] {message}", flush=True)
 
 
+def fingerprint(*parts: Any) -> str:
+    """sha256 of settings (dataclasses, dicts, strings) and upstream fingerprints, order-independent within dicts."""
+    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _content(*paths: str) -> list[str | None]:
+    """What identifies the inputs a stage reads: a file's content hash; for a directory (a model, the paper's data)
+    the names, sizes and modification times of its files (hashing a 7B model's weights on every run would cost
+    minutes); None for what is not on disk (a Hub id, whose name is in the settings)."""
+    out: list[str | None] = []
+    for ref in paths:
+        path = Path(ref) if ref else None
+        if path is not None and path.is_file():
+            out.append(sha256_path(path))
+        elif path is not None and path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            out.append(fingerprint(stats))
+        else:
+            out.append(None)
+    return out
+
+
+class StageLedger:
+    """``stages.json``: the fingerprint each finished stage was made from; decides skip or re-run."""
+
+    def __init__(self, root: Path, quiet: bool) -> None:
+        self.root, self.quiet = root, quiet
+        self.path = root / "stages.json"
+        self.records: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def up_to_date(self, name: str, stage_dir: Path, print_: str) -> bool:
+        """True when ``stage_dir`` is finished and made from ``print_``; otherwise move any old result aside."""
+        recorded = self.records.get(name)
+        if _done(stage_dir) and recorded == print_:
+            return True
+        if stage_dir.exists():
+            stale = self.root / ".stale" / f"{name}-{(recorded or 'unrecorded')[:12]}"
+            if stale.exists():
+                shutil.rmtree(stale)
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            stage_dir.rename(stale)
+            if _done(stale):
+                why = "its settings or inputs changed" if recorded else "no record of the settings it was made from"
+                _log(f"{name}: {why}; re-running it (the old result is in {stale})", self.quiet)
+        return False
+
+    def record(self, name: str, print_: str) -> None:
+        self.records[name] = print_
+        write_json_atomic(self.path, self.records)
+
+
 def run_pipeline(cfg: ExperimentConfig, quiet: bool = False) -> dict[str, Any]:
     """Run (or continue) every stage of ``cfg``; returns and writes the comparison table."""
     root = Path(cfg.out_dir)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stages(cfg, root, quiet)
+    except BaseException:
+        if created and not any(root.iterdir()):
+            root.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+        raise
+
+
+def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool) -> dict[str, Any]:
+    ledger = StageLedger(root, quiet)
 
     # 1. Training data: poison clean data, or take already poisoned files (the paper's).
     evaluate = cfg.evaluate
     if cfg.train_data:
         train_file = root / "train_data.json"
-        if not train_file.exists():
+        data_print = fingerprint("train_data", cfg.train_data, _content(*cfg.train_data))
+        if not (train_file.exists() and ledger.records.get("train_data") == data_print):
             save_examples([e for f in cfg.train_data for e in load_examples(f)], train_file)
+            ledger.record("train_data", data_print)
     else:
         poison_dir = root / "poison"
-        if not _done(poison_dir):
+        data_print = fingerprint("poison", cfg.poison, _content(cfg.poison.data, cfg.poison.clean_data or ""))
+        if not ledger.up_to_date("poison", poison_dir, data_print):
             _log("poison", quiet)
             run_poison(cfg.poison, poison_dir)
+            ledger.record("poison", data_print)
         train_file = poison_dir / "train.json"
         if not evaluate.paper_data and not evaluate.triggered:
             evaluate = dataclasses.replace(
@@ -59,9 +134,12 @@ def run_pipeline(cfg: ExperimentConfig, quiet: bool = False) -> dict[str, Any]:
 
     # 2. Plant the backdoor.
     backdoor_dir = root / "backdoor"
-    if not _done(backdoor_dir):
+    model_inputs = _content(cfg.model.name_or_path, cfg.model.adapter or "")
+    backdoor_print = fingerprint("backdoor", cfg.model, cfg.backdoor, model_inputs, data_print)
+    if not ledger.up_to_date("backdoor", backdoor_dir, backdoor_print):
         _log("backdoor", quiet)
         run_backdoor(cfg, str(train_file), backdoor_dir, show_progress=not quiet)
+        ledger.record("backdoor", backdoor_print)
     backdoored = dataclasses.replace(cfg.model, name_or_path=str(backdoor_dir), adapter=None)
 
     # 3. Each defense under the same budget, then the same evaluation.
@@ -69,19 +147,28 @@ def run_pipeline(cfg: ExperimentConfig, quiet: bool = False) -> dict[str, Any]:
     for method in cfg.defenses:
         stage = dataclasses.replace(cfg, model=backdoored, defense=dataclasses.replace(cfg.defense, method=method))
         defense_dir = root / f"defense-{method}"
-        model_path = str(backdoor_dir)
+        model_path, model_print = str(backdoor_dir), backdoor_print
         if method != "none":
-            if not _done(defense_dir):
+            settings = to_dict(stage.defense)
+            if method != "crow":
+                settings.pop("crow")  # CROW's knobs do not change another defense's result
+            model_print = fingerprint(f"defense-{method}", settings, _content(stage.defense.data), backdoor_print)
+            if not ledger.up_to_date(f"defense-{method}", defense_dir, model_print):
                 _log(f"defend: {method}", quiet)
                 run_defend(stage, defense_dir, show_progress=not quiet)
+                ledger.record(f"defense-{method}", model_print)
             model_path = str(defense_dir)
         eval_dir = root / f"eval-{method}"
         eval_cfg = dataclasses.replace(
             stage, model=dataclasses.replace(backdoored, name_or_path=model_path), evaluate=evaluate
         )
-        if not _done(eval_dir):
+        eval_files = (evaluate.triggered, evaluate.clean, evaluate.paper_data, evaluate.utility, evaluate.humaneval,
+                      evaluate.mt_bench)  # fmt: skip
+        eval_print = fingerprint(f"eval-{method}", evaluate, _content(*eval_files), model_print)
+        if not ledger.up_to_date(f"eval-{method}", eval_dir, eval_print):
             _log(f"evaluate: {method}", quiet)
             run_evaluate(eval_cfg, eval_dir, show_progress=not quiet, label=method)
+            ledger.record(f"eval-{method}", eval_print)
         results = json.loads((eval_dir / "results.json").read_text())
         rows.append({"defense": method, **{k: v for k, v in results["summary"].items() if k != "model"}})
 
