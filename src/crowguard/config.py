@@ -124,6 +124,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"unknown key {path!r}{suggest(str(key), list(fields))}")
+        default = _field_default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            # A partial section overrides the *field's* default, not the section type's: {"train": {"max_steps": 2}}
+            # in a DefenseConfig keeps its lr 1e-3 (TrainConfig's own default is 2e-4).
+            value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         obj = cls(**kwargs)
@@ -136,6 +141,23 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         except ValueError as exc:
             raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
     return obj
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it, recursively for nested mappings."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def to_dict(obj: Any) -> Any:

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+from crowguard.config import ConfigError, to_dict
 from crowguard.data import IGNORE_INDEX, tokenize_examples
+from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
 from crowguard.schemas import CrowConfig, TrainConfig
 from crowguard.types import Example
@@ -291,6 +293,61 @@ def latest_checkpoint(work_dir: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
+class ResumeError(ConfigError):
+    """``--resume`` cannot continue: no checkpoint, or the run would not be the one that was checkpointed."""
+
+
+# Settings that do not change what is trained (how often to log or checkpoint) may differ on resume.
+RESUME_FREE_KEYS = ("save_steps", "logging_steps")
+SETTINGS_FILE = "run_settings.json"
+
+
+def run_settings(
+    cfg: TrainConfig, crow: CrowConfig | None, template: str, features: Sequence[dict[str, list[int]]], identity: Any
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpointed one: the training settings, CROW's, the template, the
+    tokenised data (hashed) and the caller's identity of the model (path, adapter)."""
+    import hashlib
+
+    train_settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS}
+    data = hashlib.sha256(json.dumps([[*f["input_ids"], -1, *f["labels"]] for f in features]).encode())
+    return {"train": train_settings, "crow": None if crow is None else to_dict(crow), "template": template,
+            "data_sha256": data.hexdigest(), "model": identity}  # fmt: skip
+
+
+def check_resume(work_dir: Path, settings: dict[str, Any]) -> str:
+    """The checkpoint to continue, after checking that ``settings`` are the checkpointed run's; else ResumeError."""
+    checkpoint = latest_checkpoint(work_dir) if work_dir.is_dir() else None
+    if checkpoint is None:
+        raise ResumeError(f"--resume: no checkpoint-* directory in {work_dir} (run without --resume to start afresh)")
+    recorded_path = work_dir / SETTINGS_FILE
+    if not recorded_path.is_file():
+        raise ResumeError(f"--resume: {recorded_path} is missing, so the checkpoint's settings cannot be checked")
+    recorded = json.loads(recorded_path.read_text())
+    if recorded != settings:
+        diff = sorted(_differences(recorded, settings))
+        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diff[:6])
+        raise ResumeError(f"--resume: the settings differ from the checkpointed run in {work_dir} ({shown}); "
+                          "resume with the same settings, or start afresh without --resume")  # fmt: skip
+    return checkpoint
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records logged after the checkpoint (the crashed run's tail) so a resumed run logs no step twice."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -302,25 +359,30 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
     description: str = "train",
+    identity: Any = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``examples`` (prompt masked) with optional CROW regularisation.
 
-    ``model`` must already be prepared (:func:`prepare_for_training`). Checkpoints (every ``cfg.save_steps``) and
-    ``metrics.jsonl`` go to ``work_dir``; with ``resume`` the newest checkpoint there is continued.
+    ``model`` must already be prepared (:func:`prepare_for_training`). Checkpoints (every ``cfg.save_steps``),
+    ``metrics.jsonl`` and the run's settings go to ``work_dir``; with ``resume`` the newest checkpoint there is
+    continued, but only when the settings, the tokenised data and ``identity`` (the caller's name for the model)
+    are the checkpointed run's (:class:`ResumeError` otherwise).
     """
     features = tokenize_examples(examples, tokenizer, cfg.max_length, template)
     if not any(any(label != IGNORE_INDEX for label in f["labels"]) for f in features):
         raise ValueError("no example has a response token to learn: check the data's 'output' fields")
     work_dir = Path(work_dir)
+    settings = run_settings(cfg, crow, template, features, identity)
+    checkpoint = check_resume(work_dir, settings) if resume else None
     work_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        (work_dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json_atomic(work_dir / SETTINGS_FILE, settings)
+    else:
+        _truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
     callbacks: list[TrainerCallback] = [MetricsFileCallback(work_dir / "metrics.jsonl")]
     if show_progress:
         callbacks.append(ProgressBarCallback(description))
-    checkpoint = latest_checkpoint(work_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* directory in {work_dir}")
-    if not resume and (work_dir / "metrics.jsonl").exists():
-        (work_dir / "metrics.jsonl").unlink()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     trainer = CrowTrainer(

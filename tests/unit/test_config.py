@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from crowguard.schemas import DemoConfig, ExperimentConfig
+from crowguard.config import from_dict
+from crowguard.schemas import DefenseConfig, DemoConfig, ExperimentConfig
 
 
 def test_nested_defaults_are_independent_per_instance():
@@ -17,3 +18,15 @@ def test_nested_defaults_are_independent_per_instance():
     demo = DemoConfig()
     demo.defense.train.adapter_mode = "merge"
     assert DemoConfig().defense.train.adapter_mode == "continue"
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults():
+    """Before: {"defense": {"train": {"max_steps": 2}}} built TrainConfig() and lost the defense's lr 1e-3 (2e-4),
+    and a demo --set backdoor.epochs=2 reset the plant's LoRA r 16 and lr 1e-3."""
+    defense = from_dict(DefenseConfig, {"train": {"max_steps": 2}})
+    assert defense.train.lr == 1e-3 and defense.train.max_steps == 2
+    demo = from_dict(DemoConfig, {"backdoor": {"epochs": 2}, "defense": {"train": {"max_length": 128}}})
+    assert (demo.backdoor.epochs, demo.backdoor.lora_r, demo.backdoor.lr) == (2, 16, 1e-3)
+    assert demo.defense.train.adapter_mode == "continue" and demo.defense.train.max_length == 128
+    experiment = from_dict(ExperimentConfig, {"defense": {"crow": {"alpha": 11}}})
+    assert experiment.defense.train.lr == 1e-3 and experiment.defense.crow.alpha == 11

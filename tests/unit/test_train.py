@@ -11,7 +11,7 @@ import torch
 from crowguard.models import ModelLoadError, load_model, save_model
 from crowguard.recipes.stage import run_training_stage, work_dir_for
 from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
-from crowguard.train import prepare_for_training, train
+from crowguard.train import ResumeError, prepare_for_training, train
 from crowguard.types import Example
 
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer, unequal_examples
@@ -199,8 +199,9 @@ class _Both:
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path):
     tokenizer = tiny_tokenizer()
     model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg())
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(model, tokenizer, _examples(4), _cfg(max_steps=1), tmp_path, resume=True, show_progress=False)
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        train(model, tokenizer, _examples(4), _cfg(max_steps=1), tmp_path / "w", resume=True, show_progress=False)
+    assert not (tmp_path / "w").exists()  # nothing left behind
 
 
 @pytest.fixture(scope="module")
