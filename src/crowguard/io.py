@@ -7,18 +7,55 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask: from ``/proc`` where there is one, else by setting and restoring it (no portable getter;
+    the brief swap could tighten a file another thread creates at that instant, never loosen it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _umask_mode(executable: bool, is_dir: bool, umask: int) -> int:
+    return (0o777 if is_dir or executable else 0o666) & ~umask
+
+
+def apply_umask_tree(root: Path, umask: int | None = None) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would: temporary directories and
+    files are 0700/0600 (``mkdtemp``, ``mkstemp``, safetensors' own temporary files), which would make a shared
+    results folder unreadable to colleagues once renamed into place. Symlinks are left alone.
+    """
+    mask = current_umask() if umask is None else umask
+    root = Path(root)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, _umask_mode(False, True, mask))
+        for name in filenames:
+            file = os.path.join(dirpath, name)
+            mode = os.lstat(file).st_mode
+            if not stat.S_ISLNK(mode):
+                os.chmod(file, _umask_mode(bool(mode & 0o111), False, mask))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and an atomic rename."""
+    """Write ``text`` to ``path`` via a temporary file in the same directory and an atomic rename.
+
+    The file gets the mode the umask gives a plain ``open`` (``mkstemp`` alone would leave it 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode(False, False, current_umask()))
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -73,7 +110,8 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 def atomic_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``out_dir`` in one rename.
 
-    On an exception the temporary directory is removed and ``out_dir`` is left exactly as it was.
+    On an exception the temporary directory is removed and ``out_dir`` is left exactly as it was. Before the rename
+    every directory and file in it gets the umask's default mode (see :func:`apply_umask_tree`).
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
@@ -84,6 +122,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    apply_umask_tree(tmp)
     if out_dir.exists():
         trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, trash)

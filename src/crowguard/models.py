@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,62 @@ def without_peft_deprecation_warning() -> Iterator[None]:
 
 class ModelLoadError(ValueError):
     """A model, tokenizer or adapter that cannot be loaded as asked; the message says what to do."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""``owner/name`` or ``name``, as the Hub accepts them; anything else can only be a local path."""
+
+
+def _hub_offline() -> bool:
+    """Whether Hub look-ups are switched off (``HF_HUB_OFFLINE``, read now, or as huggingface_hub read it)."""
+    import huggingface_hub
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    offline = getattr(huggingface_hub, "is_offline_mode", lambda: huggingface_hub.constants.HF_HUB_OFFLINE)
+    return flag.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(offline())
+
+
+def _is_hub_id(ref: str) -> bool:
+    return len(ref) <= 96 and "--" not in ref and ".." not in ref and _HUB_ID.fullmatch(ref) is not None
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "adapter_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+                return True
+        except ValueError:  # a name the cache layer rejects
+            return False
+    return False
+
+
+def local_path(ref: str) -> str:
+    """``ref`` with a leading ``~`` expanded (a YAML config gets no shell expansion); other refs unchanged."""
+    return os.path.expanduser(ref) if ref.startswith("~") else ref
+
+
+def check_model_exists(name_or_path: str, adapter: str | None = None, revision: str | None = None) -> None:
+    """Fail fast, before any weights load, on a model or adapter that is not there: "model path X does not exist".
+
+    A ref that exists locally is fine. One that cannot be a Hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``) or that is
+    neither local nor in the Hub cache while offline is a missing path; a valid Hub id with the Hub reachable is left
+    to ``from_pretrained``, so Hub models keep working for users with internet.
+    """
+    if not name_or_path:
+        raise ModelLoadError("no model given: pass --model (a local directory or Hub id)")
+    path = local_path(name_or_path)
+    if not Path(path).exists():
+        if name_or_path.startswith((".", "/", "~")) or not _is_hub_id(name_or_path):
+            raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+        if _hub_offline() and not _in_hub_cache(name_or_path, revision):
+            raise ModelLoadError(
+                f"model path {name_or_path!r} does not exist (and it is not in the Hub cache; HF_HUB_OFFLINE is set, "
+                "so the Hub is not asked)"
+            )
+    if adapter is not None and not Path(local_path(adapter)).exists():
+        raise ModelLoadError(f"adapter path {adapter!r} does not exist")
 
 
 def _is_adapter_dir(path: str | Path) -> bool:
@@ -99,14 +157,21 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    check_model_exists(name_or_path, adapter, revision)
+    name_or_path = local_path(name_or_path)
+    adapter = local_path(adapter) if adapter is not None else None
     if _is_adapter_dir(name_or_path):
         if adapter is not None:
             raise ModelLoadError(f"{name_or_path} is an adapter directory; give its base model, not a second adapter")
+        base_ref = base_of_adapter(name_or_path)
+        try:
+            check_model_exists(base_ref, revision=revision)
+        except ModelLoadError as exc:
+            named_in = Path(name_or_path) / "adapter_config.json"
+            raise ModelLoadError(f"{exc} (the base model named in {named_in})") from None
         # The base may itself be an adapter directory (a defense trained a new LoRA on a merged backdoored
         # adapter): load it recursively and merge it before attaching this adapter.
-        base, tokenizer = load_model(
-            base_of_adapter(name_or_path), None, dtype, trust_remote_code, allow_pickle, revision
-        )
+        base, tokenizer = load_model(base_ref, None, dtype, trust_remote_code, allow_pickle, revision)
         base = merge_adapter(base)
         model = attach_adapter(base, name_or_path, allow_pickle=allow_pickle, trainable=trainable_adapter)
         return model, tokenizer
@@ -128,7 +193,12 @@ def load_model(
             hint = " (crowguard loads safetensors only; pass allow_pickle if you trust pickled .bin weights)"
         if "trust_remote_code" in str(exc):
             hint = " (this model needs its own code: pass trust_remote_code only if you trust its repository)"
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}{hint}") from None
+        message = " ".join(str(exc).split())  # transformers' Hub errors span lines; the CLI prints one
+        if not Path(name_or_path).exists():  # a Hub id that failed (no network, no such repo, gated)
+            raise ModelLoadError(
+                f"model path {name_or_path!r} does not exist, and as a Hub id it failed: {message}{hint}"
+            ) from None
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {message}{hint}") from None
     tokenizer = load_tokenizer(name_or_path, trust_remote_code, revision)
     if adapter is not None:
         model = attach_adapter(model, adapter, allow_pickle=allow_pickle, trainable=trainable_adapter)

@@ -87,3 +87,39 @@ def test_failed_evaluation_is_an_error_not_a_number(backdoored: Path, capsys):
     assert rc == 2
     assert "contains no records" in capsys.readouterr().err
     assert not (backdoored / "eval-bad").exists()
+
+
+def test_stage_output_follows_the_umask(backdoored: Path):
+    """safetensors writes its files 0600 and the stage directory starts as a 0700 temporary one: both are reset."""
+    import stat
+
+    from crowguard.io import current_umask
+
+    mask = current_umask()
+    out = backdoored / "backdoor"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "train_summary.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_evaluate_unknown_payload_is_one_line_before_the_model_loads(backdoored: Path, capsys):
+    rc = main(["evaluate", "--model", str(backdoored / "backdoor"), "--triggered",
+               str(backdoored / "poison/test_triggered.json"), "--clean", str(backdoored / "poison/test_clean.json"),
+               "--payload", "negsentimen", "--out", str(backdoored / "eval-typo")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.strip().startswith("crowguard: error: evaluate.payload: payload 'negsentimen'")
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "Loading weights" not in captured.err + captured.out
+    assert not (backdoored / "eval-typo").exists()
+
+
+def test_defend_none_points_at_the_model_and_adapter(backdoored: Path, capsys):
+    adapter = str(backdoored / "backdoor")
+    base = str(backdoored / "base")
+    assert main(["defend", "--method", "none", "--model", base, "--adapter", adapter]) == 0
+    assert f"--model {base} --adapter {adapter}" in capsys.readouterr().out
+    out = backdoored / "none"
+    assert main(["defend", "--method", "none", "--model", base, "--adapter", adapter, "--out", str(out)]) == 2
+    assert f"crowguard evaluate --model {base} --adapter {adapter}" in capsys.readouterr().err
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,58 @@ def test_the_smollm2_demo_preset_is_the_demo_default_and_tiny_differs():
     assert config.load(DemoConfig, Path(str(preset_path("demo/smollm2")))) == DemoConfig()
     tiny = config.load(DemoConfig, Path(str(preset_path("demo/tiny"))))
     assert tiny.organism.name == "tiny" and tiny.plant == "pretrain" and DemoConfig().organism.name == "smollm2"
+
+
+def _help_texts() -> list[str]:
+    """Every description, epilog and argument help of the parser and its subcommands."""
+    import argparse
+
+    from crowguard.cli import build_parser
+
+    parsers = [build_parser()]
+    texts = []
+    while parsers:
+        parser = parsers.pop()
+        texts += [parser.description or "", parser.epilog or ""]
+        for action in parser._actions:
+            texts.append(action.help or "")
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+                texts += [a.help or "" for a in action._choices_actions]
+    return texts
+
+
+def test_every_preset_named_in_a_help_text_exists(capsys):
+    import re
+
+    folders = "|".join(presets())
+    named = {m for text in _help_texts() for m in re.findall(rf"(?<![\w/.-])(?:{folders})/[\w.-]+", text)}
+    assert named  # the examples do name presets
+    assert main(["ls", "presets"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert sorted(n for n in named if n not in listed) == []
+
+
+def test_validate_print_into_a_closed_pipe_is_quiet(tmp_path: Path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as with `| head` that already exited
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "crowguard.cli", "validate", "experiments/llama2-7b-chat-negsentiment-badnet",
+             "--print"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""
+
+
+def test_run_checks_the_model_path_before_any_stage(tmp_path: Path, capsys):
+    (tmp_path / "data.json").write_text(GOOD)
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"model:\n  name_or_path: ./typo-model\npoison:\n  data: {tmp_path / 'data.json'}\n")
+    root = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--out", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "crowguard: error: model path './typo-model' does not exist"
+    assert not root.exists()  # not even the poison stage ran

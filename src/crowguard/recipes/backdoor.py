@@ -1,7 +1,8 @@
 """Recipe: plant a backdoor by supervised fine-tuning on a poisoned set (BackdoorLLM / the CROW paper: poisoned +
 clean examples, LoRA, lr 2e-4, 5 epochs, batch 2 x 4).
 
-load the poisoned training set -> run the one training stage -> the backdoored adapter (or model) in ``out_dir``.
+check the output directory and the model path -> load the poisoned training set -> run the one training stage ->
+the backdoored adapter (or model) in ``out_dir``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.data import DataError, load_examples
+from crowguard.io import check_output_dir
+from crowguard.models import check_model_exists
 from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import ExperimentConfig
 
@@ -25,6 +28,8 @@ def run_backdoor(
     """Fine-tune ``cfg.model`` on the poisoned set ``data`` with ``cfg.backdoor``; returns the train summary."""
     if not cfg.model.name_or_path:
         raise DataError("model.name_or_path is empty: give --model (a local directory or Hub id)")
+    check_output_dir(Path(out_dir), overwrite)
+    check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
     examples = load_examples(data)
     n_poisoned = sum(bool(e.meta.get("poisoned")) for e in examples)
     return run_training_stage(

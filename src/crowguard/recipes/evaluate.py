@@ -1,7 +1,9 @@
 """Recipe: evaluate a model (plus optional adapter) on a task and write ``results.json`` and ``results.md``.
 
-load the model (untrusted: safetensors, no remote code) -> build the task from files or the paper's data ->
-generate, judge and score (:func:`crowguard.evaluation.evaluate.evaluate_model`) -> write atomically and print.
+check everything a user can get wrong (output directory, model path, test files, payload and judge, utility,
+HumanEval and MT-Bench files) -> load the model (untrusted: safetensors, no remote code) -> generate, judge and score
+(:func:`crowguard.evaluation.evaluate.evaluate_model`) -> write atomically and print. The checks come first because
+a model load and an evaluation take minutes, and a typo found after them loses that work.
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import save
+from crowguard.config import ConfigError, save, suggest
 from crowguard.data import DataError, load_examples
-from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.evaluate import evaluate_model, make_judge, summary_row
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task, paper_task, task_from_files
-from crowguard.io import atomic_output_dir, write_json_atomic, write_text_atomic
+from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
-from crowguard.models import load_model
+from crowguard.models import check_model_exists, load_model
 from crowguard.schemas import EvalConfig, ExperimentConfig
 
 
@@ -29,13 +31,42 @@ def build_task(cfg: EvalConfig) -> Task:
     return task_from_files(cfg.payload, cfg.triggered, cfg.clean, cfg.target)
 
 
+def check_inputs(cfg: EvalConfig, task: Task) -> None:
+    """Raise on a payload without a judge or an unreadable HumanEval / MT-Bench file, without touching a model."""
+    try:
+        make_judge(cfg, task.payload, task.target)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # judges raise ValueError for an unknown payload without a target
+        from crowguard.attacks.payloads import BUILTIN_PAYLOADS
+
+        raise ConfigError(f"evaluate.payload: {exc}{suggest(task.payload, list(BUILTIN_PAYLOADS))}") from None
+    for key, path in (("humaneval", cfg.humaneval), ("mt_bench", cfg.mt_bench)):
+        if not path:
+            continue
+        if key == "humaneval":
+            from crowguard.evaluation.sandbox import load_humaneval as reader
+        else:
+            from crowguard.evaluation.mtbench import load_questions as reader
+        try:
+            reader(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read evaluate.{key}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # includes json.JSONDecodeError
+            where = "" if str(path) in str(exc) else f"{path}: "
+            raise DataError(f"{where}evaluate.{key}: {exc}") from None
+
+
 def run_evaluate(
     cfg: ExperimentConfig, out_dir: Path, overwrite: bool = False, show_progress: bool = True, label: str = ""
 ) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.evaluate``; returns the results (also written to ``out_dir``)."""
     if not cfg.model.name_or_path:
         raise DataError("model.name_or_path is empty: give --model")
+    check_output_dir(Path(out_dir), overwrite)
+    check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
     task = build_task(cfg.evaluate)
+    check_inputs(cfg.evaluate, task)
     utility = load_examples(cfg.evaluate.utility) if cfg.evaluate.utility else []
     model, tokenizer = load_model(
         cfg.model.name_or_path,

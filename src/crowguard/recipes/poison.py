@@ -14,7 +14,7 @@ from typing import Any
 from crowguard.attacks import make_attack, poison_dataset, trigger_free
 from crowguard.config import save
 from crowguard.data import DataError, load_examples, save_examples
-from crowguard.io import atomic_output_dir
+from crowguard.io import atomic_output_dir, check_output_dir
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.schemas import PoisonConfig
 
@@ -23,6 +23,7 @@ def run_poison(cfg: PoisonConfig, out_dir: Path, overwrite: bool = False) -> dic
     """Write the poisoned training set and the triggered/clean test sets; return a summary."""
     if not cfg.data:
         raise DataError("poison.data is empty: give an Alpaca JSON/JSONL file")
+    check_output_dir(Path(out_dir), overwrite)  # before reading (maybe downloading) the data
     attack = make_attack(cfg.trigger, cfg.payload)
     source, dropped = trigger_free(load_examples(cfg.data), attack.trigger)
     clean_source = source
