@@ -32,6 +32,7 @@ from crowguard.config import to_dict
 from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.metrics import hijack_rate
 from crowguard.evaluation.tasks import paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.models import load_model
@@ -152,6 +153,18 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
             say(f"[{cell}] {name} s{seed}: {summary_row(name, result)}")
 
 
+def current_hijack(results: dict[str, Any]) -> float:
+    """The hijack rate of stored generations under the current rule (``metrics.hijack_rate``), so evaluations made
+    before a change of the rule are reported by the same rule as new ones."""
+    records = results["records"]
+    triggered = [r for r in records if r["set"] == "triggered"]
+    clean = [r["response"] for r in records if r["set"] == "clean"]
+    settings = results.get("settings", {})
+    return hijack_rate([r["response"] for r in triggered], clean, [r["score"] >= 0.5 for r in triggered],
+                       min_share=settings.get("hijack_min_share", EVAL.hijack_min_share),
+                       clean_ratio=settings.get("hijack_clean_ratio", EVAL.hijack_clean_ratio))["rate"]  # fmt: skip
+
+
 def collect(out: Path) -> list[dict[str, Any]]:
     """One row per evaluation file found under ``out``, with the training time of the stage it evaluated."""
     rows = []
@@ -165,18 +178,47 @@ def collect(out: Path) -> list[dict[str, Any]]:
             row = summary_row(label, results)
             nll = results["metrics"].get("target_nll") or {}
             rows.append({"cell": cell_dir.name, "model": label, "asr_trigger": row["asr_trigger"],
-                         "asr_clean": row["asr_clean"], "hijack": row["hijack_rate"],
+                         "asr_clean": row["asr_clean"], "hijack": current_hijack(results),
                          "nll_gap": row["target_nll_gap"], "nll_triggered": nll.get("triggered"),
                          "clean_ppl": row["clean_perplexity"], "train_s": train_s,
                          "eval_s": results.get("eval_seconds")})  # fmt: skip
     return rows
 
 
+METRICS = ("asr_trigger", "asr_clean", "hijack", "nll_gap", "nll_triggered", "clean_ppl")
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell and defense variant with >= 2 seeds: mean, sample standard deviation and every seed's value."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        name, _, seed = row["model"].rpartition("-s")
+        if name and seed.isdigit():
+            groups.setdefault((row["cell"], name), []).append(row)
+    out = []
+    for (cell, name), members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        entry: dict[str, Any] = {
+            "cell": cell,
+            "model": name,
+            "seeds": [m["model"].rpartition("-s")[2] for m in members],
+        }
+        for key in METRICS:
+            values = [m[key] for m in members if m[key] is not None]
+            if values:
+                mean = sum(values) / len(values)
+                spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+                entry[key] = {"mean": mean, "sd": spread, "values": values}
+        out.append(entry)
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def fmt(v: Any, kind: str) -> str:
         if v is None:
             return "-"
-        return {"pct": f"{v:.0%}", "f2": f"{v:.2f}", "s": f"{v:.0f}"}[kind]
+        return {"pct": f"{v:.0%}", "pct1": f"{v:.1%}", "f2": f"{v:.2f}", "s": f"{v:.0f}"}[kind]
 
     cols = [("asr_trigger", "ASR trigger", "pct"), ("asr_clean", "ASR clean", "pct"), ("hijack", "hijack", "pct"),
             ("nll_gap", "NLL gap", "f2"), ("clean_ppl", "clean ppl", "f2"), ("train_s", "train s", "s"),
@@ -184,6 +226,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| cell | model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['model']} | " + " | ".join(fmt(r[k], f) for k, _, f in cols) + " |")
+    summary = aggregate(rows)
+    if summary:
+        lines += ["", "| cell | defense (seeds) | " + " | ".join(c[1] for c in cols[:5]) + " |", "|---" * 7 + "|"]
+        for a in summary:
+            cells = []
+            for key, _, kind in cols[:5]:
+                stat = a.get(key)
+                each = "/".join(fmt(v, kind) for v in stat["values"]) if stat else ""
+                precise = "pct1" if kind == "pct" else kind
+                cells.append(f"{fmt(stat['mean'], precise)} +- {fmt(stat['sd'], precise)} ({each})" if stat else "-")
+            lines.append(f"| {a['cell']} | {a['model']} ({','.join(a['seeds'])}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -215,7 +268,7 @@ def main() -> None:
         for cell in args.cells.split(","):
             run_cell(args, cell, base, chosen)
     rows = collect(out)
-    write_json_atomic(out / "efficacy.json", rows)
+    write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows)})
     write_text_atomic(out / "efficacy.md", table(rows) + "\n")
     print(table(rows))
 
