@@ -68,9 +68,11 @@ def test_evaluate_writes_results(backdoored: Path, capsys):
     assert rc == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
-    assert 0.0 <= metrics["asr_trigger"]["value"] <= 1.0
+    # the reported rate is what the stored per-prompt scores say, inside a Wilson interval of non-zero width
+    triggered_scores = [r["score"] for r in results["records"] if r["set"] == "triggered"]
+    assert metrics["asr_trigger"]["value"] == pytest.approx(sum(s >= 0.5 for s in triggered_scores) / 10)
     low, high = metrics["asr_trigger"]["ci95"]
-    assert low <= metrics["asr_trigger"]["value"] <= high
+    assert low <= metrics["asr_trigger"]["value"] <= high and high - low > 0.1
     assert metrics["target_nll"]["triggered"] > 0 and metrics["clean_perplexity"] > 1
     assert len(results["records"]) == 20  # 10 triggered + 10 clean, every one kept
     assert results["settings"]["decoding"]["max_new_tokens"] == 8

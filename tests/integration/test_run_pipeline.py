@@ -41,8 +41,12 @@ def test_run_pipeline_and_resume(tmp_path: Path, capsys):
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert [r["defense"] for r in results["rows"]] == ["none", "finetune", "crow"]
-    for row in results["rows"]:
-        assert 0.0 <= row["asr_trigger"] <= 1.0 and row["target_nll_gap"] is not None
+    for row in results["rows"]:  # each row is its evaluation's numbers; times are named and measured
+        evaluated = json.loads((tmp_path / "run" / f"eval-{row['defense']}/results.json").read_text())
+        scores = [r["score"] >= 0.5 for r in evaluated["records"] if r["set"] == "triggered"]
+        assert row["asr_trigger"] == sum(scores) / len(scores) and row["target_nll_gap"] is not None
+        assert row["eval_seconds"] > 0
+        assert (row["train_seconds"] is None) if row["defense"] == "none" else row["train_seconds"] > 0
     for name in (
         "results.md",
         "results.png",

@@ -64,14 +64,54 @@ def test_lora_changes_adapter_not_base(tmp_path: Path):
     assert logged and all({"lm_loss", "consistency_loss", "consistency_adv"} <= set(r) for r in logged)
 
 
-def test_full_finetuning_changes_every_layer(tmp_path: Path):
+def test_full_finetuning_changes_every_weight(tmp_path: Path):
+    """Plain SFT gives every weight a gradient (embeddings tied to the head, every layer, every norm)."""
     tokenizer = tiny_tokenizer()
     model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg(finetune="full"))
     before = _state(model)
     result = train(model, tokenizer, _examples(8), _cfg(finetune="full", max_steps=2), tmp_path, show_progress=False)
     after = _state(result.model)
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert any("layers.2." in k for k in changed) and any("embed_tokens" in k for k in changed)
+    unchanged = [k for k in before if torch.equal(before[k], after[k]) and "rotary" not in k]
+    assert not unchanged
+
+
+def test_lora_init_follows_the_seed_whatever_the_global_rng(tmp_path: Path):
+    """Before: get_peft_model drew lora_A from the global RNG, so what ran earlier in the process decided it."""
+    tokenizer = tiny_tokenizer()
+
+    def lora_a(seed: int, disturb: int) -> dict[str, torch.Tensor]:
+        base = tiny_llama(tokenizer, layers=3)
+        torch.manual_seed(disturb)
+        torch.rand(1000)  # whatever ran before: another defense, a data draw
+        model = prepare_for_training(base, _cfg(seed=seed))
+        return {k: v.clone() for k, v in model.state_dict().items() if "lora_A" in k}
+
+    first, disturbed, other = lora_a(0, 1), lora_a(0, 2), lora_a(1, 1)
+    assert first and all(torch.equal(first[k], disturbed[k]) for k in first)
+    assert all(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("mode", ["new", "continue"])
+def test_every_lora_module_trains_and_the_saved_adapter_reproduces_the_model(tmp_path: Path, backdoored, mode):
+    """Every LoRA-targeted module's weights move, and the adapter as saved gives the in-memory model's logits."""
+    from crowguard.models import save_model
+
+    base, adapter = backdoored
+    model, tokenizer = load_model(str(adapter if mode == "continue" else base), trainable_adapter=mode == "continue")
+    cfg = _cfg(max_steps=3, adapter_mode="continue")
+    model = prepare_for_training(model, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    train(model, tokenizer, _examples(8), cfg, tmp_path / "w", crow=CROW, show_progress=False)
+    after = model.state_dict()
+    modules = {k.rsplit(".lora_", 1)[0] for k in before}
+    assert len(modules) >= 3 * 7  # every linear of every layer (q, k, v, o, gate, up, down)
+    moved = {k.rsplit(".lora_", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == modules
+    model.eval()
+    expected = _logits(model, tokenizer)
+    save_model(model, tokenizer, tmp_path / "saved", str(base))
+    reloaded, _ = load_model(str(tmp_path / "saved"))
+    torch.testing.assert_close(_logits(reloaded, tokenizer), expected, atol=1e-5, rtol=1e-5)
 
 
 def _one_step_weights(tmp: Path, batch: int, accum: int, optim: str):

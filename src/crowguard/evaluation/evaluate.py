@@ -195,5 +195,5 @@ def summary_row(label: str, results: dict[str, Any]) -> dict[str, Any]:
         "exact_match": m.get("exact_match"),
         "humaneval_pass_at_1": m["humaneval"]["pass_at_1"] if "humaneval" in m else None,
         "mt_bench": m["mt_bench"]["score"] if "mt_bench" in m else None,
-        "seconds": m["cost"]["wall_s"],
+        "eval_seconds": m["cost"]["wall_s"],  # evaluation time; training time is the stage's train_seconds
     }

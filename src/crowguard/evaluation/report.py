@@ -15,7 +15,8 @@ COLUMNS = (
     ("exact_match", "exact match"),
     ("humaneval_pass_at_1", "HumanEval pass@1"),
     ("mt_bench", "MT-Bench"),
-    ("seconds", "seconds"),
+    ("train_seconds", "train s"),
+    ("eval_seconds", "eval s"),
 )
 PERCENT = {"asr_trigger", "asr_clean", "hijack_rate", "exact_match", "utility", "humaneval_pass_at_1"}
 
@@ -26,7 +27,7 @@ def format_value(key: str, value: Any) -> str:
     if key in PERCENT:
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
-        return f"{value:.3g}" if key != "seconds" else f"{value:.1f}"
+        return f"{value:.1f}" if key.endswith("seconds") else f"{value:.3g}"
     return str(value)
 
 

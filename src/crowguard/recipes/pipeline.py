@@ -170,7 +170,10 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool) -> dict[str, Any
             run_evaluate(eval_cfg, eval_dir, show_progress=not quiet, label=method)
             ledger.record(f"eval-{method}", eval_print)
         results = json.loads((eval_dir / "results.json").read_text())
-        rows.append({"defense": method, **{k: v for k, v in results["summary"].items() if k != "model"}})
+        summary = Path(model_path) / "train_summary.json"  # the defense's (the backdoor's for none: no training)
+        train_seconds = json.loads(summary.read_text())["seconds"] if method != "none" and summary.is_file() else None
+        row = {k: v for k, v in results["summary"].items() if k != "model"}
+        rows.append({"defense": method, **row, "train_seconds": train_seconds})
 
     # 4. Compare.
     comparison = {"name": cfg.name, "rows": rows}
