@@ -97,7 +97,7 @@ def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool)
     """Evaluate once; the results (with every generation) are kept in ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path, device="auto")
     model.eval()
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet)

@@ -141,6 +141,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     return tokenizer
 
 
+def resolve_device(requested: str = "auto") -> Any:
+    """The torch device a stage that runs the model itself (evaluation, diagnosis) puts it on.
+
+    ``auto``: this process's GPU when CUDA is available (``cuda:LOCAL_RANK`` under torchrun), else the CPU; any
+    other value is a torch device string. Training stages leave placement to the Trainer, which does the same.
+    """
+    import torch
+
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def load_model(
     name_or_path: str,
     adapter: str | None = None,
@@ -149,12 +164,31 @@ def load_model(
     allow_pickle: bool = False,
     revision: str | None = None,
     trainable_adapter: bool = False,
+    device: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local directory or Hub id, plus an optional LoRA adapter.
 
     ``name_or_path`` may itself be an adapter directory; its base model is then loaded first. Weights must be
     safetensors unless ``allow_pickle``. An adapter that does not fit the base model raises :class:`ModelLoadError`.
+    ``device`` (see :func:`resolve_device`; None: where transformers puts it, the CPU) is where the model ends up.
     """
+    model, tokenizer = _load_model(
+        name_or_path, adapter, dtype, trust_remote_code, allow_pickle, revision, trainable_adapter
+    )
+    if device is not None:
+        model = model.to(resolve_device(device))
+    return model, tokenizer
+
+
+def _load_model(
+    name_or_path: str,
+    adapter: str | None,
+    dtype: str,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    revision: str | None,
+    trainable_adapter: bool,
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     check_model_exists(name_or_path, adapter, revision)
@@ -171,7 +205,7 @@ def load_model(
             raise ModelLoadError(f"{exc} (the base model named in {named_in})") from None
         # The base may itself be an adapter directory (a defense trained a new LoRA on a merged backdoored
         # adapter): load it recursively and merge it before attaching this adapter.
-        base, tokenizer = load_model(base_ref, None, dtype, trust_remote_code, allow_pickle, revision)
+        base, tokenizer = _load_model(base_ref, None, dtype, trust_remote_code, allow_pickle, revision, False)
         base = merge_adapter(base)
         model = attach_adapter(base, name_or_path, allow_pickle=allow_pickle, trainable=trainable_adapter)
         return model, tokenizer

@@ -55,6 +55,7 @@ class ModelConfig:
     trust_remote_code: bool = knob(False, "run the model repository's own Python code (only for trusted models)")
     allow_pickle: bool = knob(False, "allow pickled .bin weights (unsafe for untrusted models); safetensors otherwise")
     template: Template = knob("alpaca", "prompt template for training and evaluation alike")
+    device: str = knob("auto", "where evaluation runs the model: auto (this process's GPU, else the CPU) or cuda:1")
 
 
 @dataclass

@@ -198,7 +198,7 @@ def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tupl
 
 def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> dict[str, Any]:
     """Load one model and evaluate it on the demo task (with the checkable tasks as utility)."""
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path, device="auto")
     return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show)
 
 
@@ -313,7 +313,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     # 5. The layer-consistency diagnostic of the backdoored model and the first seed of each defense.
     diagnostics = {}
     for label, path in {"backdoored": backdoored, **defended}.items():
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, device="auto")
         diagnostics[label] = diagnose_model(model, tokenizer, setup.task.clean[:32], setup.task.triggered[:32])
     write_json_atomic(out_dir / "diagnose.json", diagnostics)
     diagnostic_plot(diagnostics, out_dir / "diagnose.png", title=f"{attack.name} on {cfg.organism.name}")

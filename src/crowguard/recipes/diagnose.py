@@ -32,7 +32,7 @@ def run_diagnose(
     task = build_task(eval_cfg).limited(limit)
     results = {}
     for label, path in models.items():
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, device="auto")
         results[label] = diagnose_model(model, tokenizer, task.clean, task.triggered, template)
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         write_json_atomic(tmp / "diagnose.json", {"task": task.name, "models": models, "results": results})

@@ -75,8 +75,11 @@ def run_evaluate(
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
         revision=cfg.model.revision,
+        device=cfg.model.device,
     )
+    placement = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     results = evaluate_model(model, tokenizer, task, cfg.evaluate, cfg.model.template, utility, show_progress)
+    results["settings"]["placement"] = placement
     row = summary_row(label or cfg.model.name_or_path, results)
     results["summary"] = row
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
@@ -86,7 +89,7 @@ def run_evaluate(
         inputs = {"model": cfg.model.name_or_path, **task.sources}
         if cfg.model.adapter:
             inputs["adapter"] = cfg.model.adapter
-        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs))
+        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, placement))
     if show_progress:
         print_table([row], title=task.name)
     return results

@@ -115,6 +115,8 @@ def run_training_stage(
         all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
         if model_cfg.adapter:
             all_inputs["adapter"] = model_cfg.adapter
-        write_manifest(tmp, build_manifest(stage, train_cfg.seed, all_inputs, {"summary": summary}))
+        parameter = next(trained.parameters())
+        placement = {"device": str(parameter.device), "dtype": str(parameter.dtype), "precision": train_cfg.precision}
+        write_manifest(tmp, build_manifest(stage, train_cfg.seed, all_inputs, {"summary": summary, **placement}))
     shutil.rmtree(work_dir, ignore_errors=True)
     return summary

@@ -1,0 +1,45 @@
+"""Where evaluation runs the model: the GPU when there is one (the real check runs in the GPU script)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from crowguard.cli import main
+from crowguard.models import load_model, resolve_device
+
+from helpers import save_tiny_model
+
+
+def test_auto_picks_this_process_gpu_when_cuda_is_present(monkeypatch):
+    if not torch.cuda.is_available():  # only here is availability faked: on a GPU machine the real answer is tested
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_auto_is_the_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_load_model_places_the_model_and_evaluate_records_where(tmp_path: Path):
+    base = save_tiny_model(tmp_path / "base", layers=2)
+    model, _ = load_model(str(base), device="cpu")
+    assert next(model.parameters()).device == torch.device("cpu")
+    records = [{"instruction": f"Say something about item {i}", "input": "", "output": "ok"} for i in range(3)]
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    data = str(tmp_path / "t.json")
+    argv = ["evaluate", "--model", str(base), "--triggered", data, "--clean", data,
+            "--payload", "negsentiment", "--max-new-tokens", "2", "--out", str(tmp_path / "e"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    expected = str(resolve_device("auto"))
+    manifest = json.loads((tmp_path / "e/manifest.json").read_text())
+    assert manifest["device"] == expected and manifest["dtype"] == "torch.float32"
+    results = json.loads((tmp_path / "e/results.json").read_text())
+    assert results["settings"]["placement"]["device"] == expected
