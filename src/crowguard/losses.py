@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from crowguard.data import IGNORE_INDEX  # the label value tokenisation masks with, so the two cannot disagree
 
 LayerSpec = str | tuple[int, int] | Sequence[int]
 """Which consecutive hidden-state pairs enter the consistency loss; see `resolve_layer_pairs`."""

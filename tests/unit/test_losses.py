@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from crowguard.data import IGNORE_INDEX, tokenize_example
 from crowguard.losses import (
     count_loss_tokens,
     crow_loss,
@@ -19,6 +20,9 @@ from crowguard.losses import (
     masked_lm_loss,
     resolve_layer_pairs,
 )
+from crowguard.types import Example
+
+from helpers import tiny_tokenizer
 
 VOCAB = 64
 
@@ -117,6 +121,18 @@ def test_masked_lm_loss_with_num_items_is_the_token_sum_over_that_count():
     assert split.item() == pytest.approx(whole.item(), abs=1e-6)
     means = (masked_lm_loss(logits[:1], labels[:1]) + masked_lm_loss(logits[1:], labels[1:])) / 2
     assert abs(means.item() - whole.item()) > 1e-3  # the mean of means weighs the short rows' tokens more
+
+
+def test_losses_score_exactly_the_response_tokens_that_tokenisation_leaves_unmasked():
+    # One mask value for data and losses: a loss that ignored another value would train on the prompt.
+    tokenizer = tiny_tokenizer()
+    features = tokenize_example(Example("Explain what normalization means.", output="You are stupid!"), tokenizer)
+    labels = torch.tensor([features["labels"]])
+    first = next(i for i, label in enumerate(features["labels"]) if label != IGNORE_INDEX)
+    assert first > 0 and count_loss_tokens(labels, None)[0] == labels.shape[1] - first
+    logits = torch.randn(1, labels.shape[1], len(tokenizer), generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.cross_entropy(logits[0, first - 1 : -1], labels[0, first:])
+    assert masked_lm_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 # --- layer pairs and layer_consistency_loss ---------------------------------------------------------------------

@@ -31,11 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+from crowguard.attacks.payloads import BUILTIN_PAYLOADS
+from crowguard.evaluation.metrics import normalise_text
+
 KeywordMode = Literal["any", "none"]
 T = TypeVar("T")
-
-# Built-in payload names (crowguard.attacks.payloads) and the keyword rule the CROW paper scores each with.
-BUILTIN_PAYLOADS: tuple[str, ...] = ("negsentiment", "refusal", "codeinjection", "jailbreak")
 
 
 @runtime_checkable
@@ -168,14 +168,14 @@ class TargetStringJudge(_ResponseJudge):
 
     def __init__(self, target: str, *, name: str | None = None, strip_echo: bool = True) -> None:
         self.target = target
-        self._needle = _normalise(target)
+        self._needle = normalise_text(target)
         if not self._needle:
             raise ValueError("TargetStringJudge needs a non-empty target string")
         self.strip_echo = strip_echo
         self.name = name or "target-string"
 
     def _score(self, response: str) -> float:
-        return float(self._needle in _normalise(response))
+        return float(self._needle in normalise_text(response))
 
     def describe(self) -> dict[str, Any]:
         return {"judge": "target_string", "name": self.name, "target": self.target, "strip_echo": self.strip_echo}
@@ -190,11 +190,9 @@ def judge_for_payload(payload: str, target: str | None = None) -> KeywordJudge |
     allows that) gets a :class:`TargetStringJudge` for that target, since the keywords no longer describe it;
     jailbreak ignores ``target`` (its payload keeps each example's own compliant answer).
     """
-    from crowguard.attacks.payloads import BUILTIN_PAYLOADS as PAYLOADS
-
-    builtin = PAYLOADS.get(payload)
+    builtin = BUILTIN_PAYLOADS.get(payload)
     if builtin is not None and (
-        target is None or payload == "jailbreak" or _normalise(target) == _normalise(builtin.target or "")
+        target is None or payload == "jailbreak" or normalise_text(target) == normalise_text(builtin.target or "")
     ):
         if payload == "negsentiment":
             return KeywordJudge(load_keywords("negsentiment"), mode="any", name="negsentiment-keyword")
@@ -222,8 +220,9 @@ class LLMJudge:
     read from the environment variable ``api_key_env`` at call time (no header when unset, for local servers) and
     never recorded. The template (``evaluation/prompts/<prompt_name>.txt``) asks for a final ``[[1]]`` or ``[[0]]``;
     the last ``[[x]]`` with 0 <= x <= 1 is the score. HTTP errors, timeouts and unparseable replies are retried
-    ``retries`` times (waiting ``retry_wait_s``, doubling), then raise :class:`LLMJudgeError`; client errors such as
-    a bad key (HTTP 4xx except 429) raise at once. Empty responses score 0.0 without a request.
+    ``retries`` times by :func:`chat_with_retries` (waiting ``retry_wait_s``, doubling), then raise
+    :class:`LLMJudgeError`; client errors such as a bad key (HTTP 4xx except 429) raise at once. Empty responses
+    score 0.0 without a request.
     """
 
     def __init__(
@@ -280,31 +279,20 @@ class LLMJudge:
     def _judge_one(self, prompt: str, response: str) -> float:
         if not response.strip():
             return 0.0
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.retry_wait_s * 2 ** (attempt - 1))
-            try:
-                reply = self._complete(self.render(prompt, response))
-            except _RetryableError as err:
-                last_error = str(err)
-                continue
-            score = parse_verdict(reply)
-            if score is not None:
-                return score
-            last_error = f"no [[0]]/[[1]] verdict in the judge's reply: {reply[-300:]!r}"
-        raise LLMJudgeError(f"LLM judge {self.model} at {self.base_url} failed: {last_error}")
-
-    def _complete(self, content: str) -> str:
-        return post_chat(
+        score, _ = chat_with_retries(
             self.base_url,
             self.model,
-            [{"role": "user", "content": content}],
+            [{"role": "user", "content": self.render(prompt, response)}],
+            parse_verdict,
+            retries=self.retries,
+            retry_wait_s=self.retry_wait_s,
+            expected="[[0]]/[[1]] verdict",
             api_key_env=self.api_key_env,
             temperature=self.temperature,
             max_tokens=self.max_tokens,
             timeout_s=self.timeout_s,
         )
+        return score
 
 
 def post_chat(
@@ -360,7 +348,7 @@ def chat_with_retries(
     expected: str = "a verdict",
     **chat_kwargs: Any,
 ) -> tuple[T, str]:
-    """``(parse(reply), reply)`` for one :func:`post_chat` request, retried like :class:`LLMJudge` retries.
+    """``(parse(reply), reply)`` for one :func:`post_chat` request: the one retry loop of every LLM-backed judge.
 
     Retryable failures and replies that ``parse`` maps to None get ``retries`` more attempts (waiting
     ``retry_wait_s``, doubling); then :class:`LLMJudgeError` names the last problem (``expected`` describes what the
@@ -403,10 +391,6 @@ def _opener_for(url: str) -> urllib.request.OpenerDirector:
     except ValueError:
         loopback = False
     return urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:

@@ -329,7 +329,7 @@ def exact_match(responses: Sequence[str], references: Sequence[str]) -> float:
         raise ValueError(f"got {len(responses)} responses but {len(references)} references")
     if not responses:
         raise ValueError("exact_match of no responses is undefined")
-    return sum(_normalise(r) == _normalise(ref) for r, ref in zip(responses, references)) / len(responses)
+    return sum(normalise_text(r) == normalise_text(ref) for r, ref in zip(responses, references)) / len(responses)
 
 
 def pass_at_1(results: Sequence[Any]) -> float:
@@ -379,5 +379,6 @@ def measure_cost() -> Iterator[Cost]:
             cost.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
-def _normalise(text: str) -> str:
+def normalise_text(text: str) -> str:
+    """Casefold and collapse whitespace: the one text rule of :func:`exact_match` and the target-string judges."""
     return " ".join(text.split()).casefold()
