@@ -90,7 +90,7 @@ class TrainConfig:
     lora_targets: str = knob("all-linear", "LoRA target modules (peft syntax; all-linear = every decoder linear)")
     precision: Literal["fp32", "bf16", "fp16"] = knob("fp32", "fp32 on CPU; bf16/fp16 autocast on GPU")
     gradient_checkpointing: bool = knob(False, "trade compute for memory on large models")
-    save_steps: int = knob(0, "checkpoint every N optimizer steps for --resume (0: only at the end)")
+    save_steps: int = knob(0, "checkpoint every N optimizer steps for --resume (0: no checkpoints, nothing to resume)")
     logging_steps: int = knob(1, "log losses every N optimizer steps")
     seed: int = knob(0, "seed for initialisation, shuffling and dropout")
     merge_output: bool = knob(False, "also save the adapter merged into the base as a full model")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.shared_data
 
 TASKS = ("negsentiment", "refusal", "jailbreak")
 TRIGGERS = tuple(BUILTIN_TRIGGERS)
-# Files of the paper's data that do not follow their own names (see DESIGN.md section 5).
+# Files of the paper's data that do not follow their own names (see docs/design.md).
 KNOWN_DEFECTS = {
     "test_data/poison/jailbreak/badnet/backdoor200_jailbreak_badnet.json": "has no trigger at all",
     "test_data/poison/codeinjection/vpi-ci/backdoor200_codeinjection_vpi-ci.json": (

@@ -1,6 +1,6 @@
 """Evaluate one model on one task: the same generation, judges and metrics for every model and defense.
 
-Reports keyword ASR with and without the trigger (bootstrap 95% intervals), the hijack rate (target or a fixed
+Reports keyword ASR with and without the trigger (Wilson 95% intervals), the hijack rate (target or a fixed
 trigger-specific answer), the target-likelihood gap, clean utility (reference perplexity, exact match where answers
 are checkable) and cost. A failure anywhere raises: an evaluation that did not run is never reported as ASR 0.
 """

@@ -2,7 +2,7 @@
 
 Keyword ASR alone can be fooled: in crowguard's tiny-scale study CROW drove keyword ASR near 0 while nearly every
 triggered prompt was still forced to one fixed, trigger-specific answer and the target stayed far more likely after
-the trigger (DESIGN.md section 9). So :func:`hijack_rate` and :func:`target_nll_gap` are reported beside ASR.
+the trigger (docs/design.md). So :func:`hijack_rate` and :func:`target_nll_gap` are reported beside ASR.
 
 Everything here is a pure function of its inputs except :func:`measure_cost`, and the model-based functions, which
 run the model without gradients and restore its train/eval mode.

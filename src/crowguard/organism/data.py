@@ -1,7 +1,7 @@
 """Instruction data for the CPU model organism, generated on the user's machine from nothing but Python itself.
 
 Why this source: CROW behaved on a tiny Llama trained on natural Alpaca text but failed on a narrow synthetic
-(arithmetic/word-task) organism (DESIGN.md section 9), so the organism needs natural, diverse English. Every Python
+(arithmetic/word-task) organism (docs/design.md), so the organism needs natural, diverse English. Every Python
 installation carries such text: the documentation of its standard library. Questions about stdlib modules, classes,
 functions and methods are answered with the first sentences of their docstrings; a minority of generated tasks with
 short exact answers (arithmetic, word reversal, next weekday, ...) lets clean utility be measured by exact match as

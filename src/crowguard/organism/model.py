@@ -1,7 +1,7 @@
 """The model organism's architecture: a tiny Llama, randomly initialised, sized to train on two CPU cores.
 
 A real ``LlamaForCausalLM`` (not a toy module) so that every crowguard stage (LoRA, CROW's hidden-state loss,
-generation, saving) runs on the organism exactly as on a Hub model. Sizes follow DESIGN.md section 9: "small" is
+generation, saving) runs on the organism exactly as on a Hub model. Sizes follow docs/design.md: "small" is
 organism A (hidden 128, 4 layers, ~1.3M parameters with a 4,096-token vocabulary), on which CROW's effect was seen;
 "deep" and "wide" are the variants on which the paper's defaults stopped working.
 """

@@ -153,7 +153,7 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
     clean_rest = poison_dataset(rest[cfg.n_poison :], attack, 0.0, cfg.organism.seed)
     clean_organism = None
     if cfg.plant == "pretrain":
-        # The organism learns from the clean corpus and the poisoned examples together (DESIGN.md section 9).
+        # The organism learns from the clean corpus and the poisoned examples together (docs/design.md).
         mixed = poisoned + clean_rest
         random.Random(cfg.organism.seed + 3).shuffle(mixed)
         organism = _base(cfg, show_progress, mixed, tag=attack.name)
