@@ -33,6 +33,7 @@ from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.metrics import hijack_rate
+from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.models import load_model
@@ -190,28 +191,12 @@ METRICS = ("asr_trigger", "asr_clean", "hijack", "nll_gap", "nll_triggered", "cl
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per cell and defense variant with >= 2 seeds: mean, sample standard deviation and every seed's value."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    seeded = []
     for row in rows:
         name, _, seed = row["model"].rpartition("-s")
         if name and seed.isdigit():
-            groups.setdefault((row["cell"], name), []).append(row)
-    out = []
-    for (cell, name), members in sorted(groups.items()):
-        if len(members) < 2:
-            continue
-        entry: dict[str, Any] = {
-            "cell": cell,
-            "model": name,
-            "seeds": [m["model"].rpartition("-s")[2] for m in members],
-        }
-        for key in METRICS:
-            values = [m[key] for m in members if m[key] is not None]
-            if values:
-                mean = sum(values) / len(values)
-                spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-                entry[key] = {"mean": mean, "sd": spread, "values": values}
-        out.append(entry)
-    return out
+            seeded.append({**row, "variant": name, "seed": int(seed)})
+    return over_seeds(seeded, METRICS, group=("cell", "variant"))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -236,7 +221,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 each = "/".join(fmt(v, kind) for v in stat["values"]) if stat else ""
                 precise = "pct1" if kind == "pct" else kind
                 cells.append(f"{fmt(stat['mean'], precise)} +- {fmt(stat['sd'], precise)} ({each})" if stat else "-")
-            lines.append(f"| {a['cell']} | {a['model']} ({','.join(a['seeds'])}) | " + " | ".join(cells) + " |")
+            seeds = ",".join(str(seed) for seed in a["seeds"])
+            lines.append(f"| {a['cell']} | {a['variant']} ({seeds}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

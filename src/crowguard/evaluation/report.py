@@ -31,6 +31,51 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
+def over_seeds(
+    rows: Sequence[dict[str, Any]], keys: Sequence[str], group: Sequence[str] = ("defense",)
+) -> list[dict[str, Any]]:
+    """Per group (rows equal in ``group``) that ran with two or more seeds (``row["seed"]`` not None): for each of
+    ``keys`` the mean, the sample standard deviation and every seed's value, so no single seed stands for a method.
+
+    Returns one dict per group: the ``group`` fields, ``seeds``, and ``{key: {"mean", "sd", "values"}}``.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("seed") is not None:
+            groups.setdefault(tuple(row.get(g) for g in group), []).append(row)
+    out = []
+    for names, members in groups.items():
+        if len(members) < 2:
+            continue
+        entry: dict[str, Any] = {**dict(zip(group, names, strict=True)), "seeds": [m["seed"] for m in members]}
+        for key in keys:
+            values = [m[key] for m in members if m.get(key) is not None]
+            if len(values) >= 2:
+                mean = sum(values) / len(values)
+                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                entry[key] = {"mean": mean, "sd": sd, "values": values}
+        out.append(entry)
+    return out
+
+
+def seeds_table(summary: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], group: str = "defense") -> str:
+    """Markdown for :func:`over_seeds`: ``mean +- sd (seed values)`` per cell."""
+    present = [(k, h) for k, h in columns if any(k in e for e in summary)]
+    lines = [f"| {group} (seeds) | " + " | ".join(h for _, h in present) + " |", "|---" * (len(present) + 1) + "|"]
+    for entry in summary:
+        cells = []
+        for key, _ in present:
+            stat = entry.get(key)
+            if not stat:
+                cells.append("n/a")
+                continue
+            each = "/".join(format_value(key, v) for v in stat["values"])
+            cells.append(f"{format_value(key, stat['mean'])} +- {format_value(key, stat['sd'])} ({each})")
+        seeds = ",".join(str(s) for s in entry["seeds"])
+        lines.append(f"| {entry[group]} ({seeds}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
     """A GitHub-flavoured Markdown table of ``rows`` (missing keys show as n/a)."""
     present = [(k, h) for k, h in columns if any(k in r for r in rows)]

@@ -25,7 +25,7 @@ from crowguard.defenses.base import make_defense
 from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.plots import defense_chart
-from crowguard.evaluation.report import markdown_table, print_table
+from crowguard.evaluation.report import markdown_table, over_seeds, print_table, seeds_table
 from crowguard.evaluation.tasks import Task
 from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
@@ -323,12 +323,15 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
                 "organism_source": organism.provenance, "backdoored_path": backdoored,
                 "backdoor_cached": plant_seconds is None, "backdoor_planted": verdict is None,
                 "total_seconds": time.perf_counter() - started}  # fmt: skip
-    results = {"rows": rows, "settings": settings, "warning": verdict}
+    seed_keys = ("asr_trigger", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity", "utility")
+    summary = over_seeds(rows, seed_keys)
+    results = {"rows": rows, "over_seeds": summary, "settings": settings, "warning": verdict}
     write_json_atomic(out_dir / "results.json", results)
     title = f"crowguard demo: {attack.name} on the {cfg.organism.name} organism"
     note = f"\n**Warning: {verdict}.**\n" if verdict else ""
+    seeds_md = f"\nOver defense seeds:\n\n{seeds_table(summary, DEMO_COLUMNS)}" if summary else ""
     write_text_atomic(out_dir / "results.md", f"# {title}\n{note}\n" + markdown_table(rows, DEMO_COLUMNS)
-                      + "\n" + CAPTION + "\n")  # fmt: skip
+                      + seeds_md + "\n" + CAPTION + "\n")  # fmt: skip
     write_examples(out_dir / "examples.md", evaluations)
     exact = any(r["utility"] is not None for r in rows)
     defense_chart(rows, out_dir / "results.png", title=title, caption=CAPTION,
