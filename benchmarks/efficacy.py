@@ -39,8 +39,8 @@ from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.models import load_model
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import CrowConfig, DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
+from crowguard.stage import run_training_stage
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
 # Every cell so far was measured with the per-micro-batch mean (the reference code's): kept for a consistent table.

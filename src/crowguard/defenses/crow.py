@@ -13,8 +13,8 @@ from typing import Any
 
 from crowguard.config import to_dict
 from crowguard.defenses.base import DefenseResult
-from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import CrowConfig, DefenseConfig, ModelConfig
+from crowguard.stage import run_training_stage
 from crowguard.types import Example
 
 

@@ -13,8 +13,8 @@ from typing import Any
 from crowguard.data import DataError, load_examples
 from crowguard.io import check_output_dir
 from crowguard.models import check_model_exists
-from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import ExperimentConfig
+from crowguard.stage import run_training_stage
 
 
 def run_backdoor(

@@ -31,8 +31,8 @@ from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import load_model
 from crowguard.organism.build import cache_root, content_key, ensure_organism, organism_splits
-from crowguard.recipes.stage import run_training_stage
 from crowguard.schemas import DemoConfig, ModelConfig
+from crowguard.stage import run_training_stage
 
 DEMO_COLUMNS = (
     ("defense", "model"),

@@ -1,15 +1,21 @@
-"""One training stage from start to finish, shared by ``backdoor`` and every training defense.
+"""A stage's artefact, and one training stage from start to finish (shared by ``backdoor`` and every training
+defense). A component below both ``defenses`` and ``recipes``: neither package is imported here.
 
-load the model (untrusted: safetensors, no remote code) -> make it trainable (LoRA / full / continue or merge an
-attached adapter) -> train with the one engine -> write the artefact, ``config.yaml``, ``manifest.json``,
-``metrics.jsonl`` and ``train_summary.json`` into the output directory in one atomic rename.
+:func:`stage_artefact` is the one writer of a stage's output directory, for training and training-free stages
+alike: whatever the stage puts in the temporary directory, plus ``config.yaml``, ``train_summary.json`` (or another
+summary) and ``manifest.json``, renamed into place in one step.
+
+:func:`run_training_stage`: load the model (untrusted: safetensors, no remote code) -> make it trainable (LoRA /
+full / continue or merge an attached adapter) -> train with the one engine -> write the artefact (with
+``metrics.jsonl``) through :func:`stage_artefact`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,32 @@ from crowguard.models import base_of_adapter, load_model, save_model
 from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
 from crowguard.train import ResumeError, latest_checkpoint, prepare_for_training, train
 from crowguard.types import Example
+
+
+@contextmanager
+def stage_artefact(
+    stage: str,
+    out_dir: Path,
+    seed: int | None,
+    inputs: Mapping[str, str],
+    summary: dict[str, Any],
+    resolved_config: Any = None,
+    overwrite: bool = False,
+    summary_name: str = "train_summary.json",
+    extra_manifest: Mapping[str, Any] | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary directory for the stage's own files; on a clean exit add ``config.yaml`` (when given),
+    the summary and ``manifest.json`` (inputs hashed, versions, seed) and rename it to ``out_dir`` atomically.
+
+    ``summary`` and ``extra_manifest`` are read after the body, so the body may still add to them.
+    """
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        yield tmp
+        if resolved_config is not None:
+            save(resolved_config, tmp / "config.yaml")
+        write_json_atomic(tmp / summary_name, summary)
+        extra = {"summary": summary, **(extra_manifest or {})}
+        write_manifest(tmp, build_manifest(stage, seed, dict(inputs), extra))
 
 
 def work_dir_for(out_dir: Path) -> Path:
@@ -98,8 +130,14 @@ def run_training_stage(
     if int(os.environ.get("RANK", "0")) != 0:
         return summary  # under torchrun only the main process writes the artefact
     base = _output_base(model_cfg, train_cfg)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        trained = getattr(result.model, "module", result.model)
+    all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
+    if model_cfg.adapter:
+        all_inputs["adapter"] = model_cfg.adapter
+    trained = getattr(result.model, "module", result.model)
+    parameter = next(trained.parameters())
+    placement = {"device": str(parameter.device), "dtype": str(parameter.dtype), "precision": train_cfg.precision}
+    with stage_artefact(stage, out_dir, train_cfg.seed, all_inputs, summary, resolved_config, overwrite,
+                        extra_manifest=placement) as tmp:  # fmt: skip
         if base is None or train_cfg.merge_output:
             from crowguard.models import merge_adapter
 
@@ -109,14 +147,5 @@ def run_training_stage(
         summary["artefact"] = save_model(trained, tokenizer, tmp, base)
         if (work_dir / "metrics.jsonl").exists():
             shutil.copy(work_dir / "metrics.jsonl", tmp / "metrics.jsonl")
-        if resolved_config is not None:
-            save(resolved_config, tmp / "config.yaml")
-        write_json_atomic(tmp / "train_summary.json", summary)
-        all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
-        if model_cfg.adapter:
-            all_inputs["adapter"] = model_cfg.adapter
-        parameter = next(trained.parameters())
-        placement = {"device": str(parameter.device), "dtype": str(parameter.dtype), "precision": train_cfg.precision}
-        write_manifest(tmp, build_manifest(stage, train_cfg.seed, all_inputs, {"summary": summary, **placement}))
     shutil.rmtree(work_dir, ignore_errors=True)
     return summary
