@@ -63,11 +63,24 @@ def presets() -> dict[str, list[str]]:
     root = resources.files("crowguard") / "configs"
     found: dict[str, list[str]] = {}
     for folder in sorted(root.iterdir(), key=lambda p: p.name):
-        if folder.is_dir():
+        if folder.is_dir() and folder.name != "accelerate":  # accelerate's own launch files: accelerate_config
             names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
             if names:
                 found[folder.name] = names
     return found
+
+
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
+
+
+def accelerate_config(name: str) -> str:
+    """The path of a shipped ``accelerate launch --config_file`` file: ddp, fsdp (FULL_SHARD, one unit per decoder
+    layer), zero2 or zero3 (DeepSpeed). These are accelerate's files, not crowguard configs."""
+    if name not in ACCELERATE_CONFIGS:
+        from crowguard.config import ConfigError, suggest
+
+        raise ConfigError(f"no accelerate config {name!r}{suggest(name, ACCELERATE_CONFIGS)}")
+    return str(resources.files("crowguard") / "configs" / "accelerate" / f"{name}.yaml")
 
 
 def preset_path(ref: str) -> Any:
