@@ -290,6 +290,21 @@ def test_gradient_checkpointing_is_on_in_every_adapter_mode(backdoored, mode: st
     assert not inner.config.use_cache
 
 
+@pytest.mark.parametrize("mode", ["continue", "merge", "full"])
+def test_bf16_autocast_and_checkpointing_train_crow_in_every_adapter_mode(tmp_path: Path, backdoored, mode: str):
+    """bf16 autocast (these CPUs have AVX512-bf16; on GPUs the same flag) with gradient checkpointing, through the
+    Trainer, on every way of treating an attached adapter: finite losses, weights in float32, the stage written."""
+    _, adapter = backdoored
+    cfg = _cfg(max_steps=2, adapter_mode=mode, precision="bf16", gradient_checkpointing=True)
+    summary = run_training_stage("defend", ModelConfig(name_or_path=str(adapter)), cfg, _examples(8),
+                                 tmp_path / "out", crow=CROW, show_progress=False)  # fmt: skip
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+    log = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert all(r["consistency_adv"] > 0 for r in log if "consistency_adv" in r)
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["precision"] == "bf16" and manifest["dtype"] == "torch.float32"
+
+
 def test_ddp_unused_parameter_search_only_where_crow_leaves_an_embedding_without_gradient():
     from crowguard.train import ddp_needs_unused_parameter_search
 
