@@ -98,3 +98,29 @@ def test_defend_cli_under_torchrun(tmp_path: Path):
     assert (tmp_path / "crow/adapter_model.safetensors").is_file()
     summary = json.loads((tmp_path / "crow/train_summary.json").read_text())
     assert summary["steps"] == 2
+
+
+def test_run_pipeline_under_torchrun(tmp_path: Path):
+    """`crowguard run` on 2 gloo ranks: both train, rank 0 alone writes data, evaluations and the ledger, a barrier
+    between stages (before, rank 1 raced to read stages rank 0 had not written); a rerun skips every stage."""
+    import yaml
+
+    base = save_tiny_model(tmp_path / "base", layers=3)
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_records(40)))
+    config = {"name": "ddp-run", "out_dir": str(tmp_path / "run"), "model": {"name_or_path": str(base)},
+              "poison": {"data": str(tmp_path / "data.json"), "n_train": 20, "n_test": 4},
+              "backdoor": {"max_steps": 2, "max_length": 96},
+              "defense": {"data": str(tmp_path / "data.json"), "n_samples": 8,
+                          "train": {"max_steps": 2, "max_length": 96}, "crow": {"layers": "all"}},
+              "defenses": ["none", "crow"], "evaluate": {"max_new_tokens": 4, "bootstrap": 50}}  # fmt: skip
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
+    _torchrun(["-m", "crowguard.cli", "run", "--config", "exp.yaml", "--quiet"], tmp_path)
+    run = tmp_path / "run"
+    assert [r["defense"] for r in json.loads((run / "results.json").read_text())["rows"]] == ["none", "crow"]
+    for stage in ("backdoor", "defense-crow"):
+        assert json.loads((run / stage / "manifest.json").read_text())["world_size"] == 2
+    assert set(json.loads((run / "stages.json").read_text())) == {"poison", "backdoor", "defense-crow", "eval-none",
+                                                                   "eval-crow"}  # fmt: skip
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
+    _torchrun(["-m", "crowguard.cli", "run", "--config", "exp.yaml", "--quiet"], tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")} == stamps
