@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import save
+from crowguard.config import ConfigError, save
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import base_of_adapter, load_model, save_model
@@ -52,6 +52,19 @@ def stage_artefact(
         write_json_atomic(tmp / summary_name, summary)
         extra = {"summary": summary, **(extra_manifest or {})}
         write_manifest(tmp, build_manifest(stage, seed, dict(inputs), extra))
+
+
+OPTIMIZER_PACKAGES = {"paged_adamw_8bit": "bitsandbytes"}
+
+
+def check_optimizer(optim: str) -> None:
+    """Refuse, before any model loads, an optimizer whose package is missing (bitsandbytes: CUDA machines)."""
+    import importlib.util
+
+    package = OPTIMIZER_PACKAGES.get(optim)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"train.optim {optim!r} needs the {package} package (CUDA GPUs only): pip install "
+                          f"{package}, or choose adamw_torch")  # fmt: skip
 
 
 def work_dir_for(out_dir: Path) -> Path:
@@ -92,6 +105,7 @@ def run_training_stage(
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     work_dir = work_dir_for(out_dir)
+    check_optimizer(train_cfg.optim)
     if resume and latest_checkpoint(work_dir) is None:  # before minutes of model loading, and leaving nothing
         raise ResumeError(f"--resume: no checkpoint-* directory in {work_dir} (run without --resume to start afresh)")
     identity = {key: getattr(model_cfg, key) for key in ("name_or_path", "adapter", "revision", "dtype", "template")}

@@ -345,3 +345,16 @@ def test_save_model_records_base(tmp_path: Path, backdoored):
     assert save_model(model, tokenizer, tmp_path / "copy", base_name_or_path=str(base)) == "adapter"
     config = json.loads((tmp_path / "copy/adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve())
+
+
+def test_an_optimizer_whose_package_is_missing_is_refused_before_loading(tmp_path: Path):
+    import importlib.util
+
+    from crowguard.config import ConfigError
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
+        run_training_stage("defend", ModelConfig(name_or_path=str(tmp_path / "not-loaded")),
+                           _cfg(optim="paged_adamw_8bit"), _examples(2), tmp_path / "out")  # fmt: skip
+    assert not (tmp_path / "out").exists()
