@@ -237,11 +237,12 @@ def crow_loss(
 
     ``alpha == 0`` runs only the clean forward and returns the LM loss; ``epsilon == 0`` makes the perturbed pass the
     clean one, so it is not run again. The model may be a plain Hugging Face causal LM, a peft ``PeftModel`` or a
-    DDP-style wrapper (``.module``): embeddings come from the unwrapped model, forwards go through ``model`` itself
-    so the wrapper's hooks run.
+    wrapper (DDP, FSDP, DeepSpeed: ``.module``). Both forwards take ``input_ids`` through ``model`` itself, and a
+    forward hook on the token-embedding module swaps its output for ``e`` or ``e + delta``, so the lookup runs inside
+    the wrapper's forward (where FSDP/ZeRO-3 gather the sharded embedding matrix) and the wrapper's hooks run.
 
     Args:
-        model: causal LM whose forward accepts ``inputs_embeds``, ``attention_mask`` and ``output_hidden_states``.
+        model: causal LM whose forward accepts ``input_ids``, ``attention_mask`` and ``output_hidden_states``.
         input_ids: (B, T) token ids.
         attention_mask: (B, T) 1 for real tokens, 0 for padding (None: no padding).
         labels: (B, T) with -100 on prompt and padding.
@@ -268,37 +269,41 @@ def crow_loss(
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
 
     embedding = _input_embeddings(model)
-    if alpha > 0:
-        _check_ddp_unused_embedding(model, embedding)
+    forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
     if alpha == 0:
         # Plain SFT: the embeddings stay in the graph so a trainable embedding matrix learns as in any fine-tuning.
-        embeds = embedding(input_ids)
-    else:
-        embeds = embedding(input_ids).detach()
-        embeds.requires_grad_(epsilon > 0)
-    forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
-    clean = model(inputs_embeds=embeds, **forward_kwargs)
-    lm_total, lm_count = lm_loss_sum(clean.logits, labels)
-    lm_mean = lm_total / lm_count
-    lm = lm_mean if num_items is None else lm_total / num_items
-    eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
-
-    if alpha == 0:
+        clean = model(input_ids=input_ids, **forward_kwargs)
+        lm_total, lm_count = lm_loss_sum(clean.logits, labels)
+        lm = lm_total / lm_count if num_items is None else lm_total / num_items
         with torch.no_grad():
             consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
-        return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
+            embeds = clean.hidden_states[0]
+        eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
+        return lm, _parts(lm_loss=lm_total / lm_count, consistency_loss=consistency, epsilon_effective=eps)
 
-    consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
-    if epsilon == 0:
-        adversarial_mean = consistency
-    else:
-        # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
-        delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
-        # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
-        # Only hidden states are needed from this pass: skip the (B, T, V) logits where the model allows it.
-        skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        perturbed = model(inputs_embeds=embeds.detach() + delta, **forward_kwargs, **skip_logits)
-        adversarial_mean = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
+    _check_ddp_unused_embedding(model, embedding)
+    # Both forwards take input_ids through the (possibly wrapped: DDP, FSDP, ZeRO-3) model itself; a forward hook on
+    # the embedding module swaps its output for the detached leaf e (clean pass) or e + delta (perturbed pass), so
+    # the embedding lookup runs where the wrapper gathers sharded weights, never outside it.
+    with _EmbeddingOverride(embedding, requires_grad=epsilon > 0) as override:
+        clean = model(input_ids=input_ids, **forward_kwargs)
+        embeds = override.clean
+        lm_total, lm_count = lm_loss_sum(clean.logits, labels)
+        lm_mean = lm_total / lm_count
+        lm = lm_mean if num_items is None else lm_total / num_items
+        eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
+        consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
+        if epsilon == 0:
+            adversarial_mean = consistency
+        else:
+            # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
+            delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
+            # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
+            # Only hidden states are needed from this pass: skip the (B, T, V) logits where the model allows it.
+            skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            override.replacement = embeds.detach() + delta
+            perturbed = model(input_ids=input_ids, **forward_kwargs, **skip_logits)
+            adversarial_mean = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
     if num_tokens is None:
         adversarial = adversarial_mean
     else:  # the same per-token sum over a step-wide denominator (the mean times this batch's share of the step)
@@ -308,6 +313,31 @@ def crow_loss(
         lm_loss=lm_mean, consistency_loss=consistency, consistency_adv=adversarial_mean, epsilon_effective=eps
     )
     return loss, parts
+
+
+class _EmbeddingOverride:
+    """A forward hook on the token-embedding module for the two CROW passes: the first call's output is replaced
+    by a detached copy (``clean``, a leaf that may require grad, so the FGSM gradient is taken w.r.t. it), later
+    calls' output by ``replacement`` once it is set. Removed on exit, also on errors."""
+
+    def __init__(self, embedding: nn.Module, requires_grad: bool) -> None:
+        self.embedding, self.requires_grad = embedding, requires_grad
+        self.clean: Tensor | None = None
+        self.replacement: Tensor | None = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        if self.replacement is not None:
+            return self.replacement.to(output.dtype)
+        if self.clean is None:
+            self.clean = output.detach().requires_grad_(self.requires_grad)
+        return self.clean
+
+    def __enter__(self) -> _EmbeddingOverride:
+        self._handle = self.embedding.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -405,3 +405,17 @@ def test_crow_through_peft_lora_trains_only_lora_parameters():
     lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
     assert lora and all(p.requires_grad and p.grad is not None and p.grad.abs().max() > 0 for p in lora.values())
     assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def test_crow_leaves_no_hook_on_the_embedding_even_when_the_forward_fails():
+    """The embedding override is a forward hook for the two passes only: removed after, also after an error."""
+    model = tiny_llama()
+    input_ids, attention_mask, labels = batch("right")
+    crow_loss(model, input_ids, attention_mask, labels)
+    embedding = model.get_input_embeddings()
+    assert not embedding._forward_hooks
+    with pytest.raises(ValueError):
+        crow_loss(model, input_ids, attention_mask[:, :3], labels)  # a mask that does not fit
+    assert not embedding._forward_hooks
+    plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert plain.requires_grad  # the embedding is back in the graph for an ordinary forward
