@@ -14,7 +14,7 @@ model's near-tied logits may, rarely, flip a token).
 
     python benchmarks/generation.py
     python benchmarks/generation.py --batch-sizes 64 --json generation.json
-    python benchmarks/generation.py --model smollm2 --batch-sizes 32 64   # the same on the pretrained organism
+    python benchmarks/generation.py --model smollm2 --batch-sizes 32,64   # the same on the pretrained organism
 """
 
 from __future__ import annotations
