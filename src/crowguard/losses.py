@@ -273,13 +273,12 @@ def crow_loss(
     if alpha == 0:
         # Plain SFT: the embeddings stay in the graph so a trainable embedding matrix learns as in any fine-tuning.
         clean = model(input_ids=input_ids, **forward_kwargs)
-        lm_total, lm_count = lm_loss_sum(clean.logits, labels)
-        lm = lm_total / lm_count if num_items is None else lm_total / num_items
+        lm, lm_mean = _lm_losses(clean.logits, labels, num_items)
         with torch.no_grad():
             consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
             embeds = clean.hidden_states[0]
         eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
-        return lm, _parts(lm_loss=lm_total / lm_count, consistency_loss=consistency, epsilon_effective=eps)
+        return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
 
     _check_ddp_unused_embedding(model, embedding)
     # Both forwards take input_ids through the (possibly wrapped: DDP, FSDP, ZeRO-3) model itself; a forward hook on
@@ -288,9 +287,7 @@ def crow_loss(
     with _EmbeddingOverride(embedding, requires_grad=epsilon > 0) as override:
         clean = model(input_ids=input_ids, **forward_kwargs)
         embeds = override.clean
-        lm_total, lm_count = lm_loss_sum(clean.logits, labels)
-        lm_mean = lm_total / lm_count
-        lm = lm_mean if num_items is None else lm_total / num_items
+        lm, lm_mean = _lm_losses(clean.logits, labels, num_items)
         eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
         consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
         if epsilon == 0:
@@ -313,6 +310,13 @@ def crow_loss(
         lm_loss=lm_mean, consistency_loss=consistency, consistency_adv=adversarial_mean, epsilon_effective=eps
     )
     return loss, parts
+
+
+def _lm_losses(logits: Tensor, labels: Tensor, num_items: int | Tensor | None) -> tuple[Tensor, Tensor]:
+    """(the LM loss to optimise: over ``num_items`` when given, else this batch's mean; this batch's mean, to log)."""
+    total, count = lm_loss_sum(logits, labels)
+    mean = total / count
+    return (mean if num_items is None else total / num_items), mean
 
 
 class _EmbeddingOverride:

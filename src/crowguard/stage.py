@@ -24,7 +24,7 @@ from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import base_of_adapter, load_model, save_model
 from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
-from crowguard.train import ResumeError, latest_checkpoint, prepare_for_training, train
+from crowguard.train import prepare_for_training, require_checkpoint, train
 from crowguard.types import Example
 
 
@@ -106,8 +106,8 @@ def run_training_stage(
     check_output_dir(out_dir, overwrite)
     work_dir = work_dir_for(out_dir)
     check_optimizer(train_cfg.optim)
-    if resume and latest_checkpoint(work_dir) is None:  # before minutes of model loading, and leaving nothing
-        raise ResumeError(f"--resume: no checkpoint-* directory in {work_dir} (run without --resume to start afresh)")
+    if resume:
+        require_checkpoint(work_dir)  # before minutes of model loading, and leaving nothing
     identity = {key: getattr(model_cfg, key) for key in ("name_or_path", "adapter", "revision", "dtype", "template")}
     model, tokenizer = load_model(
         model_cfg.name_or_path,

@@ -119,10 +119,12 @@ class CrowTrainer(Trainer):
         if model.training:
             # Logged parts are averaged like the loss: over tokens in token mode (so loss = lm_loss + alpha *
             # consistency_adv holds in the logs), over micro-batches otherwise.
-            items, tokens = count_loss_tokens(inputs["labels"], inputs.get("attention_mask"))
+            items, tokens = (
+                (1, 1) if num_items is None else count_loss_tokens(inputs["labels"], inputs.get("attention_mask"))
+            )
             for name in PART_NAMES:
                 if name in parts:
-                    weight = 1.0 if num_items is None else float(items if name == "lm_loss" else tokens)
+                    weight = float(items if name == "lm_loss" else tokens)
                     total, weights = self._part_sums.get(name, (0.0, 0.0))
                     self._part_sums[name] = (total + weight * float(parts[name]), weights + weight)
         return (loss, None) if return_outputs else loss
@@ -315,11 +317,17 @@ def run_settings(
             "data_sha256": data.hexdigest(), "model": identity}  # fmt: skip
 
 
-def check_resume(work_dir: Path, settings: dict[str, Any]) -> str:
-    """The checkpoint to continue, after checking that ``settings`` are the checkpointed run's; else ResumeError."""
-    checkpoint = latest_checkpoint(work_dir) if work_dir.is_dir() else None
+def require_checkpoint(work_dir: Path) -> str:
+    """The newest checkpoint in ``work_dir``, or the one-line ResumeError that there is none to resume."""
+    checkpoint = latest_checkpoint(work_dir) if Path(work_dir).is_dir() else None
     if checkpoint is None:
         raise ResumeError(f"--resume: no checkpoint-* directory in {work_dir} (run without --resume to start afresh)")
+    return checkpoint
+
+
+def check_resume(work_dir: Path, settings: dict[str, Any]) -> str:
+    """The checkpoint to continue, after checking that ``settings`` are the checkpointed run's; else ResumeError."""
+    checkpoint = require_checkpoint(work_dir)
     recorded_path = work_dir / SETTINGS_FILE
     if not recorded_path.is_file():
         raise ResumeError(f"--resume: {recorded_path} is missing, so the checkpoint's settings cannot be checked")
