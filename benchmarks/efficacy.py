@@ -39,7 +39,8 @@ from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.models import load_model
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.schemas import CrowConfig, DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
+from crowguard.defenses.crow import CrowConfig
+from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 from crowguard.stage import run_training_stage
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
@@ -147,7 +148,7 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
                 (cell_dir / f"eval-{name}-s{seed}.json").unlink(missing_ok=True)  # it evaluated another model
                 say(f"[{cell}] {name} seed {seed}")
                 train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode)
-                cfg = DefenseConfig(method=method, n_samples=len(clean), train=train, crow=crow)
+                cfg = DefenseConfig(method=method, n_samples=len(clean), train=train).with_section("crow", crow)
                 make_defense(cfg).run(ModelConfig(name_or_path=str(plant_dir)), clean, out, overwrite=True,
                                       show_progress=not args.quiet)  # fmt: skip
             result = cached_eval(cell_dir / f"eval-{name}-s{seed}.json", str(out), task, name, args.quiet)

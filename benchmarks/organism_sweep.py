@@ -20,7 +20,8 @@ from pathlib import Path
 
 from crowguard.recipes.demo import defend, demo_row, evaluate_model_dir, plant, prepare
 from crowguard.registry import preset_path
-from crowguard.schemas import CrowConfig, DemoConfig, PayloadConfig, TriggerConfig
+from crowguard.defenses.crow import CrowConfig
+from crowguard.schemas import DemoConfig, PayloadConfig, TriggerConfig
 
 # name -> (defense method, CROW settings, fine-tuning mode); "paper" is the paper's defaults.
 VARIANTS: dict[str, tuple[str, CrowConfig, str]] = {
@@ -77,7 +78,7 @@ def main() -> None:
                 method, crow, finetune = VARIANTS[name]
                 train = dataclasses.replace(cfg.defense.train, finetune=finetune)
                 variant_cfg = dataclasses.replace(
-                    cfg, defense=dataclasses.replace(cfg.defense, crow=crow, train=train)
+                    cfg, defense=dataclasses.replace(cfg.defense, train=train).with_section("crow", crow)
                 )
                 for seed in args.seeds:
                     start = time.perf_counter()

@@ -528,9 +528,19 @@ def _silence_stdout() -> None:
         pass
 
 
+def _quiet_library_loggers() -> None:
+    """peft imports torchao when it is installed (the quantization extra), and that import logs warnings about
+    optional kernels and torch.compile internals on every command; they say nothing about the user's run."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input or usage, 130 interrupted, 141 the reader of
     stdout went away)."""
+    _quiet_library_loggers()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -27,8 +27,15 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key and the file."""
 
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help string (shown by ``crowguard validate --explain``)."""
+def knob(default: Any = dataclasses.MISSING, help: str = "", open_sections: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field with a help string (shown by ``crowguard validate --explain``).
+
+    ``open_sections`` (a function returning ``{name: dataclass}``) makes the field a dict of sections that appear in
+    YAML as keys of the parent mapping (``defense.crow`` rather than ``defense.sections.crow``): the parent is open
+    to sections defined elsewhere, such as each defense's own config.
+    """
+    if open_sections is not None:
+        return dataclasses.field(default_factory=dict, metadata={"help": help, "open_sections": open_sections})
     # Mutable defaults (lists, dicts, nested configs at any depth) are deep-copied per instance: a shallow copy
     # (dataclasses.replace) left ExperimentConfig().defense.train one object shared by every config.
     if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
@@ -119,11 +126,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     """Build the dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    open_field = _open_field(cls)
+    sections = open_field.metadata["open_sections"]() if open_field else {}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown key {path!r}{suggest(str(key), list(fields))}")
+        if key in sections and open_field is not None and key not in fields:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a mapping for section {_type_name(sections[key])}, got {value!r}")
+            kwargs.setdefault(open_field.name, {})[key] = from_dict(sections[key], value, path)
+            continue
+        if key not in fields or fields[key] is open_field:
+            options = [name for name in fields if fields[name] is not open_field] + list(sections)
+            raise ConfigError(f"unknown key {path!r}{suggest(str(key), options)}")
         default = _field_default(fields[key])
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
             # A partial section overrides the *field's* default, not the section type's: {"train": {"max_steps": 2}}
@@ -141,6 +156,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         except ValueError as exc:
             raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
     return obj
+
+
+def _open_field(cls: type) -> dataclasses.Field | None:
+    """The field of ``cls`` holding open sections (see :func:`knob`), if any."""
+    return next((f for f in dataclasses.fields(cls) if "open_sections" in f.metadata), None)
 
 
 def _field_default(field: dataclasses.Field) -> Any:
@@ -163,7 +183,14 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 def to_dict(obj: Any) -> Any:
     """Plain YAML-able data (paths become strings, tuples lists)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            if "open_sections" in f.metadata:
+                data.update(value)  # open sections sit in the parent mapping
+            else:
+                data[f.name] = value
+        return data
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -272,6 +299,10 @@ def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        if "open_sections" in f.metadata:
+            for name, section in f.metadata["open_sections"]().items():
+                rows.extend(explain(section, f"{prefix}{name}."))
+            continue
         if dataclasses.is_dataclass(tp):
             rows.extend(explain(tp, key + "."))
             continue

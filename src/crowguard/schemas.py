@@ -6,7 +6,7 @@ Defaults are the CROW paper's settings (Min et al., ICML 2025) and BackdoorLLM's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from crowguard.config import knob
 
@@ -105,37 +105,72 @@ class TrainConfig:
             raise ValueError("set epochs > 0 or max_steps > 0")
 
 
-@dataclass
-class CrowConfig:
-    alpha: float = knob(5.5, "weight of the adversarial consistency loss (paper: 5.5; larger for some tasks)")
-    epsilon: float = knob(0.1, "FGSM step on the input embeddings (absolute, per dimension, as in the paper)")
-    epsilon_mode: Literal["absolute", "rms"] = knob(
-        "absolute", "absolute: epsilon per dimension (paper); rms: epsilon x RMS of the real-token embeddings"
-    )
-    layers: str | list[int] = knob(
-        "reference",
-        "layer pairs in the consistency loss: 'reference' (hidden_states[1:-2] vs [2:-1]), 'all', or a list of "
-        "hidden-state indices l, each adding the pair (l, l+1)",
-    )
+def defense_sections() -> dict[str, type]:
+    """Each registered defense's own config class, by name (the open sections ``defense.<name>``)."""
+    from crowguard.registry import DEFENSES, resolve
 
-    def validate(self) -> None:
-        if self.alpha < 0 or self.epsilon < 0:
-            raise ValueError("alpha and epsilon must not be negative")
-        if isinstance(self.layers, str) and self.layers not in ("reference", "all"):
-            raise ValueError(f"layers must be 'reference', 'all' or a list of indices, got {self.layers!r}")
+    sections = {}
+    for name in DEFENSES:
+        config_cls = getattr(resolve("defenses", name), "Config", None)
+        if config_cls is not None:
+            sections[name] = config_cls
+    return sections
+
+
+def _default_sections() -> dict[str, Any]:
+    return {name: cls() for name, cls in defense_sections().items()}
 
 
 @dataclass
 class DefenseConfig:
+    """What every defense shares (the method, the clean data, the training budget) plus one open section per
+    registered defense with its own knobs (``defense.crow.alpha``, ``defense.prune.sparsity``, ...), defined in the
+    defense's module, not here: a new defense edits no schema."""
+
     method: str = knob("crow", "defense name (crowguard ls defenses)")
     data: str = knob("", "clean Alpaca JSON/JSONL for training defenses (the paper: 100 clean samples)")
     n_samples: int = knob(100, "clean samples drawn (seeded) from data; 0 = all")
     train: TrainConfig = knob(TrainConfig(lr=1e-3), "fine-tuning settings shared by every training defense")
-    crow: CrowConfig = knob(CrowConfig(), "CROW's own knobs")
+    sections: dict[str, Any] = knob(
+        None, "each defense's own section, defense.<name> (see the defense modules)", open_sections=defense_sections
+    )
+
+    def __post_init__(self) -> None:
+        defaults = _default_sections()
+        unknown = [name for name in self.sections or {} if name not in defaults]
+        if unknown:
+            raise ValueError(f"no defense section {unknown[0]!r}; defenses with settings: {', '.join(defaults)}")
+        self.sections = {**defaults, **(self.sections or {})}
+
+    def section(self, name: str) -> Any:
+        """The settings of defense ``name`` (its ``Config`` instance)."""
+        if name not in self.sections:
+            raise KeyError(f"defense {name!r} has no settings section")
+        return self.sections[name]
+
+    def with_section(self, name: str, settings: Any) -> DefenseConfig:
+        """A copy whose section ``name`` is ``settings``."""
+        import dataclasses
+
+        return dataclasses.replace(self, sections={**self.sections, name: settings})
+
+    def __getattr__(self, name: str) -> Any:
+        # cfg.defense.crow reads the crow section (dataclass fields are found before this is called)
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or defense section {name!r}")
 
     def validate(self) -> None:
         if self.n_samples < 0:
             raise ValueError(f"n_samples must not be negative, got {self.n_samples}")
+        from crowguard.registry import DEFENSES
+
+        if self.method not in DEFENSES:
+            from crowguard.config import suggest
+
+            raise ValueError(f"unknown defense {self.method!r}{suggest(self.method, list(DEFENSES))}; choose one of "
+                             f"{', '.join(DEFENSES)}")  # fmt: skip
 
 
 @dataclass

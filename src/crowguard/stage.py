@@ -23,7 +23,8 @@ from crowguard.config import ConfigError, save
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import base_of_adapter, load_model, save_model
-from crowguard.schemas import CrowConfig, ModelConfig, TrainConfig
+from crowguard.schemas import ModelConfig, TrainConfig
+from crowguard.train import CrowSettings
 from crowguard.train import prepare_for_training, require_checkpoint, train
 from crowguard.types import Example
 
@@ -93,7 +94,7 @@ def run_training_stage(
     train_cfg: TrainConfig,
     examples: Sequence[Example],
     out_dir: Path,
-    crow: CrowConfig | None = None,
+    crow: CrowSettings | None = None,
     resolved_config: Any = None,
     inputs: dict[str, str] | None = None,
     overwrite: bool = False,

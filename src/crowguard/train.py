@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -27,10 +27,20 @@ from crowguard.config import ConfigError, to_dict
 from crowguard.data import IGNORE_INDEX, tokenize_examples
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
-from crowguard.schemas import CrowConfig, TrainConfig
+from crowguard.schemas import TrainConfig
 from crowguard.types import Example
 
 PART_NAMES = ("lm_loss", "consistency_loss", "consistency_adv", "epsilon_effective")
+
+
+class CrowSettings(Protocol):
+    """What the engine reads of CROW's settings (:class:`crowguard.defenses.crow.CrowConfig` has them): the engine
+    sits below the defenses and takes plain settings, not a defense's config class."""
+
+    alpha: float
+    epsilon: float
+    epsilon_mode: str
+    layers: str | list[int]
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -60,7 +70,7 @@ class CrowTrainer(Trainer):
     # exists => do not divide", from 5.19 on loss_is_scaled_for_ga decides. Token mode undoes that division itself.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, crow: CrowConfig | None = None, loss_average: str = "token", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, crow: CrowSettings | None = None, loss_average: str = "token", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if loss_average not in ("token", "micro_batch"):
             raise ValueError(f'loss_average must be "token" or "micro_batch", got {loss_average!r}')
@@ -237,7 +247,7 @@ def _enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
         model.config.use_cache = False
 
 
-def ddp_needs_unused_parameter_search(model: Any, crow: CrowConfig | None) -> bool:
+def ddp_needs_unused_parameter_search(model: Any, crow: CrowSettings | None) -> bool:
     """Whether DDP must look for parameters without a gradient: only CROW (alpha > 0) with a trainable input
     embedding matrix that is not tied to the LM head, which CROW's detached embeddings leave without a gradient.
 
@@ -305,7 +315,7 @@ SETTINGS_FILE = "run_settings.json"
 
 
 def run_settings(
-    cfg: TrainConfig, crow: CrowConfig | None, template: str, features: Sequence[dict[str, list[int]]], identity: Any
+    cfg: TrainConfig, crow: CrowSettings | None, template: str, features: Sequence[dict[str, list[int]]], identity: Any
 ) -> dict[str, Any]:
     """What a resumed run must share with the checkpointed one: the training settings, CROW's, the template, the
     tokenised data (hashed) and the caller's identity of the model (path, adapter)."""
@@ -362,7 +372,7 @@ def train(
     examples: Sequence[Example],
     cfg: TrainConfig,
     work_dir: Path,
-    crow: CrowConfig | None = None,
+    crow: CrowSettings | None = None,
     template: str = "alpaca",
     resume: bool = False,
     show_progress: bool = True,

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from crowguard.schemas import CrowConfig, TrainConfig
+from crowguard.defenses.crow import CrowConfig
+from crowguard.schemas import TrainConfig
 from crowguard.train import prepare_for_training, train
 
 from helpers import tiny_llama, tiny_tokenizer, unequal_examples

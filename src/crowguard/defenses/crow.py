@@ -3,29 +3,48 @@
 Fine-tunes on clean data with ``L = L_LM + alpha * L_cons(x + delta)``, where ``L_cons`` is the mean ``1 - cos``
 between consecutive hidden states over real tokens and ``delta`` one FGSM step on the input embeddings
 (see :func:`crowguard.losses.crow_loss`). Paper settings: 100 clean samples, epsilon 0.1, alpha 5.5, LoRA r 8 /
-alpha 16 on all linear layers, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4.
+alpha 16 on all linear layers, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4 (the shared ``defense.train``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from crowguard.config import to_dict
-from crowguard.defenses.base import DefenseResult
-from crowguard.schemas import CrowConfig, DefenseConfig, ModelConfig
-from crowguard.stage import run_training_stage
+from crowguard.config import knob, to_dict
+from crowguard.defenses.base import Defense, DefenseResult
+from crowguard.schemas import ModelConfig
 from crowguard.types import Example
 
 
-class CrowDefense:
-    name = "crow"
+@dataclass
+class CrowConfig:
+    alpha: float = knob(5.5, "weight of the adversarial consistency loss (paper: 5.5; larger for some tasks)")
+    epsilon: float = knob(0.1, "FGSM step on the input embeddings (absolute, per dimension, as in the paper)")
+    epsilon_mode: Literal["absolute", "rms"] = knob(
+        "absolute", "absolute: epsilon per dimension (paper); rms: epsilon x RMS of the real-token embeddings"
+    )
+    layers: str | list[int] = knob(
+        "reference",
+        "layer pairs in the consistency loss: 'reference' (hidden_states[1:-2] vs [2:-1]), 'all', or a list of "
+        "hidden-state indices l, each adding the pair (l, l+1)",
+    )
 
-    def __init__(self, cfg: DefenseConfig) -> None:
-        self.cfg = cfg
+    def validate(self) -> None:
+        if self.alpha < 0 or self.epsilon < 0:
+            raise ValueError("alpha and epsilon must not be negative")
+        if isinstance(self.layers, str) and self.layers not in ("reference", "all"):
+            raise ValueError(f"layers must be 'reference', 'all' or a list of indices, got {self.layers!r}")
+
+
+class CrowDefense(Defense):
+    name = "crow"
+    kind = "training"
+    Config = CrowConfig
 
     def crow_settings(self) -> CrowConfig:
-        return self.cfg.crow
+        return self.settings
 
     def run(
         self,
@@ -39,6 +58,8 @@ class CrowDefense:
         resolved_config: Any = None,
         inputs: dict[str, str] | None = None,
     ) -> DefenseResult:
+        from crowguard.stage import run_training_stage
+
         crow = self.crow_settings()
         summary = run_training_stage(
             f"defend:{self.name}",
@@ -52,6 +73,6 @@ class CrowDefense:
             overwrite=overwrite,
             resume=resume,
             show_progress=show_progress,
-            extra_summary={"defense": self.name, "crow": to_dict(crow)},
+            extra_summary={"defense": self.name, "kind": self.kind, "crow": to_dict(crow)},
         )
         return DefenseResult(model_path=str(out_dir), summary=summary)

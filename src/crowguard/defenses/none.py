@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.config import ConfigError
-from crowguard.defenses.base import DefenseResult
-from crowguard.schemas import DefenseConfig, ModelConfig
+from crowguard.defenses.base import Defense, DefenseResult
+from crowguard.schemas import ModelConfig
 from crowguard.types import Example
 
 
@@ -22,13 +22,13 @@ def as_given(model: ModelConfig) -> str:
     return f"--model {model.name_or_path}" + (f" --adapter {model.adapter}" if model.adapter else "")
 
 
-class NoDefense:
+class NoDefense(Defense):
     name = "none"
+    kind = "none"
 
-    def __init__(self, cfg: DefenseConfig) -> None:
-        self.cfg = cfg
-
-    def run(self, model: ModelConfig, clean_data: list[Example], out_dir: Path | None, **_: Any) -> DefenseResult:
+    def run(  # type: ignore[override]
+        self, model: ModelConfig, clean_data: list[Example], out_dir: Path | None, **_: Any
+    ) -> DefenseResult:
         """Nothing to train; the model (and its adapter, if any) is evaluated as given."""
         if out_dir is not None:
             raise ConfigError(

@@ -74,7 +74,7 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         plant="pretrain",
         reference_clean=False,
         backdoor=dataclasses.replace(cfg.backdoor, epochs=1, max_length=128),
-        defense=dataclasses.replace(cfg.defense, n_samples=16, train=train, crow=crow),
+        defense=dataclasses.replace(cfg.defense, n_samples=16, train=train).with_section("crow", crow),
         evaluate=dataclasses.replace(cfg.evaluate, max_new_tokens=12, limit=16, bootstrap=200),
     )
 

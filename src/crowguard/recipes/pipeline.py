@@ -201,8 +201,9 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool, ranks: Ranks) ->
         model_path, model_print = str(backdoor_dir), backdoor_print
         if method != "none":
             settings = to_dict(stage_cfg.defense)
-            if method != "crow":
-                settings.pop("crow")  # CROW's knobs do not change another defense's result
+            for name in stage_cfg.defense.sections:  # another defense's knobs do not change this one's result
+                if name != method and not (method == "finetune" and name == "crow"):  # finetune logs CROW's pairs
+                    settings.pop(name)
             model_print = fingerprint(f"defense-{method}", settings, _content(stage_cfg.defense.data), backdoor_print)
             defend = partial(run_defend, stage_cfg, defense_dir, show_progress=not quiet)
             stage(f"defense-{method}", defense_dir, model_print, defend, trains=True)
