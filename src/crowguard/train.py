@@ -70,7 +70,9 @@ class CrowTrainer(Trainer):
     # exists => do not divide", from 5.19 on loss_is_scaled_for_ga decides. Token mode undoes that division itself.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, crow: CrowSettings | None = None, loss_average: str = "token", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, crow: CrowSettings | None = None, loss_average: str = "token", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         if loss_average not in ("token", "micro_batch"):
             raise ValueError(f'loss_average must be "token" or "micro_batch", got {loss_average!r}')

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowguard.models import ModelLoadError, load_model, save_model
 from crowguard.defenses.crow import CrowConfig
+from crowguard.models import ModelLoadError, load_model, save_model
 from crowguard.schemas import ModelConfig, TrainConfig
 from crowguard.stage import run_training_stage, work_dir_for
 from crowguard.train import ResumeError, prepare_for_training, train
