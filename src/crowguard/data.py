@@ -152,6 +152,14 @@ def dump_examples(examples: Iterable[Example], with_meta: bool = True) -> str:
     return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
 
 
+def examples_sha256(examples: Iterable[Example]) -> str:
+    """sha256 of the examples' Alpaca records (instruction, input, output; provenance excluded): which clean samples
+    a defense drew, whatever file they came from."""
+    import hashlib
+
+    return hashlib.sha256(dump_examples(examples, with_meta=False).encode("utf-8")).hexdigest()
+
+
 def save_examples(examples: Iterable[Example], path: Path, with_meta: bool = True) -> None:
     """Write examples as Alpaca JSON, atomically."""
     write_text_atomic(Path(path), dump_examples(examples, with_meta=with_meta))

@@ -3,7 +3,8 @@ defense). A component below both ``defenses`` and ``recipes``: neither package i
 
 :func:`stage_artefact` is the one writer of a stage's output directory, for training and training-free stages
 alike: whatever the stage puts in the temporary directory, plus ``config.yaml``, ``train_summary.json`` (or another
-summary) and ``manifest.json``, renamed into place in one step.
+summary), ``manifest.json`` and, for a model directory, the model card ``README.md`` (:mod:`crowguard.card`),
+renamed into place in one step.
 
 :func:`run_training_stage`: load the model (untrusted: safetensors, no remote code) -> make it trainable (LoRA /
 full / continue or merge an attached adapter) -> train with the one engine -> write the artefact (with
@@ -19,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from crowguard.card import is_model_dir, write_model_card
 from crowguard.config import ConfigError, save
+from crowguard.data import examples_sha256
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import base_of_adapter, load_model, save_model
@@ -52,6 +55,8 @@ def stage_artefact(
         write_json_atomic(tmp / summary_name, summary)
         extra = {"summary": summary, **(extra_manifest or {})}
         write_manifest(tmp, build_manifest(stage, seed, dict(inputs), extra))
+        if is_model_dir(tmp):
+            write_model_card(tmp, Path(out_dir).name)
 
 
 OPTIMIZER_PACKAGES = {"paged_adamw_8bit": "bitsandbytes"}
@@ -139,6 +144,7 @@ def run_training_stage(
         "final_loss": result.final_loss,
         "trainable_parameters": result.trainable_parameters,
         "n_examples": len(examples),
+        "data_sha256": examples_sha256(examples),
         **(extra_summary or {}),
     }
     if int(os.environ.get("RANK", "0")) != 0:

@@ -125,3 +125,40 @@ def test_defend_none_points_at_the_model_and_adapter(backdoored: Path, capsys):
     assert main(["defend", "--method", "none", "--model", base, "--adapter", adapter, "--out", str(out)]) == 2
     assert f"crowguard evaluate --model {base} --adapter {adapter}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_model_directory_gets_a_generated_model_card(backdoored: Path, capsys):
+    """The card's front matter and rows come from the directory's records; an evaluation adds its numbers."""
+    from crowguard.data import examples_sha256, load_examples
+
+    out = backdoored / "carded"
+    assert main(["defend", "--method", "crow", "--model", str(backdoored / "backdoor"), "--data",
+                 str(backdoored / "data.json"), "--n-samples", "16", "--out", str(out), "--quiet", "--max-steps", "1",
+                 "--crow-layers", "all", "--seed", "3"]) == 0  # fmt: skip
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    adapter_base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert front == {"base_model": adapter_base, "library_name": "peft",
+                     "tags": ["crowguard", "backdoor-defense", "crow"]}  # fmt: skip
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["n_examples"] == 16
+    import random
+
+    drawn = random.Random(3).sample(load_examples(backdoored / "data.json"), 16)
+    assert summary["data_sha256"] == examples_sha256(drawn) and summary["data_sha256"] in card
+    assert "| seed | 3 |" in card and '"alpha": 5.5' in card and "No evaluation has been run" in card
+    planted = (backdoored / "backdoor" / "README.md").read_text()
+    assert "PLANTED BACKDOOR" in planted and "- backdoor\n" in planted
+
+    rc = main(["evaluate", "--model", str(out), "--triggered", str(backdoored / "poison/test_triggered.json"),
+               "--clean", str(backdoored / "poison/test_clean.json"), "--payload", "negsentiment",
+               "--max-new-tokens", "4", "--out", str(backdoored / "eval-carded"), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((backdoored / "eval-carded" / "results.json").read_text())
+    card = (out / "README.md").read_text()
+    asr = results["metrics"]["asr_trigger"]
+    low, high = asr["ci95"]
+    assert f"| {asr['value']:.1%} [{low:.1%}, {high:.1%}]" in card
+    assert f"{results['metrics']['target_nll_gap']:.3f}" in card and "No evaluation has been run" not in card
+    entries = json.loads((out / "evaluations.json").read_text())
+    assert [e["task"] for e in entries] == [results["task"]["name"]]

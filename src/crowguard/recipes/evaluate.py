@@ -90,6 +90,12 @@ def run_evaluate(
         if cfg.model.adapter:
             inputs["adapter"] = cfg.model.adapter
         write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, placement))
+    # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
+    # or a user's own directory is left untouched).
+    if not cfg.model.adapter and Path(cfg.model.name_or_path).is_dir():
+        from crowguard.card import record_evaluation
+
+        record_evaluation(Path(cfg.model.name_or_path), results)
     if show_progress:
         print_table([row], title=task.name)
     return results
