@@ -39,19 +39,8 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", open_sections: Any 
     # Mutable defaults (lists, dicts, nested configs at any depth) are deep-copied per instance: a shallow copy
     # (dataclasses.replace) left ExperimentConfig().defense.train one object shared by every config.
     if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
-        return dataclasses.field(default_factory=lambda d=default: _fresh(d), metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
-
-
-def _fresh(default: Any) -> Any:
-    """A deep copy of a default, with ``__post_init__`` run again on a dataclass: a ``DefenseConfig`` made when its
-    parent class was defined then also gains the sections of defenses registered since (post-inits that only
-    validate or fill in defaults are idempotent)."""
-    fresh = copy.deepcopy(default)
-    post_init = getattr(fresh, "__post_init__", None) if dataclasses.is_dataclass(fresh) else None
-    if callable(post_init):
-        post_init()
-    return fresh
 
 
 def suggest(name: str, options: Sequence[str]) -> str:

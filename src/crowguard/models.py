@@ -156,6 +156,31 @@ def resolve_device(requested: str = "auto") -> Any:
     return torch.device("cpu")
 
 
+def check_4bit() -> None:
+    """Refuse QLoRA, before any model loads, where bitsandbytes' 4-bit kernels cannot run (no CUDA, no package)."""
+    import importlib.util
+
+    import torch
+
+    from crowguard.config import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("train.quantize_base 4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not "
+                          "run on this machine, which has none; use quantize_base none")  # fmt: skip
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("train.quantize_base 4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes")
+
+
+def four_bit_config() -> Any:
+    """QLoRA's base quantization (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): NF4 weights, double
+    quantization of the scales, bfloat16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+
 def load_model(
     name_or_path: str,
     adapter: str | None = None,
@@ -165,17 +190,21 @@ def load_model(
     revision: str | None = None,
     trainable_adapter: bool = False,
     device: str | None = None,
+    quantize_4bit: bool = False,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local directory or Hub id, plus an optional LoRA adapter.
 
     ``name_or_path`` may itself be an adapter directory; its base model is then loaded first. Weights must be
     safetensors unless ``allow_pickle``. An adapter that does not fit the base model raises :class:`ModelLoadError`.
     ``device`` (see :func:`resolve_device`; None: where transformers puts it, the CPU) is where the model ends up.
+    ``quantize_4bit`` loads the base in 4-bit NF4 (QLoRA, :func:`four_bit_config`) on this process's GPU.
     """
+    if quantize_4bit:
+        check_4bit()
     model, tokenizer = _load_model(
-        name_or_path, adapter, dtype, trust_remote_code, allow_pickle, revision, trainable_adapter
+        name_or_path, adapter, dtype, trust_remote_code, allow_pickle, revision, trainable_adapter, quantize_4bit
     )
-    if device is not None:
+    if device is not None and not quantize_4bit:  # a 4-bit model is placed when it loads
         model = model.to(resolve_device(device))
     return model, tokenizer
 
@@ -188,6 +217,7 @@ def _load_model(
     allow_pickle: bool,
     revision: str | None,
     trainable_adapter: bool,
+    quantize_4bit: bool = False,
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +235,12 @@ def _load_model(
             raise ModelLoadError(f"{exc} (the base model named in {named_in})") from None
         # The base may itself be an adapter directory (a defense trained a new LoRA on a merged backdoored
         # adapter): load it recursively and merge it before attaching this adapter.
-        base, tokenizer = _load_model(base_ref, None, dtype, trust_remote_code, allow_pickle, revision, False)
+        if quantize_4bit and _is_adapter_dir(local_path(base_ref)):
+            raise ModelLoadError(f"{name_or_path}: its base {base_ref} is itself an adapter, which would have to be "
+                                 "merged into 4-bit weights; merge it into a full-precision model first")  # fmt: skip
+        base, tokenizer = _load_model(
+            base_ref, None, dtype, trust_remote_code, allow_pickle, revision, False, quantize_4bit
+        )
         base = merge_adapter(base)
         model = attach_adapter(base, name_or_path, allow_pickle=allow_pickle, trainable=trainable_adapter)
         return model, tokenizer
@@ -214,12 +249,16 @@ def _load_model(
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:
+        placement: dict[str, Any] = {}
+        if quantize_4bit:  # bitsandbytes quantizes while loading, onto this process's GPU
+            placement = {"quantization_config": four_bit_config(), "device_map": {"": resolve_device("auto").index}}
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=DTYPES[dtype],
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
             revision=revision,
+            **placement,
         )
     except (OSError, ValueError) as exc:
         hint = ""

@@ -89,6 +89,11 @@ class TrainConfig:
     lora_dropout: float = knob(0.0, "LoRA dropout")
     lora_targets: str = knob("all-linear", "LoRA target modules (peft syntax; all-linear = every decoder linear)")
     precision: Literal["fp32", "bf16", "fp16"] = knob("fp32", "fp32 on CPU; bf16/fp16 autocast on GPU")
+    quantize_base: Literal["none", "4bit"] = knob(
+        "none",
+        "QLoRA: load the frozen base in 4-bit NF4 with double quantization (bitsandbytes, CUDA GPUs only) and train "
+        "LoRA on it; needs finetune lora, and a model that arrives with an adapter keeps it (adapter_mode continue)",
+    )
     gradient_checkpointing: bool = knob(False, "trade compute for memory on large models")
     save_steps: int = knob(0, "checkpoint every N optimizer steps for --resume (0: no checkpoints, nothing to resume)")
     logging_steps: int = knob(1, "log losses every N optimizer steps")
@@ -103,6 +108,12 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
+        if self.quantize_base == "4bit" and (self.finetune == "full" or self.adapter_mode == "full"):
+            raise ValueError("quantize_base 4bit (QLoRA) trains LoRA only: 4-bit weights cannot be fine-tuned; set "
+                             "finetune lora and adapter_mode continue or merge")  # fmt: skip
+        if self.quantize_base == "4bit" and self.merge_output:
+            raise ValueError("merge_output with quantize_base 4bit would merge the adapter into rounded 4-bit "
+                             "weights; merge it into the full-precision base afterwards instead")  # fmt: skip
 
 
 def defense_sections() -> dict[str, type]:
@@ -213,7 +224,9 @@ class ExperimentConfig:
     model: ModelConfig = knob(ModelConfig(), "the model to attack or defend")
     poison: PoisonConfig = knob(PoisonConfig(), "data poisoning")
     backdoor: TrainConfig = knob(TrainConfig(), "backdoor injection by supervised fine-tuning (paper: lr 2e-4)")
-    defense: DefenseConfig = knob(DefenseConfig(), "the defense")
+    # built when a config is made, not when this module is imported: a DefenseConfig reads the registered defenses'
+    # own config classes, and those modules import this one
+    defense: DefenseConfig = knob(help="the defense", default_factory=DefenseConfig)
     train_data: list[str] = knob(
         [], "already poisoned training files (e.g. the paper's backdoor500 + none_backdoor500); skips `poison`"
     )
@@ -270,8 +283,8 @@ class DemoConfig:
         "backdoor injection (SmolLM2: LoRA r 16, 3 epochs, lr 1e-3: the conditional plant of the plant sweep)",
     )
     defense: DefenseConfig = knob(
-        DefenseConfig(train=TrainConfig(lr=1e-3, max_length=96, adapter_mode="continue")),
-        "settings shared by every defense (CROW's own in defense.crow); continue = train the backdoored adapter",
+        help="settings shared by every defense (CROW's own in defense.crow); continue = train the backdoored adapter",
+        default_factory=lambda: DefenseConfig(train=TrainConfig(lr=1e-3, max_length=96, adapter_mode="continue")),
     )
     defenses: list[str] = knob(["none", "finetune", "crow"], "defenses compared")
     defense_seeds: list[int] = knob([0], "seeds of the defense runs (clean-sample draw and training)")

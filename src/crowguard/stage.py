@@ -111,6 +111,16 @@ def run_training_stage(
     check_output_dir(out_dir, overwrite)
     work_dir = work_dir_for(out_dir)
     check_optimizer(train_cfg.optim)
+    if train_cfg.quantize_base == "4bit":
+        from crowguard.models import check_4bit
+
+        check_4bit()  # before minutes of loading
+        arrives_with_adapter = (
+            model_cfg.adapter is not None or (Path(model_cfg.name_or_path) / "adapter_config.json").is_file()
+        )
+        if arrives_with_adapter and train_cfg.adapter_mode != "continue":
+            raise ConfigError("quantize_base 4bit with a model that has a LoRA adapter needs adapter_mode continue "
+                              "(merging it would round it into 4-bit weights)")  # fmt: skip
     if resume:
         require_checkpoint(work_dir)  # before minutes of model loading, and leaving nothing
     identity = {key: getattr(model_cfg, key) for key in ("name_or_path", "adapter", "revision", "dtype", "template")}
@@ -122,6 +132,7 @@ def run_training_stage(
         allow_pickle=model_cfg.allow_pickle,
         revision=model_cfg.revision,
         trainable_adapter=train_cfg.adapter_mode == "continue",
+        quantize_4bit=train_cfg.quantize_base == "4bit",
     )
     model = prepare_for_training(model, train_cfg)
     result = train(

@@ -208,14 +208,22 @@ def prepare_for_training(model: Any, cfg: TrainConfig) -> Any:
     trains that adapter further (the reference code), ``merge`` merges it and trains a new LoRA, ``full`` merges
     it and trains every weight.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+    if quantized:  # QLoRA: norms in fp32, input gradients for checkpointing (peft's preparation)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
     if isinstance(model, PeftModel):
         if cfg.adapter_mode == "continue":
             for name, param in model.named_parameters():
                 param.requires_grad = "lora_" in name
             _enable_checkpointing(model, cfg)
             return model
+        if quantized:
+            raise ConfigError("train.adapter_mode merge with quantize_base 4bit would merge the adapter into "
+                              "rounded 4-bit weights; use adapter_mode continue (QLoRA trains the adapter it is "
+                              "given)")  # fmt: skip
         model = model.merge_and_unload()
         finetune = "full" if cfg.adapter_mode == "full" else cfg.finetune
     else:
