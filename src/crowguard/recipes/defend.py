@@ -1,9 +1,9 @@
 """Recipe: purify a (possibly backdoored) model with a defense on a small clean set.
 
-check the output directory, the model and the data -> draw ``n_samples`` clean examples (seeded) -> the registered
-defense's ``run`` -> the purified model in ``out_dir``. Training defenses share one budget (``defense.train``): the
-same data, epochs, schedule and learning rate. ``none`` trains and writes nothing (see :mod:`crowguard.defenses.none`),
-so it takes no ``out_dir``.
+check the output directory, the model and the data -> draw ``n_samples`` clean examples (seeded; only for a defense
+that uses them, ``Defense.needs_data``) -> the registered defense's ``run`` -> the purified model in ``out_dir``.
+Training defenses share one budget (``defense.train``): the same data, epochs, schedule and learning rate. ``none``
+trains and writes nothing (see :mod:`crowguard.defenses.none`), so it takes no ``out_dir``.
 """
 
 from __future__ import annotations
@@ -47,9 +47,16 @@ def run_defend(
         raise ConfigError(f"defense {cfg.defense.method!r} writes the purified model: give --out")
     check_output_dir(Path(out_dir), overwrite)
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
-    if not cfg.defense.data:
-        raise DataError("defense.data is empty: give --data, a clean Alpaca JSON/JSONL file")
-    data = clean_samples(cfg.defense.data, cfg.defense.n_samples, cfg.defense.train.seed)
+    data: list[Example] = []
+    inputs: dict[str, str] = {}
+    if getattr(defense, "needs_data", True):  # one that uses no clean samples (quantize, magnitude pruning): no --data
+        if not cfg.defense.data:
+            raise DataError(
+                f"defense {cfg.defense.method!r} uses clean samples and defense.data is empty: give --data, a clean "
+                "Alpaca JSON/JSONL file"
+            )
+        data = clean_samples(cfg.defense.data, cfg.defense.n_samples, cfg.defense.train.seed)
+        inputs = {"data": cfg.defense.data}
     return defense.run(
         cfg.model,
         data,
@@ -58,5 +65,5 @@ def run_defend(
         resume=resume,
         show_progress=show_progress,
         resolved_config=cfg,
-        inputs={"data": cfg.defense.data},
+        inputs=inputs,
     )
