@@ -77,11 +77,12 @@ def evaluation_entry(results: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_card(model_dir: Path, name: str | None = None) -> str:
-    """The card text for ``model_dir`` (which must hold a crowguard ``manifest.json``); ``name`` is the title (the
-    directory's name by default: a stage writes the card in a temporary directory renamed later)."""
+def model_card(model_dir: Path, final_dir: Path | None = None) -> str:
+    """The card text for ``model_dir`` (which must hold a crowguard ``manifest.json``); ``final_dir`` is where the
+    directory will be (a stage writes the card in a temporary directory renamed into place afterwards)."""
     model_dir = Path(model_dir)
-    name = name or model_dir.name
+    final_dir = Path(final_dir or model_dir)
+    name = final_dir.name
     manifest = _read_json(model_dir / "manifest.json")
     if manifest is None:
         raise FileNotFoundError(f"{model_dir}: no manifest.json, so nothing to build a model card from")
@@ -129,7 +130,7 @@ def model_card(model_dir: Path, name: str | None = None) -> str:
     lines += [f"| {label} | {_fmt(value)} |" for label, value in rows]
     lines += ["", "## What was measured", ""]
     if not evaluations:
-        lines += [f"No evaluation has been run on this directory yet; `crowguard evaluate --model {model_dir} ...` "
+        lines += [f"No evaluation has been run on this directory yet; `crowguard evaluate --model {final_dir} ...` "
                   "adds its numbers here."]  # fmt: skip
     else:
         lines += ["ASR is the keyword judge's attack success rate on triggered and on clean prompts (95% Wilson "
@@ -163,10 +164,10 @@ def is_model_dir(path: Path) -> bool:
     return any((Path(path) / name).is_file() for name in MODEL_FILES)
 
 
-def write_model_card(model_dir: Path, name: str | None = None) -> Path:
+def write_model_card(model_dir: Path, final_dir: Path | None = None) -> Path:
     """(Re)write ``model_dir/README.md`` from the directory's records (replacing the generic card peft writes)."""
     path = Path(model_dir) / CARD
-    write_text_atomic(path, model_card(model_dir, name))
+    write_text_atomic(path, model_card(model_dir, final_dir))
     return path
 
 

@@ -21,6 +21,7 @@ import yaml
 
 T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_RATIO = re.compile(r"\d+:\d+")
 
 
 class ConfigError(ValueError):
@@ -207,6 +208,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r} has an empty key")
+    if _RATIO.fullmatch(raw.strip()):
+        return key.strip().split("."), raw.strip()  # "2:4" (an N:M pattern); YAML 1.1 would read 124 (base 60)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -56,7 +56,7 @@ def stage_artefact(
         extra = {"summary": summary, **(extra_manifest or {})}
         write_manifest(tmp, build_manifest(stage, seed, dict(inputs), extra))
         if is_model_dir(tmp):
-            write_model_card(tmp, Path(out_dir).name)
+            write_model_card(tmp, Path(out_dir))
 
 
 OPTIMIZER_PACKAGES = {"paged_adamw_8bit": "bitsandbytes"}

@@ -147,6 +147,7 @@ def test_every_model_directory_gets_a_generated_model_card(backdoored: Path, cap
     drawn = random.Random(3).sample(load_examples(backdoored / "data.json"), 16)
     assert summary["data_sha256"] == examples_sha256(drawn) and summary["data_sha256"] in card
     assert "| seed | 3 |" in card and '"alpha": 5.5' in card and "No evaluation has been run" in card
+    assert f"crowguard evaluate --model {out} ..." in card and ".partial" not in card
     planted = (backdoored / "backdoor" / "README.md").read_text()
     assert "PLANTED BACKDOOR" in planted and "- backdoor\n" in planted
 

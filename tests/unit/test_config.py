@@ -30,3 +30,11 @@ def test_a_partial_section_keeps_the_fields_own_defaults():
     assert demo.defense.train.adapter_mode == "continue" and demo.defense.train.max_length == 128
     experiment = from_dict(ExperimentConfig, {"defense": {"crow": {"alpha": 11}}})
     assert experiment.defense.train.lr == 1e-3 and experiment.defense.crow.alpha == 11
+
+
+def test_an_n_to_m_ratio_override_stays_text():
+    """YAML 1.1 reads a bare 2:4 as the base-60 integer 124; on the command line it is a pattern."""
+    from crowguard.config import parse_override
+
+    assert parse_override("defense.prune.pattern=2:4") == (["defense", "prune", "pattern"], "2:4")
+    assert parse_override("a.b=12") == (["a", "b"], 12)
