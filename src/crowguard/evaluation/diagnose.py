@@ -46,12 +46,18 @@ def pair_cosines(hidden_states: Sequence[Tensor], attention_mask: Tensor) -> tup
 
 
 @torch.no_grad()
-def prompt_cosines(
+def per_prompt_cosines(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 16
-) -> dict[str, list[float]]:
-    """Mean over prompts (token id lists) of :func:`pair_cosines`; right padding, the prompts only."""
+) -> tuple[Tensor, Tensor]:
+    """:func:`pair_cosines` of each prompt (token id lists), in the order given; right padding, the prompts only.
+
+    Returns:
+        ``(last, mean)``, each (n_prompts, n_hidden_states - 1) float32 on the CPU.
+    """
     from crowguard.losses import accepts_logits_to_keep
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = next(model.parameters()).device
     skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # only hidden states are needed
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -69,7 +75,15 @@ def prompt_cosines(
         last, mean = pair_cosines(out.hidden_states, mask)
         lasts.append(last.cpu())
         means.append(mean.cpu())
-    return {"last_token": torch.cat(lasts).mean(0).tolist(), "mean_tokens": torch.cat(means).mean(0).tolist()}
+    return torch.cat(lasts), torch.cat(means)
+
+
+def prompt_cosines(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 16
+) -> dict[str, list[float]]:
+    """Mean over prompts (token id lists) of :func:`pair_cosines`; right padding, the prompts only."""
+    last, mean = per_prompt_cosines(model, tokenizer, prompts, batch_size)
+    return {"last_token": last.mean(0).tolist(), "mean_tokens": mean.mean(0).tolist()}
 
 
 def diagnose_model(
