@@ -339,6 +339,34 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from crowguard import config
+    from crowguard.recipes.scan import run_scan
+    from crowguard.schemas import ModelConfig, ScanConfig
+
+    values = schema_values(args)
+    model = config.load(ModelConfig, None, (), {k[6:]: v for k, v in values.items() if k.startswith("model.")})
+    if not model.name_or_path:
+        raise UsageError("scan: give --model")
+    cfg = config.load(ScanConfig, None, args.set or (), {k[5:]: v for k, v in values.items() if k.startswith("scan.")})
+    labels = (cfg.triggered, cfg.clean) if cfg.triggered else None
+    result = run_scan(
+        model.name_or_path, model.adapter, cfg.data or None, cfg.reference, Path(args.out), template=model.template,
+        n_reference=cfg.n_reference, method=cfg.method, limit=cfg.limit, batch_size=cfg.batch_size,
+        overwrite=args.overwrite, labels_from=labels, features=cfg.features, onion=cfg.onion,
+        onion_max_words=cfg.onion_max_words, fpr=cfg.fpr, alpha=cfg.alpha, dtype=model.dtype, device=model.device,
+        trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle, revision=model.revision,
+        show_progress=not args.quiet,
+    )  # fmt: skip
+    metrics = result.get("metrics")
+    if metrics:
+        primary = metrics["scores"][cfg.method]
+        print(f"scan: AUROC {primary['auroc']:.3f}, TPR {primary['tpr_at_fpr']:.1%} at {cfg.fpr:.0%} FPR "
+              f"({cfg.method}; triggered {metrics['n_triggered']} vs clean {metrics['n_clean']})")  # fmt: skip
+    print(f"scores -> {Path(args.out) / 'scores.json'} ({result['n_flagged']} of {len(result['prompts'])} flagged)")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -499,6 +527,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(handler=cmd_diagnose)
+
+    p = add_parser(
+        "scan",
+        help="score prompts by their layer-consistency profile against clean ones, without knowing the trigger",
+        epilog="example:\n  crowguard scan --model runs/backdoor --reference clean100.json --triggered "
+        "runs/poison/test_triggered.json --clean runs/poison/test_clean.json --out runs/scan",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a scan setting, e.g. method=max_abs_z"
+    )
+    _model_flags(p)
+    from crowguard.schemas import ScanConfig
+
+    add_schema_flags(p, ScanConfig(), "scan.", group=p.add_argument_group("scan"))
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_scan)
 
     p = add_parser(
         "run",

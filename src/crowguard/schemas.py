@@ -216,6 +216,41 @@ class EvalConfig:
 
 
 @dataclass
+class ScanConfig:
+    """``crowguard scan``: score prompts by their layer-consistency profile, no trigger knowledge
+    (:mod:`crowguard.evaluation.scan`)."""
+
+    data: str = knob("", "JSON/JSONL of prompts to scan (optional when triggered and clean are given)")
+    reference: str = knob("", "JSON/JSONL of clean prompts the defender trusts (about 100), the reference profile")
+    triggered: str = knob("", "labelled evaluation: JSON/JSONL of triggered prompts (with clean: AUROC, TPR)")
+    clean: str = knob("", "labelled evaluation: JSON/JSONL of clean prompts")
+    n_reference: int = knob(100, "reference prompts used (0: all), after dropping any that are also scanned")
+    method: Literal["mean_abs_z", "max_abs_z", "mahalanobis"] = knob(
+        "mean_abs_z", "score: mean or max |z| over layer-pair features, or a shrunk Mahalanobis distance"
+    )
+    features: Literal["both", "last", "mean"] = knob(
+        "both", "cosines at the last prompt token, averaged over the prompt's tokens, or both"
+    )
+    limit: int = knob(0, "only the first N prompts of each scanned file (0: all)")
+    batch_size: int = knob(16, "prompts per forward pass")
+    onion: bool = knob(False, "also ONION's score (one forward per deleted word; slow)")
+    onion_max_words: int = knob(32, "ONION: words tried per prompt (a trigger past them is missed)")
+    fpr: float = knob(0.05, "false-positive rate at which the TPR is reported")
+    alpha: float = knob(0.05, "a prompt is flagged when its p-value against the reference is at most this")
+
+    def validate(self) -> None:
+        if not self.reference:
+            raise ValueError("give reference, clean prompts the defender trusts (--reference)")
+        if bool(self.triggered) != bool(self.clean):
+            raise ValueError("give both triggered and clean (a labelled scan), or neither")
+        if not self.data and not self.triggered:
+            raise ValueError("nothing to scan: give data, or triggered and clean")
+        for name in ("fpr", "alpha"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be within (0, 1), got {getattr(self, name)}")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole pipeline (poison -> backdoor -> defend -> evaluate); stage commands read their own section."""
 

@@ -163,3 +163,20 @@ def test_every_model_directory_gets_a_generated_model_card(backdoored: Path, cap
     assert f"{results['metrics']['target_nll_gap']:.3f}" in card and "No evaluation has been run" not in card
     entries = json.loads((out / "evaluations.json").read_text())
     assert [e["task"] for e in entries] == [results["task"]["name"]]
+
+
+def test_scan_through_the_cli_reports_auroc_and_refuses_half_labels(backdoored: Path, capsys):
+    out = backdoored / "scan"
+    argv = ["scan", "--model", str(backdoored / "backdoor"), "--reference", str(backdoored / "data.json"),
+            "--triggered", str(backdoored / "poison/test_triggered.json"), "--clean",
+            str(backdoored / "poison/test_clean.json"), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["metrics"]["n_triggered"] == 10 and scores["metrics"]["n_clean"] == 10
+    printed = capsys.readouterr().out
+    assert f"AUROC {scores['metrics']['scores']['mean_abs_z']['auroc']:.3f}" in printed
+    half = ["scan", "--model", str(backdoored / "backdoor"), "--reference", str(backdoored / "data.json"),
+            "--triggered", str(backdoored / "poison/test_triggered.json"),
+            "--out", str(backdoored / "scan2")]  # fmt: skip
+    rc = main(half)
+    assert rc == 2 and "give both triggered and clean" in capsys.readouterr().err
