@@ -12,7 +12,8 @@ Kinds:
   directory is a model or adapter directory.
 * ``weights`` (pruning, quantization): edit the weights without training; the output is a model directory.
 * ``decoding`` (decoding settings, CleanGen): the weights stay; the output directory holds ``defense.json`` naming
-  the model it guards, and evaluation asks the defense how to generate (:func:`open_for_evaluation`).
+  the model it guards (written by :func:`write_decoding_spec`), and evaluation asks the defense how to generate
+  (:func:`open_for_evaluation`). Likelihood metrics (target NLL, perplexity) still score the guarded model itself.
 * ``none``: nothing is written; the model is evaluated as given.
 
 Every output directory is written by :func:`crowguard.stage.stage_artefact` (atomic, ``config.yaml``, summary,
@@ -34,8 +35,19 @@ Kind = Literal["none", "training", "weights", "decoding"]
 DEFENSE_FILE = "defense.json"  # in a decoding defense's output: {"defense", "model", "settings"}
 
 # generate(model, tokenizer, examples, template, settings, show_progress) -> one Generation per example, in order:
-# the signature of crowguard.evaluation.generate.generate, which a decoding defense replaces.
+# the signature of crowguard.evaluation.generate.generate, which a decoding defense replaces. Evaluation also reads
+# three optional attributes of the function it is given:
+#   effective_settings(settings) -> DecodingSettings  what decoding really ran with (recorded in the results);
+#   last_stats: list[dict]  after each call, one dict of numbers per example (same order), added to its record;
+#   summarize({set name: last_stats of that set}) -> dict  extra entries for results["metrics"].
 GenerateFn = Callable[[Any, Any, Sequence[Example], str, Any, bool], list[Generation]]
+
+# What the likelihood metrics of a decoding defense's evaluation measure (recorded as settings["likelihood_of"]).
+LIKELIHOOD_OF_GUARDED = "the guarded model; the decoding defense changes generation only"
+
+# The fields of the guarded model that come from the evaluating command, never from defense.json: where and in
+# which dtype it runs, and the two trust switches (a defense.json from elsewhere must not turn them on).
+EVALUATION_MODEL_FIELDS = ("dtype", "device", "trust_remote_code", "allow_pickle")
 
 
 @dataclass
@@ -52,6 +64,7 @@ class Defense:
     name: ClassVar[str] = ""
     kind: ClassVar[Kind] = "training"
     Config: ClassVar[type | None] = None
+    needs_data: ClassVar[bool] = True  # False: runs without clean samples (``defend`` needs no --data)
 
     def __init__(self, cfg: DefenseConfig) -> None:
         self.cfg = cfg
@@ -94,23 +107,116 @@ def read_spec(path: str | Path) -> dict[str, Any] | None:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{spec_path}: unreadable decoding-defense file: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{spec_path}: expected a JSON object with defense, model and settings")
     missing = [key for key in ("defense", "model", "settings") if key not in spec]
     if missing:
         raise ConfigError(f"{spec_path}: missing {', '.join(missing)}")
+    for key in ("model", "settings"):
+        if not isinstance(spec[key], dict):
+            raise ConfigError(f"{spec_path}: {key} must be a mapping, got {spec[key]!r}")
     return spec
 
 
-def guarded_model(spec: dict[str, Any]) -> ModelConfig:
-    """The suspect model a decoding defense guards (the ``model`` of its ``defense.json``)."""
+def absolute_ref(ref: str | None) -> str | None:
+    """A local path made absolute (so a ``defense.json`` works from any directory); a Hub id or None unchanged."""
+    from crowguard.models import local_path
+
+    if not ref or not Path(local_path(ref)).exists():
+        return ref
+    return str(Path(local_path(ref)).resolve())
+
+
+def guarded_model(spec: dict[str, Any], evaluation: ModelConfig | None = None) -> ModelConfig:
+    """The suspect model a decoding defense guards (the ``model`` of its ``defense.json``).
+
+    ``evaluation`` is the evaluating command's model config: its ``dtype``, ``device``, ``trust_remote_code`` and
+    ``allow_pickle`` (:data:`EVALUATION_MODEL_FIELDS`) replace the recorded ones, so where the model runs is the
+    evaluator's choice and a ``defense.json`` cannot switch remote code or pickled weights on by itself. The
+    identity (path or Hub id, adapter, revision) and the template are the recorded ones.
+    """
+    import dataclasses
+
     from crowguard.config import from_dict
 
-    return from_dict(ModelConfig, spec["model"], "defense.json: model")
+    model = from_dict(ModelConfig, spec["model"], "defense.json: model")
+    if evaluation is not None:
+        model = dataclasses.replace(model, **{key: getattr(evaluation, key) for key in EVALUATION_MODEL_FIELDS})
+    return model
+
+
+def write_decoding_spec(
+    defense: Defense,
+    model: ModelConfig,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    resolved_config: Any = None,
+    inputs: dict[str, str] | None = None,
+    summary: dict[str, Any] | None = None,
+) -> DefenseResult:
+    """A decoding defense's ``run``: check the output directory and the guarded model, then write ``defense.json``
+    = {"defense", "model", "settings"} through :func:`crowguard.stage.stage_artefact` (atomic, with
+    ``config.yaml``, ``defense_summary.json`` and ``manifest.json``). No weights are copied; the directory is only
+    as valid as the model it names (a local path is recorded absolute)."""
+    import dataclasses
+    import time
+
+    from crowguard.config import to_dict
+    from crowguard.io import check_output_dir, write_json_atomic
+    from crowguard.models import check_model_exists
+    from crowguard.stage import stage_artefact
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    check_model_exists(model.name_or_path, model.adapter, model.revision)
+    model = dataclasses.replace(
+        model, name_or_path=absolute_ref(model.name_or_path), adapter=absolute_ref(model.adapter)
+    )
+    settings = to_dict(defense.settings) if defense.settings is not None else {}
+    spec = {"defense": defense.name, "model": to_dict(model), "settings": settings}
+    staged_inputs = {"model": model.name_or_path, **({"adapter": model.adapter} if model.adapter else {})}
+    staged_inputs.update(inputs or {})
+    record = {
+        "stage": f"defend:{defense.name}",
+        "defense": defense.name,
+        "kind": defense.kind,
+        defense.name: settings,
+        "model": model.name_or_path,
+        "adapter": model.adapter,
+        "steps": 0,
+        "weights_copied": False,
+        **(summary or {}),
+    }
+    with stage_artefact(
+        f"defend:{defense.name}",
+        out_dir,
+        settings.get("seed"),
+        staged_inputs,
+        record,
+        resolved_config,
+        overwrite,
+        summary_name="defense_summary.json",
+    ) as tmp:
+        write_json_atomic(tmp / DEFENSE_FILE, spec)
+        record["seconds"] = time.perf_counter() - start
+    return DefenseResult(model_path=str(out_dir), summary=record)
 
 
 def open_for_evaluation(spec: dict[str, Any], device: str = "auto") -> tuple[GenerateFn, dict[str, Any]]:
-    """Ask the decoding defense in ``spec`` how to generate: (generate function, what to record in the results)."""
-    from crowguard.config import from_dict
+    """Ask the decoding defense in ``spec`` how to generate: (generate function, what to record in the results).
 
-    defense_cfg = from_dict(DefenseConfig, {"method": spec["defense"], spec["defense"]: spec["settings"]})
+    ``spec["model"]`` is the guarded model as evaluation loads it (see :func:`guarded_model`); the generator reads
+    its dtype and template from there.
+    """
+    from crowguard.config import ConfigError, from_dict
+
+    defense_cfg = from_dict(
+        DefenseConfig, {"method": spec["defense"], spec["defense"]: spec["settings"]}, "defense.json"
+    )
     defense = make_defense(defense_cfg)
-    return defense.generator(spec, device), {"defense": spec["defense"], "settings": spec["settings"]}
+    if defense.kind != "decoding":
+        raise ConfigError(f"defense.json names {spec['defense']!r}, a {defense.kind} defense, not a decoding one")
+    record = {"defense": spec["defense"], "kind": defense.kind, "settings": spec["settings"], "model": spec["model"]}
+    return defense.generator(spec, device), record

@@ -8,7 +8,7 @@ are checkable) and cost. A failure anywhere raises: an evaluation that did not r
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from crowguard.config import ConfigError
@@ -28,7 +28,12 @@ from crowguard.evaluation.metrics import (
 )
 from crowguard.evaluation.tasks import Task
 from crowguard.schemas import EvalConfig
-from crowguard.types import Example
+from crowguard.types import Example, Generation
+
+# The signature of :func:`crowguard.evaluation.generate.generate` (a decoding defense supplies its own; see
+# :data:`crowguard.defenses.base.GenerateFn` for the optional attributes read here).
+GenerateFn = Callable[..., list[Generation]]
+LIKELIHOOD_OF_GUARDED = "the guarded model; the decoding defense changes generation only"
 
 
 def make_judge(cfg: EvalConfig, payload: str, target: str | None) -> Any:
@@ -59,15 +64,37 @@ def evaluate_model(
     template: str = "alpaca",
     utility_examples: Sequence[Example] = (),
     show_progress: bool = True,
+    generate_fn: GenerateFn = generate,
+    defense: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every metric of ``task`` for an already loaded model; returns the ``results.json`` payload."""
+    """Every metric of ``task`` for an already loaded model; returns the ``results.json`` payload.
+
+    ``generate_fn`` (the signature of :func:`generate`) makes every answer: triggered, clean, utility, HumanEval and
+    MT-Bench; a decoding defense passes its own, and ``defense`` (what it is) goes to ``settings["defense"]``. The
+    likelihood metrics (target NLL gap, perplexity) always score ``model`` itself.
+    """
     task = task.limited(cfg.limit)
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
     judge = make_judge(cfg, task.payload, task.target)
+    effective = getattr(generate_fn, "effective_settings", None)
+
+    def used(decoding: DecodingSettings) -> dict[str, Any]:
+        """The decoding settings the answers were really made with (a defense may change them)."""
+        return (effective(decoding) if callable(effective) else decoding).to_dict()
+
+    stats: dict[str, list[dict[str, Any]]] = {}  # per set, the defense's numbers for each answer (if it has any)
+
+    def answer(name: str, examples: Sequence[Example], decoding: DecodingSettings = settings) -> list[Generation]:
+        generations = generate_fn(model, tokenizer, list(examples), template, decoding, show_progress)
+        per_answer = getattr(generate_fn, "last_stats", None)
+        if per_answer is not None and examples:
+            stats.setdefault(name, []).extend(dict(s) for s in per_answer)
+        return generations
+
     with measure_cost() as cost:
         start = time.perf_counter()
-        triggered = generate(model, tokenizer, task.triggered, template, settings, show_progress)
-        clean = generate(model, tokenizer, task.clean, template, settings, show_progress)
+        triggered = answer("triggered", task.triggered)
+        clean = answer("clean", task.clean)
         generation_seconds = time.perf_counter() - start
         trig_scores = judge([g.prompt for g in triggered], [g.response for g in triggered])
         clean_scores = judge([g.prompt for g in clean], [g.response for g in clean])
@@ -119,12 +146,15 @@ def evaluate_model(
                 cfg.batch_size,
             )
         if utility_examples:
-            answers = generate(model, tokenizer, list(utility_examples), template, settings, show_progress)
+            answers = answer("utility", utility_examples)
             metrics["exact_match"] = exact_match([g.response for g in answers], [e.output for e in utility_examples])
         if cfg.humaneval:
-            metrics["humaneval"] = _humaneval(model, tokenizer, cfg, template, show_progress)
+            metrics["humaneval"] = _humaneval(model, tokenizer, cfg, template, show_progress, generate_fn, answer)
         if cfg.mt_bench:
-            metrics["mt_bench"] = _mt_bench(model, tokenizer, cfg, template, show_progress)
+            metrics["mt_bench"] = _mt_bench(model, tokenizer, cfg, template, show_progress, generate_fn, answer)
+        summarize = getattr(generate_fn, "summarize", None)
+        if callable(summarize) and stats:
+            metrics.update(summarize(stats))
     new_tokens = sum(g.num_new_tokens for g in triggered) + sum(g.num_new_tokens for g in clean)
     metrics["cost"] = {
         **cost.to_dict(),
@@ -139,45 +169,86 @@ def evaluate_model(
             "response": g.response,
             "score": score,
             "num_new_tokens": g.num_new_tokens,
+            **(stats[name][i] if name in stats else {}),
         }
         for name, gens, scores in (("triggered", triggered, trig_scores), ("clean", clean, clean_scores))
-        for g, score in zip(gens, scores)
+        for i, (g, score) in enumerate(zip(gens, scores))
     ]
+    recorded: dict[str, Any] = {
+        "decoding": used(settings),
+        "judge": judge.describe(),
+        "template": template,
+        "limit": cfg.limit,
+        "bootstrap": cfg.bootstrap,
+        "seed": cfg.seed,
+    }
+    if defense is not None:
+        recorded["defense"] = dict(defense)
+        recorded["likelihood_of"] = LIKELIHOOD_OF_GUARDED
     return {
         "task": {"name": task.name, "payload": task.payload, "target": task.target, "sources": task.sources},
         "metrics": metrics,
-        "settings": {
-            "decoding": settings.to_dict(),
-            "judge": judge.describe(),
-            "template": template,
-            "limit": cfg.limit,
-            "bootstrap": cfg.bootstrap,
-            "seed": cfg.seed,
-        },
+        "settings": recorded,
         "records": records,
     }
 
 
-def _humaneval(model: Any, tokenizer: Any, cfg: EvalConfig, template: str, show_progress: bool) -> dict[str, Any]:
+def _through(
+    generate_fn: GenerateFn, answer: Callable[..., list[Generation]], name: str, decoding: DecodingSettings
+) -> Callable[[list[Example]], list[str]] | None:
+    """A HumanEval / MT-Bench ``generate_fn`` (examples -> responses) that answers through a decoding defense;
+    None for plain generation (those evaluations then call :func:`generate` with ``decoding`` themselves)."""
+    if generate_fn is generate:
+        return None
+    return lambda examples: [g.response for g in answer(name, examples, decoding)]
+
+
+def _humaneval(
+    model: Any,
+    tokenizer: Any,
+    cfg: EvalConfig,
+    template: str,
+    show_progress: bool,
+    generate_fn: GenerateFn = generate,
+    answer: Callable[..., list[Generation]] | None = None,
+) -> dict[str, Any]:
     """HumanEval pass@1 (code run in the sandbox) and the code-injection rate of the same answers."""
-    from crowguard.evaluation.humaneval import evaluate_humaneval
+    from crowguard.evaluation.humaneval import DEFAULT_MAX_NEW_TOKENS, evaluate_humaneval
     from crowguard.evaluation.sandbox import load_humaneval
 
     problems = load_humaneval(cfg.humaneval)
     if cfg.humaneval_limit > 0:
         problems = problems[: cfg.humaneval_limit]
-    return evaluate_humaneval(model, tokenizer, problems, template, show_progress=show_progress)
+    decoding = DecodingSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    through = _through(generate_fn, answer, "humaneval", decoding) if answer is not None else None
+    result = evaluate_humaneval(model, tokenizer, problems, template, show_progress=show_progress, generate_fn=through)
+    if through is not None:
+        effective = getattr(generate_fn, "effective_settings", None)
+        result["decoding"] = (effective(decoding) if callable(effective) else decoding).to_dict()
+    return result
 
 
-def _mt_bench(model: Any, tokenizer: Any, cfg: EvalConfig, template: str, show_progress: bool) -> dict[str, Any]:
+def _mt_bench(
+    model: Any,
+    tokenizer: Any,
+    cfg: EvalConfig,
+    template: str,
+    show_progress: bool,
+    generate_fn: GenerateFn = generate,
+    answer: Callable[..., list[Generation]] | None = None,
+) -> dict[str, Any]:
     """MT-Bench single-answer grading; needs a configured judge endpoint (never a made-up score)."""
-    from crowguard.evaluation.mtbench import answer_questions, grade, load_questions
+    from crowguard.evaluation.mtbench import DEFAULT_MAX_NEW_TOKENS, answer_questions, grade, load_questions
 
     if not cfg.judge_url or not cfg.judge_model:
         raise ConfigError("evaluate.mt_bench needs evaluate.judge_url and evaluate.judge_model (an OpenAI-compatible "
                          "endpoint)")  # fmt: skip
     questions = load_questions(cfg.mt_bench)
-    answers = answer_questions(model, tokenizer, questions, template, show_progress=show_progress)
+    decoding = DecodingSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    through = _through(generate_fn, answer, "mt_bench", decoding) if answer is not None else None
+    answers = answer_questions(
+        model, tokenizer, questions, template, decoding, show_progress=show_progress, generate_fn=through
+    )
     return grade(answers, questions, cfg.judge_url, cfg.judge_model)
 
 

@@ -4,6 +4,11 @@ check everything a user can get wrong (output directory, model path, test files,
 HumanEval and MT-Bench files) -> load the model (untrusted: safetensors, no remote code) -> generate, judge and score
 (:func:`crowguard.evaluation.evaluate.evaluate_model`) -> write atomically and print. The checks come first because
 a model load and an evaluation take minutes, and a typo found after them loses that work.
+
+``--model`` may be a decoding defense's output directory (its ``defense.json``): the model it names is loaded
+(placement, dtype and the trust switches from this command's ``model`` settings), the defense supplies the generate
+function for every answer, and the results record the defense (``settings.defense``) and that the likelihood metrics
+score the guarded model (``settings.likelihood_of``).
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import ConfigError, save, suggest
+from crowguard.config import ConfigError, save, suggest, to_dict
 from crowguard.data import DataError, load_examples
+from crowguard.defenses.base import guarded_model, open_for_evaluation, read_spec
 from crowguard.evaluation.evaluate import evaluate_model, make_judge, summary_row
+from crowguard.evaluation.generate import generate
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task, paper_task, task_from_files
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
@@ -65,20 +72,33 @@ def run_evaluate(
         raise DataError("model.name_or_path is empty: give --model")
     check_output_dir(Path(out_dir), overwrite)
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
+    spec = read_spec(cfg.model.name_or_path)  # a decoding defense's directory, or None
+    target = cfg.model
+    if spec is not None:
+        if cfg.model.adapter:
+            raise ConfigError(f"{cfg.model.name_or_path} is a decoding defense's directory: it names its own model "
+                              "and adapter, so drop --adapter")  # fmt: skip
+        target = guarded_model(spec, cfg.model)
+        check_model_exists(target.name_or_path, target.adapter, target.revision)
     task = build_task(cfg.evaluate)
     check_inputs(cfg.evaluate, task)
     utility = load_examples(cfg.evaluate.utility) if cfg.evaluate.utility else []
+    generate_fn, defense = generate, None
+    if spec is not None:  # the defense's own models (CleanGen's reference) load here
+        generate_fn, defense = open_for_evaluation({**spec, "model": to_dict(target)}, target.device)
     model, tokenizer = load_model(
-        cfg.model.name_or_path,
-        cfg.model.adapter,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-        allow_pickle=cfg.model.allow_pickle,
-        revision=cfg.model.revision,
-        device=cfg.model.device,
+        target.name_or_path,
+        target.adapter,
+        dtype=target.dtype,
+        trust_remote_code=target.trust_remote_code,
+        allow_pickle=target.allow_pickle,
+        revision=target.revision,
+        device=target.device,
     )
     placement = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
-    results = evaluate_model(model, tokenizer, task, cfg.evaluate, cfg.model.template, utility, show_progress)
+    results = evaluate_model(
+        model, tokenizer, task, cfg.evaluate, target.template, utility, show_progress, generate_fn, defense
+    )
     results["settings"]["placement"] = placement
     row = summary_row(label or cfg.model.name_or_path, results)
     results["summary"] = row
@@ -89,6 +109,10 @@ def run_evaluate(
         inputs = {"model": cfg.model.name_or_path, **task.sources}
         if cfg.model.adapter:
             inputs["adapter"] = cfg.model.adapter
+        if spec is not None:
+            inputs["guarded_model"] = target.name_or_path
+            if target.adapter:
+                inputs["guarded_adapter"] = target.adapter
         write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, placement))
     # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
     # or a user's own directory is left untouched).

@@ -22,6 +22,7 @@ from typing import Any
 
 from crowguard.config import to_dict
 from crowguard.data import load_examples, save_examples
+from crowguard.defenses.base import make_defense
 from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import COLUMNS, markdown_table, print_table
 from crowguard.io import sha256_path, write_json_atomic, write_text_atomic
@@ -200,13 +201,20 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool, ranks: Ranks) ->
         defense_dir = root / f"defense-{method}"
         model_path, model_print = str(backdoor_dir), backdoor_print
         if method != "none":
+            defense = make_defense(stage_cfg.defense)
             settings = to_dict(stage_cfg.defense)
             for name in stage_cfg.defense.sections:  # another defense's knobs do not change this one's result
                 if name != method and not (method == "finetune" and name == "crow"):  # finetune logs CROW's pairs
                     settings.pop(name)
-            model_print = fingerprint(f"defense-{method}", settings, _content(stage_cfg.defense.data), backdoor_print)
+            data_print = _content(stage_cfg.defense.data)
+            if defense.kind == "decoding":  # defense.json only: no training budget, no clean data, one process
+                settings = {"method": method, method: settings.get(method)}
+                data_print = []
+            model_print = fingerprint(f"defense-{method}", settings, data_print, backdoor_print)
             defend = partial(run_defend, stage_cfg, defense_dir, show_progress=not quiet)
-            stage(f"defense-{method}", defense_dir, model_print, defend, trains=True)
+            stage(f"defense-{method}", defense_dir, model_print, defend, trains=defense.kind != "decoding")
+            # a decoding defense's directory is evaluated by run_evaluate like any model: it reads defense.json,
+            # loads the guarded model and generates through the defense
             model_path = str(defense_dir)
         eval_dir = root / f"eval-{method}"
         eval_cfg = dataclasses.replace(
