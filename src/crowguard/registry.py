@@ -23,6 +23,8 @@ DEFENSES: dict[str, str] = {
     "none": "crowguard.defenses.none:NoDefense",
     "finetune": "crowguard.defenses.finetune:FinetuneDefense",
     "crow": "crowguard.defenses.crow:CrowDefense",
+    "decoding": "crowguard.defenses.decoding:DecodingDefense",
+    "cleangen": "crowguard.defenses.cleangen:CleanGenDefense",
     "prune": "crowguard.defenses.prune:PruneDefense",
     "quantize": "crowguard.defenses.quantize:QuantizeDefense",
 }
@@ -42,6 +44,8 @@ DESCRIPTIONS: dict[str, str] = {
     "none": "no defense (the backdoored model as is)",
     "finetune": "equal-budget fine-tuning on the clean samples (CROW with alpha 0, no perturbation)",
     "crow": "CROW: LM loss + alpha x adversarial layer-consistency loss (Min et al., ICML 2025)",
+    "decoding": "sample with temperature / top-p instead of greedy decoding (BackdoorLLM DefenseBox)",
+    "cleangen": "CleanGen: replace tokens the suspect favours >= alpha x more than a trusted reference model",
     "prune": "zero a fraction of the decoder's linear weights by magnitude, Wanda (|W| x input norm) or LoRA delta",
     "quantize": "round the decoder's linear weights to int8/int4 with torchao (stored dequantized)",
 }
