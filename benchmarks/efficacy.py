@@ -120,12 +120,12 @@ def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool)
     if path.is_file():
         return json.loads(path.read_text())
     spec = read_spec(model_path)
-    generate_fn, defense = generate, None
+    generate_fn, defense, adapter = generate, None, None
     if spec is not None:
         guarded = guarded_model(spec)
-        model_path = guarded.name_or_path
+        model_path, adapter = guarded.name_or_path, guarded.adapter
         generate_fn, defense = open_for_evaluation(spec, "auto")
-    model, tokenizer = load_model(model_path, device="auto")
+    model, tokenizer = load_model(model_path, adapter, device="auto")
     model.eval()
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet,

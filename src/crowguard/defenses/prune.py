@@ -137,7 +137,8 @@ class PruneConfig:
     pattern: str = knob(
         "unstructured",
         "unstructured, or N:M: keep the N largest of every M consecutive input weights (2:4, 4:8; sparsity must be "
-        '1 - N/M). Quote it in YAML and --set ("2:4"): YAML 1.1 reads a bare 2:4 as the base-60 number 124',
+        '1 - N/M). Quote it in a YAML file ("2:4"): YAML 1.1 reads a bare 2:4 as the base-60 number 124 (--set '
+        "and --prune-pattern take it as text)",
     )
     comparison: Comparison = knob(
         "output", "unstructured: lowest scores per output row (output, Wanda) or per weight matrix (layer)"

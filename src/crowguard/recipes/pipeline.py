@@ -204,7 +204,7 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool, ranks: Ranks) ->
             defense = make_defense(stage_cfg.defense)
             settings = to_dict(stage_cfg.defense)
             for name in stage_cfg.defense.sections:  # another defense's knobs do not change this one's result
-                if name != method and not (method == "finetune" and name == "crow"):  # finetune logs CROW's pairs
+                if name != method:  # (finetune logs the clean consistency over crow.layers: a log, not a result)
                     settings.pop(name)
             data_print = _content(stage_cfg.defense.data)
             if defense.kind == "decoding":  # defense.json only: no training budget, no clean data, one process
