@@ -136,6 +136,14 @@ def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool)
     return results
 
 
+def same_settings(recorded: Any, current: Any) -> bool:
+    """Whether a cell's recorded settings are today's; a key the record lacks is a knob added since, whose default
+    keeps the old behaviour (``quantize_base: none``, say), and does not count as a change."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return all(key in current and same_settings(value, current[key]) for key, value in recorded.items())
+    return recorded == current
+
+
 def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any]) -> None:
     trigger, payload = cell.split("-")
     cell_dir = Path(args.out) / cell
@@ -143,7 +151,7 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
     settings = {"plant": to_dict(PLANT), "n_poison": N_POISON, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
     recorded = cell_dir / "cell.json"
-    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+    if recorded.is_file() and not same_settings(json.loads(recorded.read_text()), settings):
         raise SystemExit(f"{recorded}: this cell was run with other settings; use a new --out")
     write_json_atomic(recorded, settings)
     root = Path(args.data)
