@@ -201,6 +201,14 @@ class EvalConfig:
     judge_model: str | None = knob(None, "model name for the llm judge")
     max_new_tokens: int = knob(64, "generation length")
     batch_size: int = knob(16, "prompts per generation batch")
+    backend: Literal["hf", "vllm"] = knob(
+        "hf",
+        "generation backend: hf (transformers generate) or vllm (CUDA GPUs, the vllm extra; a LoRA adapter is merged "
+        "into a temporary full model first); likelihood metrics always use transformers",
+    )
+    vllm_memory: float = knob(
+        0.5, "vllm: fraction of the GPU memory vLLM may take (the transformers copy needs the rest)"
+    )
     limit: int = knob(0, "evaluate only the first N prompts of each set (0 = all)")
     hijack_min_share: float = knob(0.05, "a fixed answer is a hijack when it is at least this share of triggered")
     hijack_clean_ratio: float = knob(0.1, "... and at most this ratio as frequent on clean prompts")
@@ -213,6 +221,8 @@ class EvalConfig:
             raise ValueError("the llm judge and MT-Bench need judge_url and judge_model (OpenAI-compatible endpoint)")
         if self.max_new_tokens <= 0 or self.batch_size <= 0:
             raise ValueError("max_new_tokens and batch_size must be positive")
+        if not 0.0 < self.vllm_memory < 1.0:
+            raise ValueError(f"vllm_memory must be within (0, 1), got {self.vllm_memory}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from crowguard.cli import main
@@ -180,3 +181,46 @@ def test_scan_through_the_cli_reports_auroc_and_refuses_half_labels(backdoored: 
             "--out", str(backdoored / "scan2")]  # fmt: skip
     rc = main(half)
     assert rc == 2 and "give both triggered and clean" in capsys.readouterr().err
+
+
+def test_vllm_backend_is_selectable_and_refused_in_one_line_where_it_cannot_run(backdoored: Path, capsys):
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run here: the refusal is for machines without it")
+    rc = main(["evaluate", "--model", str(backdoored / "backdoor"), "--triggered",
+               str(backdoored / "poison/test_triggered.json"), "--clean", str(backdoored / "poison/test_clean.json"),
+               "--payload", "negsentiment", "--backend", "vllm", "--out", str(backdoored / "eval-vllm")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 2 and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "evaluate.backend vllm" in captured.err and "Loading weights" not in captured.out + captured.err
+    assert not (backdoored / "eval-vllm").exists()
+    assert main(["validate", "attacks/vpi", "--set", "evaluate.backend=vllm"]) == 0
+    assert main(["validate", "attacks/vpi", "--set", "evaluate.backend=vllmm"]) == 2
+    assert "did you mean 'vllm'" in capsys.readouterr().err
+
+
+def test_vllm_gets_a_merged_full_model_directory_for_an_adapter(backdoored: Path, tmp_path: Path):
+    """vLLM loads weights itself: an adapter is merged into a temporary full model, which is removed afterwards."""
+    from crowguard import config
+    from crowguard.models import load_model
+    from crowguard.recipes.evaluate import vllm_model_dir
+    from crowguard.schemas import ExperimentConfig
+
+    cfg = config.load(ExperimentConfig, None, [f"model.name_or_path={backdoored / 'backdoor'}",
+                                               "evaluate.backend=vllm"])  # fmt: skip
+    model, tokenizer = load_model(str(backdoored / "backdoor"))
+    out = tmp_path / "eval"
+    with vllm_model_dir(cfg, model, tokenizer, out) as merged:
+        assert merged is not None and (merged / "config.json").is_file()
+        assert not (merged / "adapter_config.json").exists()
+        full, _ = load_model(str(merged))
+        ids = torch.tensor([[1, 5, 7, 9]])
+        with torch.no_grad():
+            assert torch.allclose(full(ids).logits, model(ids).logits, atol=1e-5)
+    assert not merged.exists()
+    plain = config.load(ExperimentConfig, None, [f"model.name_or_path={backdoored / 'base'}", "evaluate.backend=vllm"])
+    with vllm_model_dir(plain, model, tokenizer, out) as path:
+        assert path == backdoored / "base"

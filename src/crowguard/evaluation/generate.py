@@ -209,12 +209,44 @@ def _saved_generation_config(model_path: str | Path) -> Any:
         return None
 
 
+def check_vllm() -> None:
+    """Refuse the vLLM backend, before any model loads, where it cannot run (no vllm package, no CUDA GPU)."""
+    import importlib.util
+
+    import torch
+
+    from crowguard.config import ConfigError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"evaluate.backend vllm: {VLLM_MISSING}")
+    if not torch.cuda.is_available():
+        raise ConfigError("evaluate.backend vllm needs a CUDA GPU, and this machine has none; use backend 'hf'")
+
+
+def vllm_generator(model_path: str | Path, memory_fraction: float = 0.5) -> Any:
+    """A function with :func:`generate`'s signature that generates with vLLM from ``model_path`` (a full model
+    directory) whatever model object it is handed, so evaluation can keep a transformers copy for likelihoods."""
+
+    def generate_with_vllm(
+        model: Any, tokenizer: Any, examples: Sequence[Example], template: str = "alpaca",
+        settings: DecodingSettings | None = None, show_progress: bool = True,
+    ) -> list[Generation]:  # fmt: skip
+        from dataclasses import replace
+
+        settings = replace(settings or DecodingSettings(), backend="vllm")
+        return generate_vllm(model_path, tokenizer, examples, template, settings, memory_fraction)
+
+    generate_with_vllm.effective_settings = lambda s: __import__("dataclasses").replace(s, backend="vllm")  # type: ignore[attr-defined]
+    return generate_with_vllm
+
+
 def generate_vllm(
     model_path: str | Path,
     tokenizer: Any,
     examples: Sequence[Example],
     template: str = "alpaca",
     settings: DecodingSettings | None = None,
+    memory_fraction: float = 0.9,
 ) -> list[Generation]:
     """The same contract as :func:`generate` on vLLM (GPU): prompts go in as token ids, so they are identical.
 
@@ -229,7 +261,7 @@ def generate_vllm(
     if not examples:
         return []
     stop_ids = stop_token_ids(tokenizer, _saved_generation_config(model_path))
-    llm = LLM(model=str(model_path), seed=settings.seed)
+    llm = LLM(model=str(model_path), seed=settings.seed, gpu_memory_utilization=memory_fraction)
     params = SamplingParams(
         max_tokens=settings.max_new_tokens,
         min_tokens=settings.min_new_tokens,

@@ -13,6 +13,10 @@ score the guarded model (``settings.likelihood_of``).
 
 from __future__ import annotations
 
+import copy
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ from crowguard.config import ConfigError, save, suggest, to_dict
 from crowguard.data import DataError, load_examples
 from crowguard.defenses.base import guarded_model, open_for_evaluation, read_spec
 from crowguard.evaluation.evaluate import evaluate_model, make_judge, summary_row
-from crowguard.evaluation.generate import generate
+from crowguard.evaluation.generate import check_vllm, generate, vllm_generator
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task, paper_task, task_from_files
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
@@ -83,6 +87,11 @@ def run_evaluate(
     task = build_task(cfg.evaluate)
     check_inputs(cfg.evaluate, task)
     utility = load_examples(cfg.evaluate.utility) if cfg.evaluate.utility else []
+    if cfg.evaluate.backend == "vllm":
+        check_vllm()
+        if spec is not None:
+            raise ConfigError("evaluate.backend vllm cannot generate through a decoding defense (it decodes with its "
+                              "own loop); use backend 'hf'")  # fmt: skip
     generate_fn, defense = generate, None
     if spec is not None:  # the defense's own models (CleanGen's reference) load here
         generate_fn, defense = open_for_evaluation({**spec, "model": to_dict(target)}, target.device)
@@ -96,9 +105,48 @@ def run_evaluate(
         device=target.device,
     )
     placement = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
-    results = evaluate_model(
-        model, tokenizer, task, cfg.evaluate, target.template, utility, show_progress, generate_fn, defense
-    )
+    with vllm_model_dir(cfg, model, tokenizer, Path(out_dir)) as vllm_dir:
+        if vllm_dir is not None:
+            generate_fn = vllm_generator(vllm_dir, cfg.evaluate.vllm_memory)
+            placement["generation"] = "vllm"
+        results = evaluate_model(
+            model, tokenizer, task, cfg.evaluate, target.template, utility, show_progress, generate_fn, defense
+        )
+    return _write_results(cfg, out_dir, overwrite, show_progress, label, task, results, placement, spec, target)
+
+
+@contextmanager
+def vllm_model_dir(cfg: ExperimentConfig, model: Any, tokenizer: Any, out_dir: Path) -> Iterator[Path | None]:
+    """For ``backend: vllm``, a full model directory vLLM can load: the model's own when it is one, else the
+    adapter merged into a temporary directory beside ``out_dir`` (removed afterwards). None for ``hf``."""
+    if cfg.evaluate.backend != "vllm":
+        yield None
+        return
+    path = Path(cfg.model.name_or_path)
+    if cfg.model.adapter is None and (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        yield path
+        return
+    from crowguard.models import merge_adapter, save_model
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.vllm-", dir=out_dir.parent) as tmp:
+        save_model(merge_adapter(copy.deepcopy(model)), tokenizer, Path(tmp), None)
+        yield Path(tmp)
+
+
+def _write_results(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    overwrite: bool,
+    show_progress: bool,
+    label: str,
+    task: Task,
+    results: dict[str, Any],
+    placement: dict[str, Any],
+    spec: Any,
+    target: Any,
+) -> dict[str, Any]:
+    """Write ``results.json``/``.md``, the config and the manifest atomically; add the numbers to the model card."""
     results["settings"]["placement"] = placement
     row = summary_row(label or cfg.model.name_or_path, results)
     results["summary"] = row
