@@ -30,14 +30,13 @@ from typing import Any
 
 from crowguard.config import to_dict
 from crowguard.data import load_examples
-from crowguard.defenses.base import guarded_model, make_defense, open_for_evaluation, read_spec
+from crowguard.defenses.base import make_defense, open_evaluated
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.generate import generate
 from crowguard.evaluation.metrics import hijack_rate
 from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
-from crowguard.models import load_model
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
@@ -119,17 +118,11 @@ def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool)
     evaluated as ``crowguard evaluate`` does: the guarded model, generating through the defense."""
     if path.is_file():
         return json.loads(path.read_text())
-    spec = read_spec(model_path)
-    generate_fn, defense, adapter = generate, None, None
-    if spec is not None:
-        guarded = guarded_model(spec)
-        model_path, adapter = guarded.name_or_path, guarded.adapter
-        generate_fn, defense = open_for_evaluation(spec, "auto")
-    model, tokenizer = load_model(model_path, adapter, device="auto")
+    model, tokenizer, generate_fn, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
     model.eval()
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet,
-                             generate_fn=generate_fn, defense=defense)  # fmt: skip
+                             generate_fn=generate_fn or generate, defense=defense)  # fmt: skip
     results["eval_seconds"] = time.perf_counter() - start
     results["label"] = label
     write_json_atomic(path, results)

@@ -86,3 +86,19 @@ def test_demo_on_a_pretrained_organism_plants_by_lora_and_continues_the_adapter(
         assert adapter["base_model_name_or_path"] == str(stand_in.resolve())
     again = run_demo(dataclasses.replace(cfg, defenses=["none"]), tmp_path / "again", show_progress=False)
     assert again["settings"]["backdoor_cached"] is True and again["rows"][1]["train_seconds"] is None
+
+
+def test_demo_runs_every_kind_of_defense(tmp_path: Path, monkeypatch):
+    """Weights and decoding defenses go through the demo like training ones; CleanGen's reference is the unpoisoned
+    organism, and the diagnostic covers only models whose weights changed."""
+    monkeypatch.setenv("CROWGUARD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--organism", "tiny", "--out", str(out), "--quiet",
+            "--set", "defenses=[none,prune,quantize,decoding,cleangen]", "--set", "defense.prune.criterion=magnitude",
+            "--set", "defense.quantize.bits=8"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["defense"] for r in rows] == ["unpoisoned", "none", "prune", "quantize", "decoding", "cleangen"]
+    spec = json.loads((out / "defense-cleangen-s0" / "defense.json").read_text())
+    assert spec["settings"]["reference"] and "defense" in spec and spec["defense"] == "cleangen"
+    assert set(json.loads((out / "diagnose.json").read_text())) == {"backdoored", "prune", "quantize"}

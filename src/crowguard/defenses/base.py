@@ -220,3 +220,27 @@ def open_for_evaluation(spec: dict[str, Any], device: str = "auto") -> tuple[Gen
         raise ConfigError(f"defense.json names {spec['defense']!r}, a {defense.kind} defense, not a decoding one")
     record = {"defense": spec["defense"], "kind": defense.kind, "settings": spec["settings"], "model": spec["model"]}
     return defense.generator(spec, device), record
+
+
+def open_evaluated(
+    model: ModelConfig, device: str | None = None
+) -> tuple[Any, Any, GenerateFn | None, dict[str, Any] | None, ModelConfig]:
+    """Load what ``model`` names for an evaluation: ``(model, tokenizer, generate_fn, defense, target)``.
+
+    A plain model or adapter gives itself and ``generate_fn = None`` (generate as usual); a decoding defense's
+    directory gives the guarded model (with ``model``'s placement and trust switches), the defense's generate
+    function and what to record of it. ``target`` is the model that was loaded.
+    """
+    from crowguard.config import to_dict
+    from crowguard.models import load_model
+
+    device = device or model.device
+    spec = read_spec(model.name_or_path)
+    target, generate_fn, defense = model, None, None
+    if spec is not None:
+        target = guarded_model(spec, model)
+        generate_fn, defense = open_for_evaluation({**spec, "model": to_dict(target)}, device)
+    loaded, tokenizer = load_model(target.name_or_path, target.adapter, dtype=target.dtype,
+                                   trust_remote_code=target.trust_remote_code, allow_pickle=target.allow_pickle,
+                                   revision=target.revision, device=device)  # fmt: skip
+    return loaded, tokenizer, generate_fn, defense, target

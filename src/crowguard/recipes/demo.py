@@ -21,9 +21,10 @@ from typing import Any
 
 from crowguard.attacks import make_attack, poison_dataset, trigger_free
 from crowguard.config import ConfigError, save, to_dict
-from crowguard.defenses.base import make_defense
+from crowguard.defenses.base import make_defense, open_evaluated, read_spec
 from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.generate import generate
 from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import markdown_table, over_seeds, print_table, seeds_table
 from crowguard.evaluation.tasks import Task
@@ -197,9 +198,11 @@ def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tupl
 
 
 def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> dict[str, Any]:
-    """Load one model and evaluate it on the demo task (with the checkable tasks as utility)."""
-    model, tokenizer = load_model(model_path, device="auto")
-    return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show)
+    """Load one model (or a decoding defense's guarded model) and evaluate it on the demo task (with the checkable
+    tasks as utility)."""
+    model, tokenizer, generate_fn, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
+    return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show,
+                          generate_fn or generate, defense)  # fmt: skip
 
 
 def defend(
@@ -210,9 +213,15 @@ def defend(
     defense_cfg = dataclasses.replace(
         cfg.defense, method=method, train=dataclasses.replace(cfg.defense.train, seed=seed)
     )
-    result = make_defense(defense_cfg).run(
-        ModelConfig(name_or_path=backdoored), clean, out_dir, overwrite=True, show_progress=show
-    )
+    if method == "cleangen" and not defense_cfg.section("cleangen").reference:
+        if setup.clean_organism is None:
+            raise ConfigError("cleangen needs a reference model: set defense.cleangen.reference, or keep "
+                              "reference_clean on so the unpoisoned organism is the reference")  # fmt: skip
+        reference = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(setup.clean_organism.path))
+        defense_cfg = defense_cfg.with_section("cleangen", reference)
+    defense = make_defense(defense_cfg)
+    result = defense.run(ModelConfig(name_or_path=backdoored), clean if defense.needs_data else [], out_dir,
+                         overwrite=True, show_progress=show)  # fmt: skip
     return result.model_path, result.summary["seconds"]
 
 
@@ -301,7 +310,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
             label = f"{method} s{seed}"
             evaluations[label] = evaluate_model_dir(cfg, setup, path, show_progress)
             rows.append(demo_row(method, seed, evaluations[label], seconds))
-            defended.setdefault(method, path)
+            if read_spec(path) is None:  # a decoding defense keeps the backdoored weights: nothing new to diagnose
+                defended.setdefault(method, path)
             say(f"{method} (seed {seed}): ASR {rows[-1]['asr_trigger']:.0%}, hijack {rows[-1]['hijack_rate']:.0%}")
 
     # Utility relative to the backdoored model: its clean-reference perplexity over each model's (1 = unchanged).
