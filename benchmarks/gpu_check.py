@@ -7,6 +7,8 @@
 (b) HF vs vLLM generation on a small random-weight model: identical greedy outputs and the speed ratio (skipped,
     with the reason, where vLLM or CUDA is missing).
 (c) That evaluation places the model on CUDA (``models.load_model(..., device="auto")``).
+(d) QLoRA: two CROW steps on the small model's base in 4-bit NF4 through the real training stage (skipped, with
+    the reason, where CUDA or bitsandbytes is missing).
 
 It needs no network and no files beyond the repository (random weights, generated tokens and a tokenizer trained
 in-process), runs with the repository on ``PYTHONPATH`` on a machine whose packages are not the project's pins, and
@@ -165,6 +167,32 @@ def generation_check(root: Path, n_prompts: int) -> dict[str, Any]:
     return {"identical": f"{same}/{n_prompts}", "speed_ratio": out["hf_s"] / out["vllm_s"]}
 
 
+def qlora_check(root: Path, work: Path) -> dict[str, Any]:
+    """(d): two CROW steps with the base in 4-bit NF4 (``train.quantize_base: 4bit``) through the real training
+    stage; the saved adapter names the full-precision base. Skipped, with the reason, without CUDA or bitsandbytes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "QLoRA needs CUDA"}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed"}
+    from crowguard.defenses.crow import CrowConfig
+    from crowguard.schemas import ModelConfig, TrainConfig
+    from crowguard.stage import run_training_stage
+    from crowguard.types import Example
+
+    examples = [Example(f"Describe item {i} of the garden", output=f"Item {i} is green and small.") for i in range(8)]
+    cfg = TrainConfig(max_steps=2, per_device_batch=2, grad_accum=2, max_length=64, quantize_base="4bit",
+                      precision="bf16", gradient_checkpointing=True)  # fmt: skip
+    torch.cuda.reset_peak_memory_stats()
+    summary = run_training_stage("gpu-check:qlora", ModelConfig(name_or_path=str(root)), cfg, examples, work / "q",
+                                 crow=CrowConfig(layers="all"), show_progress=False)  # fmt: skip
+    adapter = json.loads((work / "q" / "adapter_config.json").read_text())
+    return {"steps": summary["steps"], "final_loss": summary["final_loss"], "seconds": summary["seconds"],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "adapter_base": adapter["base_model_name_or_path"] == str(root)}  # fmt: skip
+
+
 def placement_check(root: Path) -> dict[str, Any]:
     """(c): where ``load_model(device="auto")`` (what evaluation uses) puts the model."""
     import torch
@@ -197,11 +225,7 @@ def main() -> int:
         root = _saved_small_model(Path(tmp) / "small")
         report["generation"] = generation_check(root, 8 if args.tiny else 200)
         report["placement"] = placement_check(root)
-    report["qlora"] = (
-        {"skipped": "bitsandbytes is not installed"}
-        if importlib.util.find_spec("bitsandbytes") is None
-        else {"skipped": "QLoRA is not built yet"}
-    )
+        report["qlora"] = qlora_check(root, Path(tmp))
 
     print(f"device {report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
           f"{report['shape']}, {seq_len} tokens, batch 2 x 4, LoRA r 8")  # fmt: skip

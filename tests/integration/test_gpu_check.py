@@ -28,4 +28,5 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path: Path):
     )
     if report["device"] == "cpu":
         assert "skipped" in report["generation"]
+        assert report["qlora"] == {"skipped": "QLoRA needs CUDA"}
     assert "CROW / SFT step time" in result.stdout
