@@ -344,18 +344,46 @@ def pass_at_1(results: Sequence[Any]) -> float:
 
 @dataclass
 class Cost:
-    """Cost of a block of work: wall-clock seconds, process peak RSS (MiB) and, on CUDA, peak allocated (MiB).
+    """Cost of a block of work: wall-clock seconds, peak RSS (MiB) and, on CUDA, peak allocated (MiB).
 
-    ``peak_rss_mb`` is the process's high-water mark so far (getrusage cannot be reset), so it bounds the block's
-    own peak from above. ``cuda_peak_mb`` is None when CUDA is not in use.
+    ``peak_rss_mb`` is the block's own peak where Linux lets a process reset its high-water mark (writing 5 to
+    ``/proc/self/clear_refs``; ``peak_rss_scope: "block"``), else the process's high-water mark so far, which bounds
+    the block's from above (``"process"``): in one process that ran a larger job first, the two differ a lot.
+    ``cuda_peak_mb`` is None when CUDA is not in use.
     """
 
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
     cuda_peak_mb: float | None = None
+    peak_rss_scope: str = "process"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_OPEN_PEAKS: list[float] = []  # per open measure_cost block: the largest high-water mark seen at inner resets
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux ``clear_refs`` 5); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    """``VmHWM`` of ``/proc/self/status`` in MiB (the high-water mark since the last reset), or None."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 @contextmanager
@@ -365,14 +393,26 @@ def measure_cost() -> Iterator[Cost]:
     torch = sys.modules.get("torch")  # only if the caller already uses torch: measuring must not import it
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
+    # Nested blocks: a reset inside would hide what the outer block used before it, so each open block keeps the
+    # largest high-water mark seen at the inner resets.
+    current = _peak_rss_mb()
+    if current is not None:
+        _OPEN_PEAKS[:] = [max(seen, current) for seen in _OPEN_PEAKS]
+    block_scope = _reset_peak_rss()
+    _OPEN_PEAKS.append(0.0)
     start = time.perf_counter()
     try:
         yield cost
     finally:
         cost.wall_s = time.perf_counter() - start
-        # ru_maxrss is KiB on Linux, bytes on macOS.
-        scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-        cost.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+        seen_inside = _OPEN_PEAKS.pop()
+        high_water = _peak_rss_mb() if block_scope else None
+        if high_water is not None:
+            cost.peak_rss_mb, cost.peak_rss_scope = max(high_water, seen_inside), "block"
+        else:
+            # ru_maxrss is KiB on Linux, bytes on macOS.
+            scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+            cost.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
         torch = sys.modules.get("torch")
         # CUDA first initialised inside the block also counts: its peak since then is the block's peak.
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
