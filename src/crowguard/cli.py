@@ -294,6 +294,12 @@ def _check_run_inputs(cfg: Any) -> None:
     if not cfg.model.name_or_path:
         raise UsageError("model.name_or_path is empty: set it in the config (or --set model.name_or_path=...)")
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
+    import dataclasses
+
+    from crowguard.defenses.base import make_defense
+
+    for method in cfg.defenses:  # each compared defense's own requirements (CleanGen's reference model, ...)
+        make_defense(dataclasses.replace(cfg.defense, method=method)).check()
     if cfg.evaluate.paper_data or cfg.evaluate.triggered:
         from crowguard.recipes.evaluate import build_task, check_inputs
 

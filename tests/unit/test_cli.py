@@ -221,3 +221,20 @@ def test_run_checks_the_model_path_before_any_stage(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "crowguard: error: model path './typo-model' does not exist"
     assert not root.exists()  # not even the poison stage ran
+
+
+def test_run_checks_each_defense_before_any_stage(tmp_path: Path, capsys):
+    """CleanGen without a reference model is refused before poisoning and planting, not at its own stage."""
+    from helpers import save_tiny_model
+
+    (tmp_path / "data.json").write_text(GOOD)
+    save_tiny_model(tmp_path / "model")
+    capsys.readouterr()
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"model:\n  name_or_path: {tmp_path / 'model'}\npoison:\n  data: {tmp_path / 'data.json'}\n"
+                      "defenses: [none, cleangen]\n")  # fmt: skip
+    root = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--out", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("crowguard: error: defense.cleangen.reference is empty") and len(err.splitlines()) == 1
+    assert not root.exists()

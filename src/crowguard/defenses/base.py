@@ -84,6 +84,10 @@ class Defense:
     ) -> DefenseResult:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise a one-line ``ConfigError`` for settings that cannot work, before any model loads or any earlier
+        stage of ``crowguard run`` spends time (a defense that needs more than its config validates says so here)."""
+
     def generator(self, spec: dict[str, Any], device: str = "auto") -> GenerateFn:
         """Decoding defenses only: the generate function evaluation uses for the model in ``spec``."""
         raise NotImplementedError(f"defense {self.name!r} is not a decoding-time defense")

@@ -386,6 +386,19 @@ class CleanGenDefense(Defense):
     Config = CleanGenConfig
     needs_data = False
 
+    def check(self) -> None:
+        """The reference model must be named and exist (``crowguard run`` asks before poisoning and planting)."""
+        from crowguard.models import check_model_exists
+
+        settings: CleanGenConfig = self.settings
+        if not settings.reference:
+            raise ConfigError(
+                "defense.cleangen.reference is empty: CleanGen needs a trusted reference model with the same "
+                "tokenizer (on crowguard's organism: the base model without the backdoor adapter), e.g. "
+                "--set defense.cleangen.reference=PATH"
+            )
+        check_model_exists(settings.reference, settings.reference_adapter)
+
     def run(
         self,
         model: ModelConfig,
@@ -401,16 +414,8 @@ class CleanGenDefense(Defense):
         """Check the reference exists and write ``defense.json`` (the guarded model, the reference, the rule)."""
         import dataclasses
 
-        from crowguard.models import check_model_exists
-
+        self.check()
         settings: CleanGenConfig = self.settings
-        if not settings.reference:
-            raise ConfigError(
-                "defense.cleangen.reference is empty: CleanGen needs a trusted reference model with the same "
-                "tokenizer (on crowguard's organism: the base model without the backdoor adapter), e.g. "
-                "--set defense.cleangen.reference=PATH"
-            )
-        check_model_exists(settings.reference, settings.reference_adapter)
         settings = self.settings = dataclasses.replace(
             settings,
             reference=absolute_ref(settings.reference),

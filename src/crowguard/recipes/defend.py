@@ -41,6 +41,7 @@ def run_defend(
     if not cfg.model.name_or_path:
         raise DataError("model.name_or_path is empty: give --model (a local directory or Hub id)")
     defense = make_defense(cfg.defense)
+    defense.check()
     if cfg.defense.method == "none":  # refuses an out_dir, checks the model and adapter exist
         return defense.run(cfg.model, [], None if out_dir is None else Path(out_dir))
     if out_dir is None:
