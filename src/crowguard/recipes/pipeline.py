@@ -212,9 +212,10 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool, ranks: Ranks) ->
                 data_print = []
             model_print = fingerprint(f"defense-{method}", settings, data_print, backdoor_print)
             defend = partial(run_defend, stage_cfg, defense_dir, show_progress=not quiet)
-            stage(f"defense-{method}", defense_dir, model_print, defend, trains=defense.kind != "decoding")
-            # a decoding defense's directory is evaluated by run_evaluate like any model: it reads defense.json,
-            # loads the guarded model and generates through the defense
+            stage(f"defense-{method}", defense_dir, model_print, defend, trains=defense.kind == "training")
+            # Only a training defense runs on every rank (the Trainer shards it); weights and decoding defenses
+            # write their directory from the main process alone. A decoding defense's directory is evaluated by
+            # run_evaluate like any model: it reads defense.json, loads the guarded model and generates through it.
             model_path = str(defense_dir)
         eval_dir = root / f"eval-{method}"
         eval_cfg = dataclasses.replace(
