@@ -204,8 +204,11 @@ def collect(out: Path) -> list[dict[str, Any]]:
             results = json.loads(path.read_text())
             label = path.stem.removeprefix("eval-").replace("base", "unpoisoned")
             stage = cell_dir / ("plant" if label == "backdoored" else label)
-            manifest = stage / "manifest.json"  # every stage's summary, training or not
-            stage_summary = json.loads(manifest.read_text()).get("summary", {}) if manifest.is_file() else {}
+            manifest, summary_file = stage / "manifest.json", stage / "train_summary.json"
+            if manifest.is_file():  # every stage's summary, training or not
+                stage_summary = json.loads(manifest.read_text()).get("summary", {})
+            else:  # a committed copy keeps the summary file only
+                stage_summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
             train_s = stage_summary.get("seconds")
             peak = stage_summary.get("cost", {}).get("peak_rss_mb")
             row = summary_row(label, results)
