@@ -40,11 +40,14 @@ def _base_model(model_dir: Path, manifest: Mapping[str, Any]) -> str | None:
 
 
 def _fmt(value: Any) -> str:
+    """One table cell: numbers to 4 significant digits, settings as inline JSON, pipes escaped."""
     if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (dict, list)):
-        return "`" + json.dumps(value, separators=(", ", ": ")) + "`"
-    return "-" if value is None else str(value)
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list)):
+        text = "`" + json.dumps(value, separators=(", ", ": ")) + "`"
+    else:
+        text = "-" if value is None else str(value)
+    return text.replace("|", "\\|")
 
 
 def _interval(ci: Any, percent: bool) -> str:
