@@ -90,15 +90,22 @@ def test_demo_on_a_pretrained_organism_plants_by_lora_and_continues_the_adapter(
 
 def test_demo_runs_every_kind_of_defense(tmp_path: Path, monkeypatch):
     """Weights and decoding defenses go through the demo like training ones; CleanGen's reference is the unpoisoned
-    organism, and the diagnostic covers only models whose weights changed."""
+    organism the backdoor was fine-tuned into (the same tokenizer), and the diagnostic covers only models whose weights
+    changed."""
+    import dataclasses
+
+    from crowguard import config
+    from crowguard.recipes.demo import quick_config, run_demo
+    from crowguard.schemas import DemoConfig
+
     monkeypatch.setenv("CROWGUARD_CACHE", str(tmp_path / "cache"))
+    cfg = config.load(DemoConfig, None, ["defense.prune.criterion=magnitude", "defense.quantize.bits=8"])
+    quick = dataclasses.replace(quick_config(cfg), plant="finetune", reference_clean=True,
+                                defenses=["none", "prune", "quantize", "decoding", "cleangen"])  # fmt: skip
     out = tmp_path / "demo"
-    argv = ["demo", "--quick", "--organism", "tiny", "--out", str(out), "--quiet",
-            "--set", "defenses=[none,prune,quantize,decoding,cleangen]", "--set", "defense.prune.criterion=magnitude",
-            "--set", "defense.quantize.bits=8"]  # fmt: skip
-    assert main(argv) == 0
+    run_demo(quick, out, show_progress=False)
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["defense"] for r in rows] == ["unpoisoned", "none", "prune", "quantize", "decoding", "cleangen"]
     spec = json.loads((out / "defense-cleangen-s0" / "defense.json").read_text())
-    assert spec["settings"]["reference"] and "defense" in spec and spec["defense"] == "cleangen"
+    assert spec["defense"] == "cleangen" and spec["settings"]["reference"]
     assert set(json.loads((out / "diagnose.json").read_text())) == {"backdoored", "prune", "quantize"}

@@ -214,10 +214,13 @@ def defend(
         cfg.defense, method=method, train=dataclasses.replace(cfg.defense.train, seed=seed)
     )
     if method == "cleangen" and not defense_cfg.section("cleangen").reference:
-        if setup.clean_organism is None:
+        # The reference is the organism without poison: the one the backdoor was fine-tuned into (plant=finetune),
+        # or the separately trained clean one (plant=pretrain, with reference_clean).
+        clean = setup.organism if cfg.plant == "finetune" else setup.clean_organism
+        if clean is None:
             raise ConfigError("cleangen needs a reference model: set defense.cleangen.reference, or keep "
                               "reference_clean on so the unpoisoned organism is the reference")  # fmt: skip
-        reference = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(setup.clean_organism.path))
+        reference = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(clean.path))
         defense_cfg = defense_cfg.with_section("cleangen", reference)
     defense = make_defense(defense_cfg)
     result = defense.run(ModelConfig(name_or_path=backdoored), clean if defense.needs_data else [], out_dir,
