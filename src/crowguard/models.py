@@ -97,9 +97,15 @@ def check_model_exists(name_or_path: str, adapter: str | None = None, revision: 
         raise ModelLoadError(f"adapter path {adapter!r} does not exist")
 
 
-def _is_adapter_dir(path: str | Path) -> bool:
+def is_adapter_dir(path: str | Path) -> bool:
+    """A LoRA adapter directory (``adapter_config.json``, no ``config.json``), loadable as a model on its base."""
     p = Path(path)
     return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def arrives_with_adapter(name_or_path: str | Path, adapter: str | None = None) -> bool:
+    """Whether a model comes with a LoRA adapter: a separate ``adapter``, or an adapter directory as the model."""
+    return adapter is not None or is_adapter_dir(name_or_path)
 
 
 def _check_adapter_files(adapter: Path, allow_pickle: bool) -> None:
@@ -224,7 +230,7 @@ def _load_model(
     check_model_exists(name_or_path, adapter, revision)
     name_or_path = local_path(name_or_path)
     adapter = local_path(adapter) if adapter is not None else None
-    if _is_adapter_dir(name_or_path):
+    if is_adapter_dir(name_or_path):
         if adapter is not None:
             raise ModelLoadError(f"{name_or_path} is an adapter directory; give its base model, not a second adapter")
         base_ref = base_of_adapter(name_or_path)
@@ -235,7 +241,7 @@ def _load_model(
             raise ModelLoadError(f"{exc} (the base model named in {named_in})") from None
         # The base may itself be an adapter directory (a defense trained a new LoRA on a merged backdoored
         # adapter): load it recursively and merge it before attaching this adapter.
-        if quantize_4bit and _is_adapter_dir(local_path(base_ref)):
+        if quantize_4bit and is_adapter_dir(local_path(base_ref)):
             raise ModelLoadError(f"{name_or_path}: its base {base_ref} is itself an adapter, which would have to be "
                                  "merged into 4-bit weights; merge it into a full-precision model first")  # fmt: skip
         base, tokenizer = _load_model(

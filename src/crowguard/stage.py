@@ -25,7 +25,7 @@ from crowguard.config import ConfigError, save
 from crowguard.data import examples_sha256
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
-from crowguard.models import base_of_adapter, load_model, save_model
+from crowguard.models import arrives_with_adapter, base_of_adapter, is_adapter_dir, load_model, save_model
 from crowguard.schemas import ModelConfig, TrainConfig
 from crowguard.train import CrowSettings, prepare_for_training, require_checkpoint, train
 from crowguard.types import Example
@@ -72,6 +72,20 @@ def check_optimizer(optim: str) -> None:
                           f"{package}, or choose adamw_torch")  # fmt: skip
 
 
+def stage_inputs(model_cfg: ModelConfig, inputs: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The inputs a stage's ``manifest.json`` hashes: the model, its adapter and what the recipe passed (the data)."""
+    all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
+    if model_cfg.adapter:
+        all_inputs["adapter"] = model_cfg.adapter
+    return all_inputs
+
+
+def placement(model: Any) -> dict[str, str]:
+    """Where a stage ran the model: the device and dtype of its first parameter (for ``manifest.json``)."""
+    parameter = next(model.parameters())
+    return {"device": str(parameter.device), "dtype": str(parameter.dtype)}
+
+
 def work_dir_for(out_dir: Path) -> Path:
     """Where checkpoints of a run into ``out_dir`` live until it succeeds (``--resume`` reads them)."""
     out_dir = Path(out_dir)
@@ -82,11 +96,11 @@ def _output_base(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str | None:
     """The base a saved LoRA adapter must name so ``load_model`` can rebuild the trained model, or None when
     only a full model can represent it."""
     path = model_cfg.name_or_path
-    is_adapter_dir = (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
-    if model_cfg.adapter is None and not is_adapter_dir:
+    adapter_dir = is_adapter_dir(path)
+    if model_cfg.adapter is None and not adapter_dir:
         return path  # a new LoRA on a plain model
     if train_cfg.adapter_mode == "continue":
-        return base_of_adapter(path) if is_adapter_dir else path  # the same adapter, trained further
+        return base_of_adapter(path) if adapter_dir else path  # the same adapter, trained further
     if model_cfg.adapter is None:
         return path  # a new LoRA on the merged adapter directory: load_model merges it again
     return None  # model + separate adapter, merged: save the merged model
@@ -115,10 +129,7 @@ def run_training_stage(
         from crowguard.models import check_4bit
 
         check_4bit()  # before minutes of loading
-        arrives_with_adapter = (
-            model_cfg.adapter is not None or (Path(model_cfg.name_or_path) / "adapter_config.json").is_file()
-        )
-        if arrives_with_adapter and train_cfg.adapter_mode != "continue":
+        if arrives_with_adapter(model_cfg.name_or_path, model_cfg.adapter) and train_cfg.adapter_mode != "continue":
             raise ConfigError("quantize_base 4bit with a model that has a LoRA adapter needs adapter_mode continue "
                               "(merging it would round it into 4-bit weights)")  # fmt: skip
     if resume:
@@ -161,14 +172,10 @@ def run_training_stage(
     if int(os.environ.get("RANK", "0")) != 0:
         return summary  # under torchrun only the main process writes the artefact
     base = _output_base(model_cfg, train_cfg)
-    all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
-    if model_cfg.adapter:
-        all_inputs["adapter"] = model_cfg.adapter
     trained = getattr(result.model, "module", result.model)
-    parameter = next(trained.parameters())
-    placement = {"device": str(parameter.device), "dtype": str(parameter.dtype), "precision": train_cfg.precision}
-    with stage_artefact(stage, out_dir, train_cfg.seed, all_inputs, summary, resolved_config, overwrite,
-                        extra_manifest=placement) as tmp:  # fmt: skip
+    where = {**placement(trained), "precision": train_cfg.precision}
+    with stage_artefact(stage, out_dir, train_cfg.seed, stage_inputs(model_cfg, inputs), summary, resolved_config,
+                        overwrite, extra_manifest=where) as tmp:  # fmt: skip
         if base is None or train_cfg.merge_output:
             from crowguard.models import merge_adapter
 

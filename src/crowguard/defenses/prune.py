@@ -344,16 +344,11 @@ class PruneDefense(Defense):
         resolved_config: Any = None,
         inputs: dict[str, str] | None = None,
     ) -> DefenseResult:
-        from crowguard.defenses.weights import SUMMARY_NAME, has_adapter, load_for_editing, placement, stage_inputs
-        from crowguard.evaluation.metrics import measure_cost
-        from crowguard.io import check_output_dir
-        from crowguard.models import save_model
-        from crowguard.stage import stage_artefact
+        from crowguard.defenses.weights import write_edited_model
+        from crowguard.models import arrives_with_adapter
 
         settings: PruneConfig = self.settings
-        out_dir = Path(out_dir)
-        check_output_dir(out_dir, overwrite)
-        if settings.criterion == "lora_delta" and not has_adapter(model):
+        if settings.criterion == "lora_delta" and not arrives_with_adapter(model.name_or_path, model.adapter):
             raise ConfigError(
                 f"prune criterion lora_delta needs a model that arrives with a LoRA adapter, and {model.name_or_path} "
                 "has none: use magnitude or wanda, or give the adapter"
@@ -362,47 +357,33 @@ class PruneDefense(Defense):
         if settings.criterion == "wanda" and not calibration:
             raise ConfigError("prune criterion wanda calibrates on clean samples: give --data (defense.data)")
         summary: dict[str, Any] = {
-            "stage": f"defend:{self.name}",
-            "defense": self.name,
-            "kind": self.kind,
-            "steps": 0,
             "criterion": settings.criterion,
             "pattern": settings.pattern,
             "comparison": settings.comparison if parse_pattern(settings.pattern) is None else None,
             "requested_sparsity": settings.sparsity,
             "settings": to_dict(settings),
         }
-        manifest: dict[str, Any] = {}
-        seed = self.cfg.train.seed if self.needs_data else None  # the seed that drew the clean samples
-        with stage_artefact(f"defend:{self.name}", out_dir, seed, stage_inputs(model, inputs), summary,
-                            resolved_config, overwrite, summary_name=SUMMARY_NAME,
-                            extra_manifest=manifest) as tmp:  # fmt: skip
-            with measure_cost() as cost:
-                merge = settings.criterion != "lora_delta"  # lora_delta needs the adapter unmerged
-                loaded, tokenizer, arrived_with_adapter = load_for_editing(model, merge=merge)
-                if settings.criterion == "lora_delta":
-                    if not arrived_with_adapter:
-                        raise ConfigError(f"prune criterion lora_delta: {model.name_or_path} loaded without a LoRA "
-                                          "adapter")  # fmt: skip
-                    loaded, deltas, kept = prune_lora_deltas(loaded, settings)
-                    pruned = dict(deltas)
-                    summary["delta_norm_kept"] = round(kept, 6)  # ||pruned delta||^2 / ||delta||^2 over all layers
-                else:
+
+        def prune(loaded: Any, tokenizer: Any, arrived_with_adapter: bool) -> Any:
+            if settings.criterion == "lora_delta":  # the adapter arrives unmerged (merge=False below)
+                loaded, pruned, kept = prune_lora_deltas(loaded, settings)
+                summary["delta_norm_kept"] = round(kept, 6)  # ||pruned delta||^2 / ||delta||^2 over all layers
+            else:
+                batches = None
+                if settings.criterion == "wanda":
                     device = next(loaded.parameters()).device
-                    batches = None
-                    if settings.criterion == "wanda":
-                        batches = calibration_batches(calibration, tokenizer, model.template, settings, device)
-                        summary["calibration_samples_used"] = len(calibration)
-                        summary["calibration_tokens"] = int(sum(int(mask.sum()) for _, mask in batches))
-                    names = prune_weights(loaded, settings, batches)
-                    modules = dict(loaded.named_modules())
-                    pruned = {name: modules[name].weight.data for name in names}
-                summary["measured_sparsity"] = round(zero_fraction(list(pruned.values())), 6)
-                summary["layers"] = {name: round(zero_fraction([t]), 6) for name, t in pruned.items()}
-                summary["sparsity_of"] = "lora deltas" if settings.criterion == "lora_delta" else "pruned matrices"
-                summary["merged_adapter"] = arrived_with_adapter
-                manifest.update(placement(loaded))
-                summary["artefact"] = save_model(loaded, tokenizer, tmp, None)
-            summary["seconds"] = round(cost.wall_s, 3)
-            summary["cost"] = cost.to_dict()
+                    batches = calibration_batches(calibration, tokenizer, model.template, settings, device)
+                    summary["calibration_samples_used"] = len(calibration)
+                    summary["calibration_tokens"] = int(sum(int(mask.sum()) for _, mask in batches))
+                modules = dict(loaded.named_modules())
+                pruned = {name: modules[name].weight.data for name in prune_weights(loaded, settings, batches)}
+            summary["measured_sparsity"] = round(zero_fraction(list(pruned.values())), 6)
+            summary["layers"] = {name: round(zero_fraction([t]), 6) for name, t in pruned.items()}
+            summary["sparsity_of"] = "lora deltas" if settings.criterion == "lora_delta" else "pruned matrices"
+            return loaded
+
+        seed = self.cfg.train.seed if self.needs_data else None  # the seed that drew the clean samples
+        summary = write_edited_model(self, model, Path(out_dir), summary, prune,
+                                     merge=settings.criterion != "lora_delta", seed=seed, inputs=inputs,
+                                     resolved_config=resolved_config, overwrite=overwrite)  # fmt: skip
         return DefenseResult(model_path=str(out_dir), summary=summary)

@@ -138,23 +138,13 @@ class QuantizeDefense(Defense):
         resolved_config: Any = None,
         inputs: dict[str, str] | None = None,
     ) -> DefenseResult:
-        from crowguard.defenses.weights import SUMMARY_NAME, load_for_editing, placement, stage_inputs
-        from crowguard.evaluation.metrics import measure_cost
-        from crowguard.io import check_output_dir
-        from crowguard.models import save_model
-        from crowguard.stage import stage_artefact
+        from crowguard.defenses.weights import write_edited_model
 
         settings: QuantizeConfig = self.settings
         version = require_torchao()
-        out_dir = Path(out_dir)
-        check_output_dir(out_dir, overwrite)
         config_name = "Int8WeightOnlyConfig" if settings.bits == 8 else "IntxWeightOnlyConfig"
         granularity = "per output channel" if settings.bits == 8 else f"per group of {settings.group_size} inputs"
         summary: dict[str, Any] = {
-            "stage": f"defend:{self.name}",
-            "defense": self.name,
-            "kind": self.kind,
-            "steps": 0,
             "library": f"torchao {version}",
             "torchao_config": config_name,
             "bits": settings.bits,
@@ -163,25 +153,20 @@ class QuantizeDefense(Defense):
             "scheme": settings.scheme,
             "settings": to_dict(settings),
         }
-        manifest: dict[str, Any] = {}
-        with stage_artefact(f"defend:{self.name}", out_dir, None, stage_inputs(model, inputs), summary,
-                            resolved_config, overwrite, summary_name=SUMMARY_NAME,
-                            extra_manifest=manifest) as tmp:  # fmt: skip
-            with measure_cost() as cost:
-                loaded, tokenizer, arrived_with_adapter = load_for_editing(model, merge=True)
-                result = quantize_decoder(loaded, settings)
-                where = placement(loaded)
-                manifest.update(where)
-                summary.update(
-                    tensor_class=result["tensor_class"],
-                    stored=STORED_AS.format(dtype=where["dtype"]),
-                    relative_error=result["relative_error"],
-                    layers=result["layers"],
-                    n_layers=len(result["layers"]),
-                    embeddings_and_lm_head="not quantized (kept in the model's dtype)",
-                    merged_adapter=arrived_with_adapter,
-                )
-                summary["artefact"] = save_model(loaded, tokenizer, tmp, None)
-            summary["seconds"] = round(cost.wall_s, 3)
-            summary["cost"] = cost.to_dict()
+
+        def quantize(loaded: Any, tokenizer: Any, arrived_with_adapter: bool) -> Any:
+            result = quantize_decoder(loaded, settings)
+            dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+            summary.update(
+                tensor_class=result["tensor_class"],
+                stored=STORED_AS.format(dtype=dtype),
+                relative_error=result["relative_error"],
+                layers=result["layers"],
+                n_layers=len(result["layers"]),
+                embeddings_and_lm_head="not quantized (kept in the model's dtype)",
+            )
+            return loaded
+
+        summary = write_edited_model(self, model, Path(out_dir), summary, quantize, inputs=inputs,
+                                     resolved_config=resolved_config, overwrite=overwrite)  # fmt: skip
         return DefenseResult(model_path=str(out_dir), summary=summary)

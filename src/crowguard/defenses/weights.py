@@ -9,6 +9,7 @@ module level, so config loading stays light.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,6 @@ def decoder_linears(model: Any) -> list[dict[str, Any]]:
     ]
 
 
-def has_adapter(model_cfg: ModelConfig) -> bool:
-    """Whether the model arrives with a LoRA adapter (``model.adapter``, or an adapter directory as the model)."""
-    path = Path(model_cfg.name_or_path)
-    return model_cfg.adapter is not None or (
-        (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-    )
-
-
 def load_for_editing(model_cfg: ModelConfig, merge: bool = True) -> tuple[Any, Any, bool]:
     """``(model, tokenizer, arrived_with_adapter)`` in ``model.dtype`` on ``model.device`` (auto: the GPU when
     there is one), in eval mode; a LoRA adapter is merged into the weights unless ``merge`` is False."""
@@ -86,15 +79,45 @@ def load_for_editing(model_cfg: ModelConfig, merge: bool = True) -> tuple[Any, A
     return model, tokenizer, arrived_with_adapter
 
 
-def placement(model: Any) -> dict[str, str]:
-    """Where the edit ran: the device and dtype of the model's first parameter (for ``manifest.json``)."""
-    parameter = next(model.parameters())
-    return {"device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch.")}
+def write_edited_model(
+    defense: Any,
+    model_cfg: ModelConfig,
+    out_dir: Path,
+    summary: dict[str, Any],
+    edit: Callable[[Any, Any, bool], Any],
+    *,
+    merge: bool = True,
+    seed: int | None = None,
+    inputs: dict[str, str] | None = None,
+    resolved_config: Any = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The one flow of a weight-editing defense: load the model (:func:`load_for_editing`), ``edit(model,
+    tokenizer, arrived_with_adapter)`` (it adds what it measured to ``summary``, which is filled in place, and
+    returns the model to save), and
+    write it as a full model through :func:`crowguard.stage.stage_artefact`, with the time and memory of loading,
+    editing and saving in ``summary["seconds"]`` and ``summary["cost"]``."""
+    from crowguard.evaluation.metrics import measure_cost
+    from crowguard.io import check_output_dir
+    from crowguard.models import save_model
+    from crowguard.stage import placement, stage_artefact, stage_inputs
 
-
-def stage_inputs(model_cfg: ModelConfig, inputs: dict[str, str] | None) -> dict[str, str]:
-    """The inputs ``manifest.json`` hashes: the model, its adapter and whatever the recipe passed (the data)."""
-    all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
-    if model_cfg.adapter:
-        all_inputs["adapter"] = model_cfg.adapter
-    return all_inputs
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    own = dict(summary)  # the same dict object stays the summary: ``edit`` adds to it
+    summary.clear()
+    summary.update({"stage": f"defend:{defense.name}", "defense": defense.name, "kind": defense.kind, "steps": 0,
+                    **own})  # fmt: skip
+    manifest: dict[str, Any] = {}
+    stage = f"defend:{defense.name}"
+    with stage_artefact(stage, out_dir, seed, stage_inputs(model_cfg, inputs), summary, resolved_config, overwrite,
+                        summary_name=SUMMARY_NAME, extra_manifest=manifest) as tmp:  # fmt: skip
+        with measure_cost() as cost:
+            loaded, tokenizer, arrived_with_adapter = load_for_editing(model_cfg, merge=merge)
+            loaded = edit(loaded, tokenizer, arrived_with_adapter)
+            summary["merged_adapter"] = arrived_with_adapter
+            manifest.update(placement(loaded))
+            summary["artefact"] = save_model(loaded, tokenizer, tmp, None)
+        summary["seconds"] = round(cost.wall_s, 3)
+        summary["cost"] = cost.to_dict()
+    return summary

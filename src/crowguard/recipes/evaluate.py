@@ -29,7 +29,7 @@ from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task, paper_task, task_from_files
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
-from crowguard.models import check_model_exists, load_model
+from crowguard.models import arrives_with_adapter, check_model_exists, load_model
 from crowguard.schemas import EvalConfig, ExperimentConfig
 
 
@@ -123,7 +123,7 @@ def vllm_model_dir(cfg: ExperimentConfig, model: Any, tokenizer: Any, out_dir: P
         yield None
         return
     path = Path(cfg.model.name_or_path)
-    if cfg.model.adapter is None and (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if not arrives_with_adapter(path, cfg.model.adapter) and (path / "config.json").is_file():
         yield path
         return
     from crowguard.models import merge_adapter, save_model
