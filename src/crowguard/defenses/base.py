@@ -82,7 +82,11 @@ class Defense:
         resolved_config: Any = None,
         inputs: dict[str, str] | None = None,
     ) -> DefenseResult:
-        raise NotImplementedError
+        """Training and weights defenses implement this. A decoding defense's output is its ``defense.json``
+        (:func:`write_decoding_spec`), which this default writes; it needs no clean data."""
+        if self.kind != "decoding":
+            raise NotImplementedError(f"defense {self.name!r} must implement run")
+        return write_decoding_spec(self, model, Path(out_dir), overwrite=overwrite, resolved_config=resolved_config)
 
     def check(self) -> None:
         """Raise a one-line ``ConfigError`` for settings that cannot work, before any model loads or any earlier

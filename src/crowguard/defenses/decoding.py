@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from crowguard.config import knob
-from crowguard.defenses.base import Defense, DefenseResult, GenerateFn, write_decoding_spec
-from crowguard.schemas import ModelConfig
-from crowguard.types import Example
+from crowguard.defenses.base import Defense, GenerateFn
 
 
 @dataclass
@@ -57,21 +54,6 @@ class DecodingDefense(Defense):
     kind = "decoding"
     Config = DecodingConfig
     needs_data = False
-
-    def run(
-        self,
-        model: ModelConfig,
-        clean_data: list[Example],
-        out_dir: Path,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        show_progress: bool = True,
-        resolved_config: Any = None,
-        inputs: dict[str, str] | None = None,
-    ) -> DefenseResult:
-        """Write ``defense.json``: the guarded model and these sampling settings (no weights, no clean data)."""
-        return write_decoding_spec(self, model, Path(out_dir), overwrite=overwrite, resolved_config=resolved_config)
 
     def generator(self, spec: dict[str, Any], device: str = "auto") -> GenerateFn:
         """:func:`crowguard.evaluation.generate.generate` with sampling switched on at this defense's settings."""
