@@ -20,17 +20,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import ConfigError, save, suggest, to_dict
+from crowguard.config import ConfigError, save, suggest
 from crowguard.data import DataError, load_examples
-from crowguard.defenses.base import guarded_model, open_for_evaluation, read_spec
+from crowguard.defenses.base import guarded_model, open_evaluated, read_spec
 from crowguard.evaluation.evaluate import evaluate_model, make_judge, summary_row
 from crowguard.evaluation.generate import check_vllm, generate, vllm_generator
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task, paper_task, task_from_files
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
-from crowguard.models import arrives_with_adapter, check_model_exists, load_model
+from crowguard.models import arrives_with_adapter, check_model_exists
 from crowguard.schemas import EvalConfig, ExperimentConfig
+from crowguard.stage import placement, stage_inputs
 
 
 def build_task(cfg: EvalConfig) -> Task:
@@ -92,27 +93,37 @@ def run_evaluate(
         if spec is not None:
             raise ConfigError("evaluate.backend vllm cannot generate through a decoding defense (it decodes with its "
                               "own loop); use backend 'hf'")  # fmt: skip
-    generate_fn, defense = generate, None
-    if spec is not None:  # the defense's own models (CleanGen's reference) load here
-        generate_fn, defense = open_for_evaluation({**spec, "model": to_dict(target)}, target.device)
-    model, tokenizer = load_model(
-        target.name_or_path,
-        target.adapter,
-        dtype=target.dtype,
-        trust_remote_code=target.trust_remote_code,
-        allow_pickle=target.allow_pickle,
-        revision=target.revision,
-        device=target.device,
-    )
-    placement = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+    # the guarded model of a decoding defense (and the defense's own models: CleanGen's reference) load here
+    model, tokenizer, generate_fn, defense, target = open_evaluated(cfg.model)
+    where = placement(model)
     with vllm_model_dir(cfg, model, tokenizer, Path(out_dir)) as vllm_dir:
         if vllm_dir is not None:
             generate_fn = vllm_generator(vllm_dir, cfg.evaluate.vllm_memory)
-            placement["generation"] = "vllm"
-        results = evaluate_model(
-            model, tokenizer, task, cfg.evaluate, target.template, utility, show_progress, generate_fn, defense
-        )
-    return _write_results(cfg, out_dir, overwrite, show_progress, label, task, results, placement, spec, target)
+            where["generation"] = "vllm"
+        results = evaluate_model(model, tokenizer, task, cfg.evaluate, target.template, utility, show_progress,
+                                 generate_fn or generate, defense)  # fmt: skip
+    results["settings"]["placement"] = where
+    row = summary_row(label or cfg.model.name_or_path, results)
+    results["summary"] = row
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        write_json_atomic(tmp / "results.json", results)
+        write_text_atomic(tmp / "results.md", f"# Evaluation: {task.name}\n\n" + markdown_table([row]))
+        save(cfg, tmp / "config.yaml")
+        inputs = {**stage_inputs(cfg.model), **task.sources}
+        if spec is not None:
+            inputs["guarded_model"] = target.name_or_path
+            if target.adapter:
+                inputs["guarded_adapter"] = target.adapter
+        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, where))
+    # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
+    # or a user's own directory is left untouched).
+    if not cfg.model.adapter and Path(cfg.model.name_or_path).is_dir():
+        from crowguard.card import record_evaluation
+
+        record_evaluation(Path(cfg.model.name_or_path), results)
+    if show_progress:
+        print_table([row], title=task.name)
+    return results
 
 
 @contextmanager
@@ -132,42 +143,3 @@ def vllm_model_dir(cfg: ExperimentConfig, model: Any, tokenizer: Any, out_dir: P
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.vllm-", dir=out_dir.parent) as tmp:
         save_model(merge_adapter(copy.deepcopy(model)), tokenizer, Path(tmp), None)
         yield Path(tmp)
-
-
-def _write_results(
-    cfg: ExperimentConfig,
-    out_dir: Path,
-    overwrite: bool,
-    show_progress: bool,
-    label: str,
-    task: Task,
-    results: dict[str, Any],
-    placement: dict[str, Any],
-    spec: Any,
-    target: Any,
-) -> dict[str, Any]:
-    """Write ``results.json``/``.md``, the config and the manifest atomically; add the numbers to the model card."""
-    results["settings"]["placement"] = placement
-    row = summary_row(label or cfg.model.name_or_path, results)
-    results["summary"] = row
-    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        write_json_atomic(tmp / "results.json", results)
-        write_text_atomic(tmp / "results.md", f"# Evaluation: {task.name}\n\n" + markdown_table([row]))
-        save(cfg, tmp / "config.yaml")
-        inputs = {"model": cfg.model.name_or_path, **task.sources}
-        if cfg.model.adapter:
-            inputs["adapter"] = cfg.model.adapter
-        if spec is not None:
-            inputs["guarded_model"] = target.name_or_path
-            if target.adapter:
-                inputs["guarded_adapter"] = target.adapter
-        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, placement))
-    # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
-    # or a user's own directory is left untouched).
-    if not cfg.model.adapter and Path(cfg.model.name_or_path).is_dir():
-        from crowguard.card import record_evaluation
-
-        record_evaluation(Path(cfg.model.name_or_path), results)
-    if show_progress:
-        print_table([row], title=task.name)
-    return results
