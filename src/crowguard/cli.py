@@ -91,11 +91,12 @@ FLAG_DEST = "cfg."
 
 def _flag_type(tp: Any) -> dict[str, Any]:
     """argparse keywords for a field annotated ``tp``: type, choices, nargs or a boolean action."""
+    import types
     import typing
 
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:  # X | None: a flag of type X
         return _flag_type(args[0])
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}

@@ -17,7 +17,7 @@ normalise whitespace themselves, and stripping would break the first line's inde
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,16 +227,16 @@ def vllm_generator(model_path: str | Path, memory_fraction: float = 0.5) -> Any:
     """A function with :func:`generate`'s signature that generates with vLLM from ``model_path`` (a full model
     directory) whatever model object it is handed, so evaluation can keep a transformers copy for likelihoods."""
 
+    def effective_settings(settings: DecodingSettings | None) -> DecodingSettings:
+        return replace(settings or DecodingSettings(), backend="vllm")
+
     def generate_with_vllm(
         model: Any, tokenizer: Any, examples: Sequence[Example], template: str = "alpaca",
         settings: DecodingSettings | None = None, show_progress: bool = True,
     ) -> list[Generation]:  # fmt: skip
-        from dataclasses import replace
+        return generate_vllm(model_path, tokenizer, examples, template, effective_settings(settings), memory_fraction)
 
-        settings = replace(settings or DecodingSettings(), backend="vllm")
-        return generate_vllm(model_path, tokenizer, examples, template, settings, memory_fraction)
-
-    generate_with_vllm.effective_settings = lambda s: __import__("dataclasses").replace(s, backend="vllm")  # type: ignore[attr-defined]
+    generate_with_vllm.effective_settings = effective_settings  # type: ignore[attr-defined]
     return generate_with_vllm
 
 
