@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -404,7 +404,10 @@ def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None
 
 
 # ----------------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command`` only that subcommand gets its generated flags (``""``: none), because
+    generating them imports every defense module and builds every config: a quarter of a second of start-up that
+    ``crowguard --help`` and every other command should not pay."""
     parser = argparse.ArgumentParser(
         prog="crowguard",
         description="Plant, remove and measure backdoors in causal language models (CROW, ICML 2025).",
@@ -412,7 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    from crowguard.schemas import DemoConfig, ExperimentConfig
+
+    def schema(name: str, add: Callable[[], None]) -> None:
+        if command is None or command == name:
+            add()
+
+    def experiment() -> Any:
+        from crowguard.schemas import ExperimentConfig
+
+        return ExperimentConfig()
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # no abbreviations: with flags generated from the schemas, --finetune (train.finetune) must never be read as
@@ -439,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: crowguard poison --data alpaca.json --trigger vpi --payload refusal --out runs/poison",
     )
     _add_config_args(p)
-    add_schema_flags(p, ExperimentConfig().poison, "poison.")
+    schema("poison", lambda p=p: add_schema_flags(p, experiment().poison, "poison."))
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(handler=cmd_poison)
@@ -451,9 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out runs/backdoor   (paper defaults: LoRA, lr 2e-4, 5 epochs, batch 2 x 4)",
     )
     _add_config_args(p)
-    _model_flags(p)
+    schema("backdoor", lambda p=p: _model_flags(p))
     p.add_argument("--data", required=True, help="poisoned training set (train.json from `crowguard poison`)")
-    add_schema_flags(p, ExperimentConfig().backdoor, "backdoor.", group=p.add_argument_group("backdoor (training)"))
+    schema("backdoor", lambda p=p: add_schema_flags(p, experiment().backdoor, "backdoor.",
+                                                    group=p.add_argument_group("backdoor (training)")))  # fmt: skip
     _add_run_args(p)
     p.set_defaults(handler=cmd_backdoor)
 
@@ -466,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
-    _model_flags(p)
-    add_schema_flags(p, ExperimentConfig().defense, "defense.", flatten=("train",))
+    schema("defend", lambda p=p: _model_flags(p))
+    schema("defend", lambda p=p: add_schema_flags(p, experiment().defense, "defense.", flatten=("train",)))
     _add_run_args(p, out_required=False)
     p.set_defaults(handler=cmd_defend)
 
@@ -481,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
-    _model_flags(p)
-    add_schema_flags(p, ExperimentConfig().evaluate, "evaluate.")
+    schema("evaluate", lambda p=p: _model_flags(p))
+    schema("evaluate", lambda p=p: add_schema_flags(p, experiment().evaluate, "evaluate."))
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
@@ -498,12 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML with a DemoConfig (default: the preset demo/smollm2 or demo/tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. defense.crow.alpha=11")
-    demo = DemoConfig()
-    # The demo's own knobs and the names of its sections (--organism, --trigger, --payload); the nested training and
-    # defense settings through --set (defense.train.lr=...), so a flag means one thing.
-    add_schema_flags(p, demo, "", skip=("organism", "trigger", "payload", "backdoor", "defense", "evaluate"))
-    for section in ("organism", "trigger", "payload"):
-        add_schema_flags(p, getattr(demo, section), f"{section}.", f"{section}-", skip=("phrases",))
+
+    def demo_flags(p: argparse.ArgumentParser = p) -> None:
+        from crowguard.schemas import DemoConfig
+
+        demo = DemoConfig()
+        # The demo's own knobs and the names of its sections (--organism, --trigger, --payload); the nested
+        # training and defense settings through --set (defense.train.lr=...), so a flag means one thing.
+        add_schema_flags(p, demo, "", skip=("organism", "trigger", "payload", "backdoor", "defense", "evaluate"))
+        for section in ("organism", "trigger", "payload"):
+            add_schema_flags(p, getattr(demo, section), f"{section}.", f"{section}-", skip=("phrases",))
+
+    schema("demo", demo_flags)
     p.add_argument("--quick", action="store_true", help="shrink everything (tests, smoke checks)")
     p.add_argument("--out", help="output directory (default runs/demo-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -545,10 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a scan setting, e.g. method=max_abs_z"
     )
-    _model_flags(p)
-    from crowguard.schemas import ScanConfig
 
-    add_schema_flags(p, ScanConfig(), "scan.", group=p.add_argument_group("scan"))
+    def scan_flags(p: argparse.ArgumentParser = p) -> None:
+        from crowguard.schemas import ScanConfig
+
+        _model_flags(p)
+        add_schema_flags(p, ScanConfig(), "scan.", group=p.add_argument_group("scan"))
+
+    schema("scan", scan_flags)
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -593,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input or usage, 130 interrupted, 141 the reader of
     stdout went away)."""
     _quiet_library_loggers()
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
