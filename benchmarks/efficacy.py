@@ -177,7 +177,7 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
                 say(f"[{cell}] {name} seed {seed}")
                 cfg = defense_config(method, mode, knobs, seed, len(clean), base)
                 defense = make_defense(cfg)
-                draw = clean if getattr(defense, "needs_data", True) else []
+                draw = clean if defense.needs_data else []
                 defense.run(ModelConfig(name_or_path=str(plant_dir)), draw, out, overwrite=True,
                             show_progress=not args.quiet)  # fmt: skip
             result = cached_eval(cell_dir / f"eval-{name}-s{seed}.json", str(out), task, name, args.quiet)

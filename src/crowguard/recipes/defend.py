@@ -50,7 +50,7 @@ def run_defend(
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
     data: list[Example] = []
     inputs: dict[str, str] = {}
-    if getattr(defense, "needs_data", True):  # one that uses no clean samples (quantize, magnitude pruning): no --data
+    if defense.needs_data:  # one that uses no clean samples (quantize, magnitude pruning): no --data
         if not cfg.defense.data:
             raise DataError(
                 f"defense {cfg.defense.method!r} uses clean samples and defense.data is empty: give --data, a clean "

@@ -207,8 +207,10 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool, ranks: Ranks) ->
                 if name != method:  # (finetune logs the clean consistency over crow.layers: a log, not a result)
                     settings.pop(name)
             data_print = _content(stage_cfg.defense.data)
-            if defense.kind == "decoding":  # defense.json only: no training budget, no clean data, one process
-                settings = {"method": method, method: settings.get(method)}
+            if defense.kind != "training":  # the budget is a training defense's; its seed also draws the samples
+                settings["train"] = {"seed": settings["train"]["seed"]} if defense.needs_data else None
+            if not defense.needs_data:  # quantize, decoding, CleanGen, magnitude pruning: no clean samples
+                settings.pop("data"), settings.pop("n_samples")
                 data_print = []
             model_print = fingerprint(f"defense-{method}", settings, data_print, backdoor_print)
             defend = partial(run_defend, stage_cfg, defense_dir, show_progress=not quiet)
