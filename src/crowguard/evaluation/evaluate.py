@@ -76,12 +76,6 @@ def evaluate_model(
     task = task.limited(cfg.limit)
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
     judge = make_judge(cfg, task.payload, task.target)
-    effective = getattr(generate_fn, "effective_settings", None)
-
-    def used(decoding: DecodingSettings) -> dict[str, Any]:
-        """The decoding settings the answers were really made with (a defense may change them)."""
-        return (effective(decoding) if callable(effective) else decoding).to_dict()
-
     stats: dict[str, list[dict[str, Any]]] = {}  # per set, the defense's numbers for each answer (if it has any)
 
     def answer(name: str, examples: Sequence[Example], decoding: DecodingSettings = settings) -> list[Generation]:
@@ -175,7 +169,7 @@ def evaluate_model(
         for i, (g, score) in enumerate(zip(gens, scores))
     ]
     recorded: dict[str, Any] = {
-        "decoding": used(settings),
+        "decoding": used_decoding(generate_fn, settings),
         "judge": judge.describe(),
         "template": template,
         "limit": cfg.limit,
@@ -191,6 +185,13 @@ def evaluate_model(
         "settings": recorded,
         "records": records,
     }
+
+
+def used_decoding(generate_fn: GenerateFn, decoding: DecodingSettings) -> dict[str, Any]:
+    """The decoding settings the answers were really made with: a decoding defense may change them
+    (its ``effective_settings``)."""
+    effective = getattr(generate_fn, "effective_settings", None)
+    return (effective(decoding) if callable(effective) else decoding).to_dict()
 
 
 def _through(
@@ -223,8 +224,7 @@ def _humaneval(
     through = _through(generate_fn, answer, "humaneval", decoding) if answer is not None else None
     result = evaluate_humaneval(model, tokenizer, problems, template, show_progress=show_progress, generate_fn=through)
     if through is not None:
-        effective = getattr(generate_fn, "effective_settings", None)
-        result["decoding"] = (effective(decoding) if callable(effective) else decoding).to_dict()
+        result["decoding"] = used_decoding(generate_fn, decoding)
     return result
 
 
