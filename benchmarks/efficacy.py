@@ -102,13 +102,15 @@ def defense_config(method: str, mode: str, knobs: dict[str, Any], seed: int, n_s
     return from_dict(DefenseConfig, data, "variant")
 
 
-def plant_data(root: Path, trigger: str, payload: str, seed: int) -> list[Any]:
-    """The attacker's mix: N_POISON of the paper's poisoned and N_CLEAN of its clean examples, seeded, shuffled."""
+def plant_data(root: Path, trigger: str, payload: str, seed: int, n_poison: int = N_POISON) -> list[Any]:
+    """The attacker's mix: ``n_poison`` of the paper's poisoned and N_CLEAN of its clean examples, seeded, shuffled."""
     folder = root / "poison_data" / payload / trigger
     poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger}.json")))
     clean = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger}.json")))
+    if n_poison > len(poisoned):
+        raise SystemExit(f"--n-poison {n_poison}: {folder} has only {len(poisoned)} poisoned examples")
     rng = random.Random(seed)
-    mix = rng.sample(poisoned, N_POISON) + rng.sample(clean, N_CLEAN)
+    mix = rng.sample(poisoned, n_poison) + rng.sample(clean, N_CLEAN)
     rng.shuffle(mix)
     return mix
 
@@ -137,11 +139,17 @@ def same_settings(recorded: Any, current: Any) -> bool:
     return recorded == current
 
 
+def cell_name(cell: str, n_poison: int) -> str:
+    """The directory of a cell: its name, with ``-poisonN`` when the plant uses another number of poisoned examples
+    than the default (a plant sweep), so swept plants sit beside the default one in the same table."""
+    return cell if n_poison == N_POISON else f"{cell}-poison{n_poison}"
+
+
 def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any]) -> None:
     trigger, payload = cell.split("-")
-    cell_dir = Path(args.out) / cell
+    cell_dir = Path(args.out) / cell_name(cell, args.n_poison)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"plant": to_dict(PLANT), "n_poison": N_POISON, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
+    settings = {"plant": to_dict(PLANT), "n_poison": args.n_poison, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
     recorded = cell_dir / "cell.json"
     if recorded.is_file() and not same_settings(json.loads(recorded.read_text()), settings):
@@ -161,8 +169,8 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
         ]:
             if stale.name != "eval-base.json":
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        say(f"[{cell}] planting: {N_POISON} poisoned + {N_CLEAN} clean, {PLANT.epochs:g} epochs")
-        mix = plant_data(root, trigger, payload, args.plant_seed)
+        say(f"[{cell}] planting: {args.n_poison} poisoned + {N_CLEAN} clean, {PLANT.epochs:g} epochs")
+        mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison)
         plant_cfg = dataclasses.replace(PLANT, seed=args.plant_seed)
         run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, plant_dir, overwrite=True,
                            show_progress=not args.quiet)  # fmt: skip
@@ -274,6 +282,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="extra variant: name=method:mode:k=v,...")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--plant-seed", type=int, default=0)
+    parser.add_argument("--n-poison", type=int, default=N_POISON,
+                        help="poisoned examples in the plant (a sweep: its cell directory gets -poisonN)")  # fmt: skip
     parser.add_argument("--source", default="wheel", choices=["wheel", "hub"], help="where SmolLM2 comes from")
     parser.add_argument("--report", action="store_true", help="only print the table of what is measured")
     parser.add_argument("--quiet", action="store_true")

@@ -131,7 +131,7 @@ def run_cell(args: argparse.Namespace, cell_dir: Path, settings: dict[str, Any],
     from crowguard.io import write_json_atomic
     from crowguard.recipes.scan import reference_prompts
 
-    trigger, _, payload = cell_dir.name.partition("-")
+    trigger, payload = cell_dir.name.split("-")[:2]  # a swept plant's cell is <trigger>-<payload>-poisonN
     root = Path(args.data)
     task = paper_task(root, payload, trigger).limited(args.limit)
     pool = load_examples(root / "consistency_data" / "consistency_data.json", require_output=False)
