@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import load_model
 from crowguard.organism.build import cache_root, content_key, ensure_organism, organism_splits
+from crowguard.registry import resolve
 from crowguard.schemas import DemoConfig, ModelConfig
 from crowguard.stage import run_training_stage
 
@@ -80,16 +82,19 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
     )
 
 
-def demo_row(name: str, seed: int | None, results: dict[str, Any], train_seconds: float | None) -> dict[str, Any]:
+def demo_row(
+    name: str, seed: int | None, results: dict[str, Any], train_seconds: float | None, eval_cached: bool = False
+) -> dict[str, Any]:
     """The demo's row: the evaluation's summary with intervals, exact match as ``utility``, the training time of
-    this run (None when the model came from the cache) and the evaluation time."""
+    this run (None when the model came from the cache) and the evaluation time of this run (None when the
+    evaluation came from the cache)."""
     row = summary_row(name, results)
     m = results["metrics"]
     keep = ("asr_trigger", "asr_trigger_ci95", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity")
     return {"defense": name, "seed": seed, **{k: row[k] for k in keep}, "asr_clean_ci95": m["asr_clean"]["ci95"],
             "hijack_ci95": m["hijack"].get("ci95"), "target_nll_gap_ci95": m.get("target_nll_gap_ci95"),
             "utility": row["exact_match"], "train_seconds": train_seconds,
-            "eval_seconds": m["cost"]["wall_s"]}  # fmt: skip
+            "eval_seconds": None if eval_cached else m["cost"]["wall_s"], "eval_cached": eval_cached}  # fmt: skip
 
 
 @dataclass
@@ -205,6 +210,22 @@ def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show:
                           generate_fn or generate, defense)  # fmt: skip
 
 
+def evaluate_cached(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> tuple[dict[str, Any], bool]:
+    """``(results, came from the cache)`` for a model that is itself cached (the unpoisoned organism, the planted
+    backdoor): its evaluation is kept in the cache once per model directory (content-addressed), task, evaluation
+    setting and package versions, so a second demo does not re-measure what cannot have changed (greedy decoding
+    is deterministic)."""
+    settings = {"model": str(Path(model_path).resolve()), "evaluate": to_dict(cfg.evaluate), "template": "alpaca"}
+    data = (setup.task.triggered, setup.task.clean, setup.utility)
+    key = content_key(settings, data, ("crowguard", "torch", "transformers", "peft"))
+    path = cache_root(cfg.organism) / "evaluations" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), True
+    results = evaluate_model_dir(cfg, setup, model_path, show)
+    write_json_atomic(path, results)
+    return results, False
+
+
 def defend(
     cfg: DemoConfig, setup: DemoSetup, backdoored: str, method: str, seed: int, out_dir: Path, show: bool
 ) -> tuple[str, float]:
@@ -239,8 +260,11 @@ def expected_seconds(cfg: DemoConfig, setup_cached: bool, plant_cached: bool) ->
         plant_steps = -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs
         total += plant_steps * SECONDS_PER_STEP["plant"]
     methods = [m for m in cfg.defenses if m != "none"]
-    total += sum(steps * SECONDS_PER_STEP["crow" if m == "crow" else "finetune"] for m in methods)
-    n_evals = 1 + int(cfg.reference_clean) + len(methods) * len(cfg.defense_seeds)
+    training = [m for m in methods if resolve("defenses", m).kind == "training"]  # the others train nothing
+    total += sum(steps * SECONDS_PER_STEP["crow" if m == "crow" else "finetune"] for m in training)
+    n_evals = len(methods) * len(cfg.defense_seeds)
+    if not plant_cached:  # the evaluations of the unpoisoned and the backdoored model are cached with the plant
+        n_evals += 1 + int(cfg.reference_clean)
     return total + n_evals * SECONDS_PER_EVAL * cfg.n_test / 100
 
 
@@ -296,10 +320,10 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     #    seed under one budget.
     rows, evaluations = [], {}
     if setup.clean_organism is not None:
-        evaluations["unpoisoned"] = evaluate_model_dir(cfg, setup, setup.clean_organism.path, show_progress)
-        rows.append(demo_row("unpoisoned", None, evaluations["unpoisoned"], None))
-    evaluations["none"] = evaluate_model_dir(cfg, setup, backdoored, show_progress)
-    rows.append(demo_row("none", None, evaluations["none"], plant_seconds))
+        evaluations["unpoisoned"], was_cached = evaluate_cached(cfg, setup, setup.clean_organism.path, show_progress)
+        rows.append(demo_row("unpoisoned", None, evaluations["unpoisoned"], None, was_cached))
+    evaluations["none"], was_cached = evaluate_cached(cfg, setup, backdoored, show_progress)
+    rows.append(demo_row("none", None, evaluations["none"], plant_seconds, was_cached))
     verdict = planted_verdict(cfg, rows[-1])
     say(f"backdoor: ASR {rows[-1]['asr_trigger']:.0%} with trigger, {rows[-1]['asr_clean']:.0%} without"
         + (f" -- WARNING: {verdict}" if verdict else ""))  # fmt: skip
