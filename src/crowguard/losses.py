@@ -216,6 +216,28 @@ def fgsm_perturbation(
     return delta.to(inputs_embeds.dtype).detach()
 
 
+def pgd_step(
+    delta: Tensor, grad: Tensor, step_size: float | Tensor, epsilon: float | Tensor, attention_mask: Tensor | None
+) -> Tensor:
+    """One projected signed-gradient ascent step: ``clip(delta + step_size * sign(grad), -epsilon, epsilon)``.
+
+    Args:
+        delta: (B, T, D) current perturbation, inside the L-inf ball of radius ``epsilon``.
+        grad: (B, T, D) gradient of the consistency loss at ``e + delta``.
+        step_size, epsilon: per-dimension step and radius (floats, or 0-d tensors in ``rms`` mode).
+        attention_mask: optional (B, T); padded positions stay unperturbed.
+
+    Returns:
+        (B, T, D) detached tensor in ``delta``'s dtype.
+    """
+    radius = torch.as_tensor(epsilon, dtype=delta.dtype, device=delta.device)
+    step = torch.as_tensor(step_size, dtype=delta.dtype, device=delta.device)
+    stepped = torch.clamp(delta.detach() + step * grad.sign().to(delta.dtype), min=-radius, max=radius)
+    if attention_mask is not None:
+        stepped = stepped.masked_fill(attention_mask.to(device=delta.device).unsqueeze(-1) == 0, 0.0)
+    return stepped.detach()
+
+
 def crow_loss(
     model: nn.Module,
     input_ids: Tensor,
@@ -227,13 +249,19 @@ def crow_loss(
     epsilon_mode: EpsilonMode = "absolute",
     num_items: int | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
+    steps: int = 1,
 ) -> tuple[Tensor, dict[str, float]]:
-    """CROW objective ``L = L_LM + alpha * L_cons(hidden states at e + delta)`` with two forwards.
+    """CROW objective ``L = L_LM + alpha * L_cons(hidden states at e + delta)`` with two forwards (one FGSM step).
 
     1. ``e = embed(input_ids)``, detached and requiring grad; one clean forward gives the LM loss (from its logits)
        and the clean consistency loss.
     2. ``delta = eps * sign(d L_cons / d e)`` via ``torch.autograd.grad`` (no ``.backward()``, no ``zero_grad()``).
     3. A second forward on ``e + delta`` gives ``L_adv``, the consistency loss of the perturbed pass.
+
+    ``steps > 1`` replaces step 2 by PGD (Madry et al. 2018, not the paper's method): ``steps`` signed steps of
+    ``2.5 * eps / steps`` from ``delta = 0``, the first from the clean pass's gradient, each projected back onto the
+    L-inf ball of radius ``eps`` (:func:`pgd_step`), one extra forward per extra step, so the perturbation can stay
+    adversarial where one signed step no longer is. ``steps == 1`` is exactly the paper's FGSM step.
 
     ``alpha == 0`` runs only the clean forward and returns the LM loss; ``epsilon == 0`` makes the perturbed pass the
     clean one, so it is not run again. The model may be a plain Hugging Face causal LM, a peft ``PeftModel`` or a
@@ -255,6 +283,7 @@ def crow_loss(
             mean over a whole optimizer step (its label tokens and its real tokens; see `count_loss_tokens`): the
             LM and the adversarial consistency sums are divided by them. The FGSM direction is a sign, so it does
             not depend on either.
+        steps: perturbation steps: 1 (the paper's FGSM) or more (PGD, above).
 
     Returns:
         ``(loss, parts)``: the scalar loss to backpropagate, and floats ``lm_loss``, ``consistency_loss`` (clean
@@ -267,6 +296,8 @@ def crow_loss(
         raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
     if not (math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
 
     embedding = _input_embeddings(model)
     forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
@@ -293,11 +324,22 @@ def crow_loss(
         if epsilon == 0:
             adversarial_mean = consistency
         else:
-            # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
-            delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
-            # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
-            # Only hidden states are needed from this pass: skip the (B, T, V) logits where the model allows it.
+            # Only hidden states are needed from the perturbed passes: skip the (B, T, V) logits where allowed.
             skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            if steps == 1:
+                # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
+                delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
+            else:
+                step_size = 2.5 * eps / steps
+                (grad,) = torch.autograd.grad(consistency, embeds, retain_graph=True)
+                delta = pgd_step(torch.zeros_like(embeds), grad, step_size, eps, attention_mask)
+                for _ in range(steps - 1):
+                    probe = (embeds.detach() + delta).requires_grad_(True)
+                    override.replacement = probe
+                    hidden = model(input_ids=input_ids, **forward_kwargs, **skip_logits).hidden_states
+                    (grad,) = torch.autograd.grad(layer_consistency_loss(hidden, attention_mask, layers), probe)
+                    delta = pgd_step(delta, grad, step_size, eps, attention_mask)
+            # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
             override.replacement = embeds.detach() + delta
             perturbed = model(input_ids=input_ids, **forward_kwargs, **skip_logits)
             adversarial_mean = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)

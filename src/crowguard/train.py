@@ -41,6 +41,7 @@ class CrowSettings(Protocol):
     epsilon: float
     epsilon_mode: str
     layers: str | list[int]
+    steps: int
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -124,6 +125,7 @@ class CrowTrainer(Trainer):
             epsilon=crow.epsilon,
             layers=crow.layers,
             epsilon_mode=crow.epsilon_mode,
+            steps=crow.steps,
             num_items=num_items,
             num_tokens=num_tokens,
         )

@@ -25,6 +25,11 @@ class CrowConfig:
     epsilon_mode: Literal["absolute", "rms"] = knob(
         "absolute", "absolute: epsilon per dimension (paper); rms: epsilon x RMS of the real-token embeddings"
     )
+    steps: int = knob(
+        1,
+        "perturbation steps: 1 = the paper's FGSM; k > 1 = PGD (k signed steps of 2.5 x epsilon / k, each projected "
+        "back onto the epsilon ball; one extra forward per step; not the paper's method)",
+    )
     layers: str | list[int] = knob(
         "reference",
         "layer pairs in the consistency loss: 'reference' (hidden_states[1:-2] vs [2:-1]), 'all', or a list of "
@@ -34,6 +39,8 @@ class CrowConfig:
     def validate(self) -> None:
         if self.alpha < 0 or self.epsilon < 0:
             raise ValueError("alpha and epsilon must not be negative")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (1 = the paper's FGSM step), got {self.steps}")
         if isinstance(self.layers, str) and self.layers not in ("reference", "all"):
             raise ValueError(f"layers must be 'reference', 'all' or a list of indices, got {self.layers!r}")
 
