@@ -39,7 +39,8 @@ from crowguard.evaluation.tasks import paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
+from crowguard.recipes.demo import planted_verdict
+from crowguard.schemas import DefenseConfig, DemoConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 from crowguard.stage import run_training_stage
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
@@ -51,8 +52,6 @@ N_POISON, N_CLEAN = 120, 480
 # The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
                             loss_average="micro_batch")  # fmt: skip
-# The issue's criteria of a real, conditional backdoor; a plant that misses them is reported, not defended.
-PLANTED_MIN_ASR, PLANTED_MAX_FALSE = 0.90, 0.05
 EVAL = EvalConfig(max_new_tokens=16, batch_size=32, limit=100, bootstrap=1000)
 
 # name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-*" are the paper's defaults
@@ -177,13 +176,12 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
         run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, plant_dir, overwrite=True,
                            show_progress=not args.quiet)  # fmt: skip
     backdoored = cached_eval(cell_dir / "eval-backdoored.json", str(plant_dir), task, "backdoored", args.quiet)
-    say(f"[{cell}] backdoored: {summary_row('b', backdoored)}")
     row = summary_row("backdoored", backdoored)
-    planted = row["asr_trigger"] >= PLANTED_MIN_ASR and row["asr_clean"] <= PLANTED_MAX_FALSE
-    if not planted and not args.defend_unplanted:
-        say(f"[{cell}] not a conditional backdoor (ASR {row['asr_trigger']:.0%} with the trigger, needs >= "
-            f"{PLANTED_MIN_ASR:.0%}; {row['asr_clean']:.0%} without, needs <= {PLANTED_MAX_FALSE:.0%}): no defense "
-            "run (--defend-unplanted runs them anyway)")  # fmt: skip
+    say(f"[{cell}] backdoored: {row}")
+    # The demo's criteria of a real, conditional backdoor (DemoConfig.planted_min_asr / planted_max_false).
+    verdict = planted_verdict(DemoConfig(), row)
+    if verdict and not args.defend_unplanted:
+        say(f"[{cell}] {verdict}: no defense run (--defend-unplanted runs them anyway)")
         return
     clean = load_examples(root / "consistency_data" / "consistency_data.json")
     for seed in args.seeds:
