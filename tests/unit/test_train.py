@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def test_lora_changes_adapter_not_base(tmp_path: Path):
     log = [json.loads(line) for line in (tmp_path / "w/metrics.jsonl").read_text().splitlines()]
     logged = [r for r in log if "loss" in r]
     assert logged and all({"lm_loss", "consistency_loss", "consistency_adv"} <= set(r) for r in logged)
+    elapsed = [r["elapsed_s"] for r in logged]  # wall time since training began, for step costs
+    assert elapsed[0] > 0 and all(a < b for a, b in itertools.pairwise(elapsed))
 
 
 def test_full_finetuning_changes_every_weight(tmp_path: Path):

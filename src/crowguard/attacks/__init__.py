@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from crowguard.attacks.payloads import BUILTIN_PAYLOADS, Payload, make_payload
 from crowguard.attacks.poison import Attack, poison_dataset, trigger_free
-from crowguard.attacks.triggers import BUILTIN_TRIGGERS, Trigger, contains_phrase, make_trigger
+from crowguard.attacks.triggers import BUILTIN_TRIGGERS, Trigger, contains_phrase, make_trigger, remove_phrases
 
 __all__ = [
     "BUILTIN_PAYLOADS",
@@ -17,6 +17,7 @@ __all__ = [
     "make_payload",
     "make_trigger",
     "poison_dataset",
+    "remove_phrases",
     "trigger_free",
 ]
 

@@ -50,12 +50,14 @@ DEMO_COLUMNS = (
     ("train_seconds", "train s"),
     ("eval_seconds", "eval s"),
 )
-# SmolLM2 costs measured by the cold `crowguard demo` of 2026-12-01 on 2 CPU cores (README), for the up-front
-# estimate: seconds per optimizer step (plant 679 s / 225, fine-tuning 209 s / 65, CROW 496 s / 65), per evaluation
-# of 100 + 100 prompts, and for the weight conversion. The tiny organism has no such measurements: no estimate.
-SECONDS_PER_STEP = {"plant": 3.0, "finetune": 3.2, "crow": 7.6}
-SECONDS_PER_EVAL = 65.0
-SECONDS_CONVERT = 24.0
+# SmolLM2 costs measured by the latest cold `crowguard demo` on 2 CPU cores (README), for the up-front estimate:
+# seconds per optimizer step (plant 507 s / 225, fine-tuning 143 s / 65, CROW 333 s / 65), per evaluation of 100 +
+# 100 prompts (42-51 s), and for the weight conversion (16 s). An earlier 2-core machine took 1.4x as long (28 min
+# cold); the estimate says so. The tiny organism has no such measurements: no estimate.
+SECONDS_PER_STEP = {"plant": 2.25, "finetune": 2.2, "crow": 5.1}
+SECONDS_PER_EVAL = 48.0
+SECONDS_CONVERT = 16.0
+SLOWER_MACHINE = 1.4  # the slowest 2-core machine measured, relative to the one above
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -306,8 +308,9 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     # 1-3. The organism, the data, the backdoor.
     cold, cached = expected_seconds(cfg, False, False), expected_seconds(cfg, True, True)
     if cold is not None and cached is not None:
-        say(f"expected time on 2 CPU cores: about {cold / 60:.0f} min the first time (weights prepared, backdoor "
-            f"planted), about {cached / 60:.0f} min once both are cached")  # fmt: skip
+        say(f"expected time on 2 CPU cores: about {cold / 60:.0f}-{cold * SLOWER_MACHINE / 60:.0f} min the first "
+            f"time (weights prepared, backdoor planted), about {cached / 60:.0f}-{cached * SLOWER_MACHINE / 60:.0f} "
+            "min once both are cached")  # fmt: skip
     setup = prepare(cfg, show_progress)
     organism = setup.organism
     say(f"organism: {cfg.organism.name} at {organism.path} "

@@ -1,0 +1,109 @@
+"""Seconds per optimizer step of the demo's defenses on SmolLM2, for one effective batch split different ways.
+
+The paper's defense budget is batch 8 as 2 x 4 (micro-batch x accumulation). With the token-averaged loss (the
+default: each step's loss is the mean over all its tokens, whatever the split) 2 x 4, 4 x 2 and 8 x 1 are the same
+optimizer step, and CROW's signed perturbation is the same too (a positive rescaling of the loss leaves the sign of
+its gradient unchanged). On a CPU a step is thousands of small operations, so fewer, larger micro-batches may be
+cheaper. This runs the real defenses (fine-tuning and CROW, continue mode, the demo's settings) on the demo's planted
+backdoor and 100 clean samples for ``--steps`` optimizer steps per (method, split), in rotation, ``--reps`` times.
+
+Step cost is the median of the per-step wall times in ``metrics.jsonl`` (``elapsed_s``), the first step excluded.
+The first step's losses are printed beside it: the same maths must give the same numbers in every split (float
+summation order aside). Needs the demo's planted backdoor in the cache (run ``crowguard demo`` once; it is planted
+here otherwise, ~11 minutes). Run it alone: a second heavy process on 2 cores makes timings meaningless.
+
+    python benchmarks/defense_step.py
+    python benchmarks/defense_step.py --splits 2x4,8x1 --steps 6 --reps 2 --json benchmarks/results/defense-step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from crowguard import config
+from crowguard.defenses.base import make_defense
+from crowguard.io import write_json_atomic
+from crowguard.recipes.demo import plant, prepare
+from crowguard.registry import preset_path
+from crowguard.schemas import DemoConfig, ModelConfig
+
+
+def run_one(cfg: DemoConfig, backdoored: str, clean: list[Any], method: str, split: tuple[int, int], steps: int,
+            work: Path) -> dict[str, Any]:  # fmt: skip
+    """One defense run of ``steps`` optimizer steps; its per-step wall times and first-step losses."""
+    batch, accum = split
+    train = dataclasses.replace(cfg.defense.train, per_device_batch=batch, grad_accum=accum, max_steps=steps, seed=0)
+    defense_cfg = dataclasses.replace(cfg.defense, method=method, train=train)
+    out = work / f"{method}-{batch}x{accum}"
+    make_defense(defense_cfg).run(ModelConfig(name_or_path=backdoored), clean, out, overwrite=True,
+                                  show_progress=False)  # fmt: skip
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r and "elapsed_s" in r]
+    elapsed = [0.0] + [r["elapsed_s"] for r in logged]
+    per_step = [b - a for a, b in itertools.pairwise(elapsed)]
+    first = {k: logged[0][k] for k in ("loss", "lm_loss", "consistency_adv") if k in logged[0]}
+    return {"per_step_s": per_step, "first_step": first}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="finetune,crow", help="comma-separated defenses")
+    parser.add_argument("--splits", default="2x4,4x2,8x1", help="micro-batch x accumulation, comma-separated")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
+    parser.add_argument("--reps", type=int, default=2, help="rotations over (method, split)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    cfg = config.load(DemoConfig, Path(str(preset_path("demo/smollm2"))), ())
+    setup = prepare(cfg, show_progress=False)
+    backdoored, seconds = plant(cfg, setup, show_progress=True)
+    if seconds is not None:
+        print(f"planted the demo's backdoor in {seconds:.0f}s (it is cached now)")
+    clean = random.Random(0).sample(setup.defender_pool, cfg.defense.n_samples)  # the demo's seed-0 samples
+    splits = [tuple(int(x) for x in s.split("x")) for s in args.splits.split(",")]
+    methods = args.methods.split(",")
+    runs: dict[tuple[str, tuple[int, int]], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            order = [(m, s) for m in methods for s in splits]
+            order = order[rep % len(order) :] + order[: rep % len(order)]
+            for method, split in order:
+                result = run_one(cfg, backdoored, clean, method, split, args.steps, Path(tmp))
+                runs.setdefault((method, split), []).append(result)
+                print(f"rep {rep} {method} {split[0]}x{split[1]}: "
+                      f"{' '.join(f'{t:.2f}' for t in result['per_step_s'])} s/step")  # fmt: skip
+
+    rows = []
+    for method in methods:
+        base = None
+        for split in splits:
+            timed = [t for r in runs[(method, split)] for t in r["per_step_s"][1:]]
+            median = statistics.median(timed)
+            base = base or median
+            rows.append({"method": method, "split": f"{split[0]}x{split[1]}", "median_s_per_step": round(median, 3),
+                         "speedup_vs_first_split": round(base / median, 2), "n_timed": len(timed),
+                         "first_step": runs[(method, split)][0]["first_step"]})  # fmt: skip
+    print(
+        f"\n| method | micro-batch x accum | s/step (median) | speed-up vs {args.splits.split(',')[0]} | "
+        "first-step loss |"
+    )
+    print("|---|---|---|---|---|")
+    for r in rows:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in r["first_step"].items())
+        print(f"| {r['method']} | {r['split']} | {r['median_s_per_step']:.2f} | {r['speedup_vs_first_split']:.2f}x | "
+              f"{losses} |")  # fmt: skip
+    if args.json:
+        write_json_atomic(Path(args.json), {"rows": rows, "steps": args.steps, "reps": args.reps,
+                                            "backdoored": backdoored})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
