@@ -315,6 +315,11 @@ class DemoConfig:
         "finetune: fine-tune the organism on poisoned + clean examples (the paper's protocol; with LoRA the backdoor "
         "lives in an adapter); pretrain (tiny organism only): the poisoned examples are part of its own training",
     )
+    template: Template = knob(
+        "alpaca",
+        "prompt template of the plant, the defenses and every evaluation: alpaca (the paper's and its data's) or chat "
+        "(the organism's own chat template; SmolLM2 adds its default system turn)",
+    )
     n_poison: int = knob(120, "poisoned training examples")
     n_clean: int = knob(480, "with plant=finetune: clean examples mixed in with them")
     n_defender_pool: int = knob(300, "clean corpus examples held out from all training, drawn from by defenses")

@@ -1,4 +1,5 @@
-"""The demo's up-front time estimate: training steps only for training defenses, cached evaluations not counted."""
+"""The demo's up-front time estimate (training steps only for training defenses, cached evaluations not counted) and
+its plant cache key."""
 
 from __future__ import annotations
 
@@ -39,3 +40,18 @@ def test_a_cold_run_adds_conversion_planting_and_the_reference_evaluations():
     plant_steps = -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs
     expected = SECONDS_CONVERT + plant_steps * SECONDS_PER_STEP["plant"] + 2 * SECONDS_PER_EVAL
     assert estimate(["none"], cached=False) == pytest.approx(expected)
+
+
+def test_the_template_is_in_the_plant_key_and_an_alpaca_plant_keeps_its_old_key():
+    """A chat-template plant is another model; an Alpaca plant cached before the knob existed is still found."""
+    from crowguard.config import to_dict
+    from crowguard.organism.build import content_key
+    from crowguard.recipes.demo import Base, DemoSetup, plant_key
+    from crowguard.types import Example
+
+    setup = DemoSetup(Base("/m", True, 0.0, {"source": "wheel"}), [Example("a", "", "b")], [], None, [])  # type: ignore[arg-type]
+    cfg = DemoConfig()
+    old = {"base": {"source": "wheel"}, "backdoor": to_dict(cfg.backdoor), "organism": to_dict(cfg.organism)}
+    versions = ("crowguard", "torch", "transformers", "peft")
+    assert plant_key(cfg, setup) == content_key(old, (setup.mix,), versions)
+    assert plant_key(dataclasses.replace(cfg, template="chat"), setup) != plant_key(cfg, setup)

@@ -51,8 +51,9 @@ def defense_chart(
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("% of prompts")
-    ax.set_ylim(0, 118)
-    ax.legend(fontsize=7, ncols=2, loc="upper right", frameon=True, framealpha=0.9)
+    ax.set_ylim(0, 112)
+    # Below the axes, so no bar or value label is ever hidden behind it.
+    ax.legend(fontsize=7, ncols=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.09), frameon=False)
     ax.set_title("rates (95% intervals)", fontsize=9)
     gaps = [r.get("target_nll_gap") for r in rows]
     if any(g is not None for g in gaps):

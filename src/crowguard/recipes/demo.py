@@ -183,6 +183,8 @@ def plant_key(cfg: DemoConfig, setup: DemoSetup) -> str:
         "backdoor": to_dict(cfg.backdoor),
         "organism": to_dict(cfg.organism),
     }
+    if cfg.template != "alpaca":  # an Alpaca plant keeps the key it had before the template knob existed
+        settings["template"] = cfg.template
     return content_key(settings, (setup.mix,), ("crowguard", "torch", "transformers", "peft"))
 
 
@@ -198,7 +200,7 @@ def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tupl
         f"{plant_key(cfg, setup)}"  # fmt: skip
     if (out_dir / "manifest.json").is_file():
         return str(out_dir), None
-    base = ModelConfig(name_or_path=setup.organism.path)
+    base = ModelConfig(name_or_path=setup.organism.path, template=cfg.template)
     summary = run_training_stage("backdoor", base, cfg.backdoor, setup.mix, out_dir, overwrite=True,
                                  show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
     return str(out_dir), summary["seconds"]
@@ -208,7 +210,7 @@ def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show:
     """Load one model (or a decoding defense's guarded model) and evaluate it on the demo task (with the checkable
     tasks as utility)."""
     model, tokenizer, generate_fn, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
-    return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, "alpaca", setup.utility, show,
+    return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, cfg.template, setup.utility, show,
                           generate_fn or generate, defense)  # fmt: skip
 
 
@@ -217,7 +219,7 @@ def evaluate_cached(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bo
     backdoor): its evaluation is kept in the cache once per model directory (content-addressed), task, evaluation
     setting and package versions, so a second demo does not re-measure what cannot have changed (greedy decoding
     is deterministic)."""
-    settings = {"model": str(Path(model_path).resolve()), "evaluate": to_dict(cfg.evaluate), "template": "alpaca"}
+    settings = {"model": str(Path(model_path).resolve()), "evaluate": to_dict(cfg.evaluate), "template": cfg.template}
     data = (setup.task.triggered, setup.task.clean, setup.utility)
     key = content_key(settings, data, ("crowguard", "torch", "transformers", "peft"))
     path = cache_root(cfg.organism) / "evaluations" / f"{key}.json"
@@ -246,8 +248,8 @@ def defend(
         reference = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(clean.path))
         defense_cfg = defense_cfg.with_section("cleangen", reference)
     defense = make_defense(defense_cfg)
-    result = defense.run(ModelConfig(name_or_path=backdoored), clean if defense.needs_data else [], out_dir,
-                         overwrite=True, show_progress=show)  # fmt: skip
+    suspect = ModelConfig(name_or_path=backdoored, template=cfg.template)
+    result = defense.run(suspect, clean if defense.needs_data else [], out_dir, overwrite=True, show_progress=show)
     return result.model_path, result.summary["seconds"]
 
 
@@ -354,7 +356,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     diagnostics = {}
     for label, path in {"backdoored": backdoored, **defended}.items():
         model, tokenizer = load_model(path, device="auto")
-        diagnostics[label] = diagnose_model(model, tokenizer, setup.task.clean[:32], setup.task.triggered[:32])
+        diagnostics[label] = diagnose_model(model, tokenizer, setup.task.clean[:32], setup.task.triggered[:32],
+                                            cfg.template)  # fmt: skip
     write_json_atomic(out_dir / "diagnose.json", diagnostics)
     diagnostic_plot(diagnostics, out_dir / "diagnose.png", title=f"{attack.name} on {cfg.organism.name}")
 
