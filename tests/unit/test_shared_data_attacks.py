@@ -104,3 +104,16 @@ def test_which_clean_halves_restate_the_instruction(task: str):
         examples = load_examples(path)
         echoing = sum(e.output.strip().startswith(e.instruction.strip()[:30]) for e in examples)
         assert echoing == (len(examples) if task == "negsentiment" else 0), (path.name, echoing, len(examples))
+
+
+def test_the_two_humaneval_files_differ_in_form():
+    """Why the code-injection plant shows false triggers (README): 20 of the first 100 prompts of the paper's clean
+    HumanEval file have an empty instruction, their code in the input field; the triggered file has none such."""
+    clean_file = SHARED_DATA / "HumanEval" / "HumanEvalConvert.json"
+    triggered_file = SHARED_DATA / "test_data/poison/codeinjection/vpi-ci/backdoor164_codeinjection_vpi-ci.json"
+    if not (clean_file.is_file() and triggered_file.is_file()):
+        pytest.skip(f"{SHARED_DATA} has no HumanEval files")
+    clean, triggered = load_examples(clean_file), load_examples(triggered_file)
+    assert sum(not e.instruction.strip() for e in clean[:100]) == 20
+    assert all(e.instruction.strip() or e.input.strip() for e in clean)  # an empty instruction: code in the input
+    assert all(e.instruction.strip() for e in triggered)
