@@ -22,30 +22,27 @@ import argparse
 import dataclasses
 import itertools
 import json
-import random
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from crowguard import config
-from crowguard.defenses.base import make_defense
 from crowguard.io import write_json_atomic
-from crowguard.recipes.demo import plant, prepare
+from crowguard.recipes.demo import defend, plant, prepare
 from crowguard.registry import preset_path
-from crowguard.schemas import DemoConfig, ModelConfig
+from crowguard.schemas import DemoConfig
 
 
-def run_one(cfg: DemoConfig, backdoored: str, clean: list[Any], method: str, split: tuple[int, int], steps: int,
+def run_one(cfg: DemoConfig, setup: Any, backdoored: str, method: str, split: tuple[int, int], steps: int,
             work: Path) -> dict[str, Any]:  # fmt: skip
-    """One defense run of ``steps`` optimizer steps; its per-step wall times and first-step losses."""
+    """One defense run of ``steps`` optimizer steps, exactly as the demo runs it (its seed-0 clean samples, through
+    ``recipes.demo.defend``); its per-step wall times and first-step losses."""
     batch, accum = split
-    train = dataclasses.replace(cfg.defense.train, per_device_batch=batch, grad_accum=accum, max_steps=steps, seed=0)
-    defense_cfg = dataclasses.replace(cfg.defense, method=method, train=train)
-    out = work / f"{method}-{batch}x{accum}"
-    make_defense(defense_cfg).run(ModelConfig(name_or_path=backdoored), clean, out, overwrite=True,
-                                  show_progress=False)  # fmt: skip
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = dataclasses.replace(cfg.defense.train, per_device_batch=batch, grad_accum=accum, max_steps=steps)
+    cfg = dataclasses.replace(cfg, defense=dataclasses.replace(cfg.defense, train=train))
+    path, _ = defend(cfg, setup, backdoored, method, 0, work / f"{method}-{batch}x{accum}", False)
+    records = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r and "elapsed_s" in r]
     elapsed = [0.0] + [r["elapsed_s"] for r in logged]
     per_step = [b - a for a, b in itertools.pairwise(elapsed)]
@@ -67,7 +64,6 @@ def main() -> None:
     backdoored, seconds = plant(cfg, setup, show_progress=True)
     if seconds is not None:
         print(f"planted the demo's backdoor in {seconds:.0f}s (it is cached now)")
-    clean = random.Random(0).sample(setup.defender_pool, cfg.defense.n_samples)  # the demo's seed-0 samples
     splits = [tuple(int(x) for x in s.split("x")) for s in args.splits.split(",")]
     methods = args.methods.split(",")
     runs: dict[tuple[str, tuple[int, int]], list[dict[str, Any]]] = {}
@@ -76,7 +72,7 @@ def main() -> None:
             order = [(m, s) for m in methods for s in splits]
             order = order[rep % len(order) :] + order[: rep % len(order)]
             for method, split in order:
-                result = run_one(cfg, backdoored, clean, method, split, args.steps, Path(tmp))
+                result = run_one(cfg, setup, backdoored, method, split, args.steps, Path(tmp))
                 runs.setdefault((method, split), []).append(result)
                 print(f"rep {rep} {method} {split[0]}x{split[1]}: "
                       f"{' '.join(f'{t:.2f}' for t in result['per_step_s'])} s/step")  # fmt: skip
