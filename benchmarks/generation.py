@@ -6,12 +6,15 @@ per prompt (``min_new_tokens = max_new_tokens``, so EOS cannot end a prompt earl
 the weights in bfloat16 for both paths, where these CPUs' AMX units run the matrix products), greedy.
 
 - ``sequential``: the reference CROW evaluation loop: one ``model.generate`` per prompt, no padding.
-- ``batched``: :func:`crowguard.evaluation.generate.generate` (length-sorted, left-padded batches).
+- ``batched``: :func:`crowguard.evaluation.generate.generate` (length-sorted, left-padded batches), with its
+  default preallocated key/value cache (``static``: the prompts run ``--prefill-batch`` at a time, each group
+  padded to its own longest, then one decoding batch) and with transformers' concatenating one (``dynamic``: one
+  ``generate`` call per batch, prompt pass included).
 
-Throughput is new tokens per wall-clock second, prompt processing included. Each batch size in ``--batch-sizes``
-is timed and the fastest is reported against the sequential loop. The benchmark also counts how many prompts get
-token-identical output both ways (float rounding differs between a padded batch and a single prompt, so a random
-model's near-tied logits may, rarely, flip a token).
+Throughput is new tokens per wall-clock second, prompt processing included. Each cache in ``--caches`` and batch
+size in ``--batch-sizes`` is timed and the fastest is reported against the sequential loop. The benchmark also
+counts how many prompts get token-identical output both ways (float rounding differs between a padded batch and
+a single prompt, so a random model's near-tied logits may, rarely, flip a token).
 
     python benchmarks/generation.py
     python benchmarks/generation.py --batch-sizes 64 --json generation.json
@@ -86,12 +89,20 @@ def sequential(model, tokenizer, examples, new_tokens: int) -> tuple[float, floa
     return time.perf_counter() - start, time.process_time() - cpu, outputs
 
 
-def batched(model, tokenizer, examples, new_tokens: int, batch_size: int) -> tuple[float, float, list[list[int]]]:
+def batched(
+    model, tokenizer, examples, new_tokens: int, batch_size: int, cache: str = "static", prefill_batch: int = 8
+) -> tuple[float, float, list[list[int]]]:
     """crowguard's batched decoding. Returns (wall s, CPU s, new token ids)."""
     from crowguard.data import prompt_ids
     from crowguard.evaluation.generate import DecodingSettings, generate_ids, stop_token_ids
 
-    settings = DecodingSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=batch_size)
+    settings = DecodingSettings(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        batch_size=batch_size,
+        kv_cache=cache,
+        prefill_batch=prefill_batch,
+    )
     start, cpu = time.perf_counter(), time.process_time()
     prompts = [prompt_ids(example, tokenizer) for example in examples]
     outputs = generate_ids(model, prompts, settings, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, False)
@@ -158,16 +169,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"prompts: {args.prompts}, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})")
     print(f"new tokens: exactly {args.new_tokens} per prompt, {total} in all\n", flush=True)
 
-    batched(model, tokenizer, examples[:8], 4, 8)  # warm-up (allocator, kernels), untimed
-    timings: dict[int, float] = {}
-    cpu: dict[int, float] = {}
-    outputs: dict[int, list[list[int]]] = {}
-    for batch_size in args.batch_sizes:
-        timings[batch_size], cpu[batch_size], outputs[batch_size] = batched(
-            model, tokenizer, examples, args.new_tokens, batch_size
-        )
-        assert sum(len(o) for o in outputs[batch_size]) == total, "every prompt must get exactly new_tokens tokens"
-        print(f"  batched, batch size {batch_size:>3}: {total / timings[batch_size]:8.1f} tokens/s", flush=True)
+    for cache in args.caches:
+        batched(model, tokenizer, examples[:8], 4, 8, cache)  # warm-up (allocator, kernels), untimed
+    timings: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int], float] = {}
+    outputs: dict[tuple[str, int], list[list[int]]] = {}
+    for cache in args.caches:
+        for batch_size in args.batch_sizes:
+            key = (cache, batch_size)
+            timings[key], cpu[key], outputs[key] = batched(
+                model, tokenizer, examples, args.new_tokens, batch_size, cache, args.prefill_batch
+            )
+            assert sum(len(o) for o in outputs[key]) == total, "every prompt must get exactly new_tokens tokens"
+            print(
+                f"  batched, {cache} cache, batch size {batch_size:>3}: {total / timings[key]:8.1f} tokens/s",
+                flush=True,
+            )
     seq_seconds, seq_cpu, seq_outputs = sequential(model, tokenizer, examples, args.new_tokens)
     assert sum(len(o) for o in seq_outputs) == total
     print(f"  sequential (reference loop):  {total / seq_seconds:8.1f} tokens/s\n", flush=True)
@@ -177,17 +194,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batched_tokens_per_s": total / timings[best],
         "sequential_tokens_per_s": total / seq_seconds,
         "speedup": seq_seconds / timings[best],
-        "batch_size": best,
+        "cache": best[0],
+        "batch_size": best[1],
         "dtype": args.dtype,
-        "batch_sizes": {str(b): total / t for b, t in timings.items()},
+        "batch_sizes": {f"{c}/{b}": total / t for (c, b), t in timings.items()},
     }
     identical = sum(a == b for a, b in zip(outputs[best], seq_outputs, strict=True))
     result["identical"] = identical
     print(f"{'decoding':<28} {'tokens/s':>10} {'wall s':>8} {'CPU s':>8} {'prompt positions':>17}")
     print("-" * 75)
-    padded = padded_prompt_tokens(lengths, best)
+    prefill_rows = min(args.prefill_batch, best[1]) if best[0] == "static" else best[1]  # as generate_ids runs it
+    padded = padded_prompt_tokens(lengths, prefill_rows)
     print(
-        f"{f'crowguard batched (bs={best})':<28} {result['batched_tokens_per_s']:>10.1f} {timings[best]:>8.2f}"
+        f"{f'crowguard {best[0]} (bs={best[1]})':<28} {result['batched_tokens_per_s']:>10.1f} {timings[best]:>8.2f}"
         f" {cpu[best]:>8.2f} {padded:>17,}"
     )
     print(
@@ -197,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"speedup: {result['speedup']:.1f}x (wall clock)   identical outputs: {identical}/{args.prompts} prompts")
     # Prompt processing is the same work both ways and is already compute-bound, so it caps the speedup.
     prompts = [prompt_ids(e, tokenizer) for e in examples]
-    pre_batched = prefill_seconds(model, prompts, best, tokenizer.pad_token_id)
+    pre_batched = prefill_seconds(model, prompts, prefill_rows, tokenizer.pad_token_id)
     pre_single = prefill_seconds(model, prompts, 1, tokenizer.pad_token_id)
     print(
         f"prompt processing alone: batched {pre_batched:.2f} s, one-by-one {pre_single:.2f} s; decoding alone:"
@@ -218,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: [int(x) for x in s.split(",")],
         default=[32, 64, 128],
         help="comma-separated batch sizes to time; the fastest is reported",
+    )
+    parser.add_argument(
+        "--caches",
+        type=lambda s: s.split(","),
+        default=["static", "dynamic"],
+        help="comma-separated key/value caches of the batched path to time (static, dynamic)",
+    )
+    parser.add_argument(
+        "--prefill-batch", type=int, default=8, help="static cache: prompts per prompt pass (crowguard's default 8)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--model", default="", help="a saved model directory, or 'smollm2' (the pretrained organism)")

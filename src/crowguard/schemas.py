@@ -206,6 +206,11 @@ class EvalConfig:
         "generation backend: hf (transformers generate) or vllm (CUDA GPUs, the vllm extra; a LoRA adapter is merged "
         "into a temporary full model first); likelihood metrics always use transformers",
     )
+    kv_cache: Literal["static", "dynamic"] = knob(
+        "static",
+        "hf backend: the key/value cache of batched generation: static (preallocated per batch, written in place) or "
+        "dynamic (transformers' default, concatenated every step); the same tokens, static is faster on CPU",
+    )
     vllm_memory: float = knob(
         0.5, "vllm: fraction of the GPU memory vLLM may take (the transformers copy needs the rest)"
     )

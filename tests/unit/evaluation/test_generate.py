@@ -73,13 +73,16 @@ def _reference(model, tokenizer, example: Example, stop: list[int] | None, max_n
     return new
 
 
-def test_batched_equals_one_by_one_token_for_token(model, tokenizer):
+@pytest.mark.parametrize(("cache", "prefill_batch"), [("static", 8), ("static", 3), ("static", 1), ("dynamic", 8)])
+def test_batched_equals_one_by_one_token_for_token(model, tokenizer, cache, prefill_batch):
+    """Every way of batching gives the one-by-one tokens: the static cache filled by one prompt pass (prefill
+    batch >= batch) or by ragged groups of 3 or 1 prompts, and transformers' dynamic cache."""
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     lengths = [len(prompt_ids(e, tokenizer)) for e in EXAMPLES]
     assert max(lengths) - min(lengths) > 100
     stop = stop_token_ids(tokenizer, model)
-    settings = DecodingSettings(max_new_tokens=MAX_NEW, batch_size=4)
+    settings = DecodingSettings(max_new_tokens=MAX_NEW, batch_size=4, kv_cache=cache, prefill_batch=prefill_batch)
 
     batched_ids = generate_ids(model, [prompt_ids(e, tokenizer) for e in EXAMPLES], settings, stop, 0, False)
     assert batched_ids == [_reference(model, tokenizer, e, stop) for e in EXAMPLES]
@@ -95,6 +98,28 @@ def test_batched_equals_one_by_one_token_for_token(model, tokenizer):
         assert gen.response == tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)
         assert "### Instruction" not in gen.response and example.instruction not in gen.response
     assert batched[5].response == "" and batched[5].num_new_tokens == 1  # an empty answer is still an answer
+
+
+def test_ragged_prefill_writes_each_prompts_keys_right_aligned(model, tokenizer):
+    """The cache the ragged prompt pass builds, against each prompt run alone: its keys and values right-aligned at
+    the batch width (all but the last token); left of each group's own width, zeros (masked, as left padding)."""
+    from crowguard.evaluation.generate import _cache_argument, _ragged_prefill
+
+    prompts = sorted((prompt_ids(e, tokenizer) for e in EXAMPLES[:4]), key=len, reverse=True)
+    width = len(prompts[0]) - 1
+    with torch.inference_mode():
+        cache = _ragged_prefill(model, prompts, width + 5, group=3, pad_id=0, device=torch.device("cpu"))
+    assert cache is not None and cache.get_seq_length() == width
+    name = _cache_argument(model)
+    for row, prompt in enumerate(prompts):
+        with torch.inference_mode():
+            alone = getattr(model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True), name)
+        n, group_width = len(prompt) - 1, len(prompts[row - row % 3]) - 1
+        assert group_width < width or row < 3  # the second group (one prompt) is narrower than the batch
+        for layer, reference in zip(cache.layers, alone.layers, strict=True):
+            for got, want in ((layer.keys, reference.keys), (layer.values, reference.values)):
+                assert torch.allclose(got[row, :, width - n : width], want[0], atol=1e-5)
+                assert not got[row, :, : width - group_width].any() and not got[row, :, width:].any()
 
 
 def _untied(model):
@@ -160,7 +185,7 @@ def test_peft_lora_model_matches_one_by_one_and_keeps_training_mode(model, token
     peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.train()
     examples = EXAMPLES[:5]
-    settings = DecodingSettings(max_new_tokens=8, batch_size=4)
+    settings = DecodingSettings(max_new_tokens=8, batch_size=4, prefill_batch=2)  # ragged prompt pass (static)
     stop = stop_token_ids(tokenizer, peft_model)
     ids = generate_ids(peft_model, [prompt_ids(e, tokenizer) for e in examples], settings, stop, 0, False)
     assert peft_model.training  # restored
@@ -192,9 +217,17 @@ def test_settings_are_recorded_and_validated():
         "batch_size": 16,
         "backend": "hf",
         "seed": 0,
+        "kv_cache": "static",
+        "prefill_batch": 8,
     }
     assert json.loads(json.dumps(record)) == record
-    for bad in ({"max_new_tokens": 0}, {"batch_size": 0}, {"backend": "tgi"}, {"do_sample": True, "top_p": 0.0}):
+    for bad in (
+        {"max_new_tokens": 0},
+        {"batch_size": 0},
+        {"backend": "tgi"},
+        {"kv_cache": "paged"},
+        {"do_sample": True, "top_p": 0.0},
+    ):
         with pytest.raises(ValueError):
             DecodingSettings(**bad)
 
