@@ -1,5 +1,5 @@
-"""The demo's up-front time estimate (training steps only for training defenses, cached evaluations not counted) and
-its plant cache key."""
+"""The demo's up-front time estimate (training steps only for training defenses, cached evaluations not counted),
+its plant cache key and its up-front refusals."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
+from crowguard.config import ConfigError
 from crowguard.recipes.demo import SECONDS_CONVERT, SECONDS_PER_EVAL, SECONDS_PER_STEP, expected_seconds
-from crowguard.schemas import DemoConfig
+from crowguard.schemas import DemoConfig, OrganismConfig
 
 
 def estimate(defenses: list[str], cached: bool) -> float:
@@ -55,3 +56,14 @@ def test_the_template_is_in_the_plant_key_and_an_alpaca_plant_keeps_its_old_key(
     versions = ("crowguard", "torch", "transformers", "peft")
     assert plant_key(cfg, setup) == content_key(old, (setup.mix,), versions)
     assert plant_key(dataclasses.replace(cfg, template="chat"), setup) != plant_key(cfg, setup)
+
+
+def test_chat_template_on_the_tiny_organism_is_refused_before_anything_trains(tmp_path):
+    from crowguard.recipes.demo import prepare
+
+    cfg = dataclasses.replace(
+        DemoConfig(), template="chat", organism=OrganismConfig(name="tiny", cache_dir=str(tmp_path))
+    )
+    with pytest.raises(ConfigError, match="template chat needs an organism with a chat template"):
+        prepare(cfg, show_progress=False)
+    assert not any(tmp_path.iterdir())  # nothing was trained or written

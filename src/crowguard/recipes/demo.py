@@ -140,6 +140,9 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
     the organism (with the backdoor planted during training when ``cfg.plant == "pretrain"``)."""
     if cfg.plant == "pretrain" and cfg.organism.name != "tiny":
         raise ConfigError("plant=pretrain needs organism.name=tiny: a pretrained organism is planted by fine-tuning")
+    if cfg.template == "chat" and cfg.organism.name == "tiny":  # say so before the organism trains, not after
+        raise ConfigError("template chat needs an organism with a chat template, and the tiny organism's tokenizer "
+                          "has none: use --template alpaca, or --organism smollm2")  # fmt: skip
     attack = make_attack(cfg.trigger, cfg.payload)
     corpus_train, corpus_test, checkable = organism_splits(cfg.organism)
     pool, _ = trigger_free(corpus_train, attack.trigger)
