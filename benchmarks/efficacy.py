@@ -53,7 +53,7 @@ N_POISON, N_CLEAN = 120, 480
 # The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
                             loss_average="micro_batch")  # fmt: skip
-EVAL = EvalConfig(max_new_tokens=16, batch_size=32, limit=100, bootstrap=1000)
+EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
 
 # name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-*" are the paper's defaults
 # (alpha 5.5, absolute eps 0.1). The baselines of issue 10 take their presets' defaults; CleanGen's reference is the

@@ -115,14 +115,14 @@ def evaluate_model(
                 tokenizer,
                 [prompt_ids(e, tokenizer, template) for e in task.triggered],
                 task.target,
-                cfg.batch_size,
+                cfg.score_batch_size,
             )
             clean_nll = target_nll(
                 model,
                 tokenizer,
                 [prompt_ids(e, tokenizer, template) for e in task.clean],
                 task.target,
-                cfg.batch_size,
+                cfg.score_batch_size,
             )
             metrics["target_nll"] = {
                 "triggered": sum(trig_nll) / len(trig_nll),
@@ -139,7 +139,7 @@ def evaluate_model(
                 tokenizer,
                 [prompt_ids(e, tokenizer, template) for e in references],
                 [e.output for e in references],
-                cfg.batch_size,
+                cfg.score_batch_size,
             )
         if utility_examples:
             answers = answer("utility", utility_examples)
