@@ -52,10 +52,11 @@ DEMO_COLUMNS = (
 )
 # SmolLM2 costs measured by the latest cold `crowguard demo` on 2 CPU cores (README), for the up-front estimate:
 # seconds per optimizer step (plant 507 s / 225, fine-tuning 143 s / 65, CROW 333 s / 65), per evaluation of 100 +
-# 100 prompts (42-51 s), and for the weight conversion (16 s). An earlier 2-core machine took 1.4x as long (28 min
-# cold); the estimate says so. The tiny organism has no such measurements: no estimate.
+# 100 prompts (39-44 s since the ragged prompt pass of generation), and for the weight conversion (16 s). An earlier
+# 2-core machine took 1.4x as long (28 min cold), and a later day's steps 8-17% longer; the estimate's range says
+# so. The tiny organism has no such measurements: no estimate.
 SECONDS_PER_STEP = {"plant": 2.25, "finetune": 2.2, "crow": 5.1}
-SECONDS_PER_EVAL = 48.0
+SECONDS_PER_EVAL = 42.0
 SECONDS_CONVERT = 16.0
 SLOWER_MACHINE = 1.4  # the slowest 2-core machine measured, relative to the one above
 
