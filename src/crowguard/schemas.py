@@ -214,6 +214,11 @@ class EvalConfig:
         "hf backend: the key/value cache of batched generation: static (preallocated per batch, written in place) or "
         "dynamic (transformers' default, concatenated every step); the same tokens, static is faster on CPU",
     )
+    prefill_batch: int = knob(
+        8,
+        "hf backend, static cache: prompts per prompt pass, each group padded to its own longest before one decoding "
+        "batch (fastest on CPU; on a GPU a value >= batch_size runs the prompt pass in one go)",
+    )
     vllm_memory: float = knob(
         0.5, "vllm: fraction of the GPU memory vLLM may take (the transformers copy needs the rest)"
     )
@@ -227,8 +232,8 @@ class EvalConfig:
         needs_endpoint = self.judge == "llm" or bool(self.mt_bench)
         if needs_endpoint and not (self.judge_url and self.judge_model):
             raise ValueError("the llm judge and MT-Bench need judge_url and judge_model (OpenAI-compatible endpoint)")
-        if self.max_new_tokens <= 0 or self.batch_size <= 0 or self.score_batch_size <= 0:
-            raise ValueError("max_new_tokens, batch_size and score_batch_size must be positive")
+        if min(self.max_new_tokens, self.batch_size, self.score_batch_size, self.prefill_batch) <= 0:
+            raise ValueError("max_new_tokens, batch_size, score_batch_size and prefill_batch must be positive")
         if not 0.0 < self.vllm_memory < 1.0:
             raise ValueError(f"vllm_memory must be within (0, 1), got {self.vllm_memory}")
 

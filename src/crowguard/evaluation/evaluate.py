@@ -75,7 +75,11 @@ def evaluate_model(
     """
     task = task.limited(cfg.limit)
     settings = DecodingSettings(
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, kv_cache=cfg.kv_cache
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        kv_cache=cfg.kv_cache,
+        prefill_batch=cfg.prefill_batch,
     )
     judge = make_judge(cfg, task.payload, task.target)
     stats: dict[str, list[dict[str, Any]]] = {}  # per set, the defense's numbers for each answer (if it has any)

@@ -152,18 +152,20 @@ def generate_ids(
     ``settings.seed`` so the caller's random state is untouched.
 
     ``settings.kv_cache == "static"`` gives each batch a key/value cache preallocated for prompt width + new tokens,
-    written in place: transformers' default dynamic cache concatenates every layer's keys and values at every step,
-    which on SmolLM2-135M at batch 32 on CPU was 38% of a decoding step (profiled), and grows with the batch, so a
-    larger batch stopped paying. Outputs are the same tokens (masked slots add nothing). transformers would compile
-    the forward pass for a static cache on a GPU, recompiling for each batch's shape; ``disable_compile`` keeps
-    evaluation eager and predictable on every device.
+    written in place: transformers' default dynamic cache concatenates every layer's keys and values at every step
+    (38% of a decoding step of SmolLM2-135M at batch 32 on CPU, profiled in a hand-written loop), a cost that grows
+    with the batch, so larger batches stopped paying. Outputs are the same tokens (masked slots add nothing).
+    transformers would compile the forward pass for a static cache on a GPU, recompiling for each batch's shape;
+    ``disable_compile`` keeps evaluation eager and predictable on every device.
 
     With the static cache, a batch's prompts are run through the model ``settings.prefill_batch`` at a time, each
     group padded only to its own longest prompt, and their keys and values are written left-padded into the batch's
     cache (:func:`_ragged_prefill`); ``generate`` then starts from each prompt's last token. On a CPU the prompt pass
     is compute-bound and gets slower per token as the batch (and its padding) grows, while decoding is bound by
     reading the weights once per step and gets cheaper per token as the batch grows: the two want different batch
-    sizes. The padded key/value slots are masked, so the tokens are the same as from one ``generate`` call.
+    sizes (measured on CPU, ``benchmarks/generation.py``; on a GPU, where a large prompt pass is cheap, a
+    ``prefill_batch`` of at least ``batch_size`` runs it in one pass). The padded key/value slots are masked, so the
+    tokens are the same as from one ``generate`` call.
     """
     import torch
     from tqdm.auto import tqdm
@@ -279,7 +281,8 @@ def _ragged_prefill(
                 keys, values = (
                     t.new_zeros((len(prompts), t.shape[1], width, t.shape[-1])) for t in (layer.keys, layer.values)
                 )
-                cache.update(keys, values, index, {"cache_position": torch.arange(width, device=device)})
+                positions_written = torch.arange(width, device=keys.device)  # read by transformers < 5.2x only
+                cache.update(keys, values, index, {"cache_position": positions_written})
             target = cache.layers[index]
             target.keys[start : start + len(rows), :, width - w : width] = layer.keys
             target.values[start : start + len(rows), :, width - w : width] = layer.values
