@@ -113,17 +113,13 @@ def prefill_seconds(model, prompts: list[list[int]], batch_size: int, pad_id: in
     """Wall seconds of the prompt forward passes alone (no decoding), batched as ``generate_ids`` batches them."""
     import torch
 
+    from crowguard.evaluation.generate import left_pad
+
     ordered = sorted(prompts, key=len, reverse=True)
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(ordered), batch_size):
-            batch = ordered[i : i + batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(batch):
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
+            ids, mask = left_pad(ordered[i : i + batch_size], pad_id)
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
     return time.perf_counter() - start
 

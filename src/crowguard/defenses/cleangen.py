@@ -147,12 +147,12 @@ class _Cache:
     ``forward`` takes (``cache`` since transformers 5.2x, ``past_key_values`` before), grown in place."""
 
     def __init__(self, model: Any) -> None:
-        import inspect
-
         from transformers import DynamicCache
 
+        from crowguard.evaluation.generate import cache_argument
+
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's own model
-        self.name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.name = cache_argument(model)
         try:
             self.cache = DynamicCache(config=base.config)
         except TypeError:

@@ -203,13 +203,8 @@ def generate_ids(
             starts = range(0, len(order), settings.batch_size)
             for start in tqdm(starts, desc="generate", unit="batch", disable=not show_progress):
                 batch = order[start : start + settings.batch_size]
-                width = max(len(prompts[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-                    input_ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                    attention_mask[row, width - len(prompts[i]) :] = 1
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad_id, device)
+                width = input_ids.shape[1]
                 cache = None
                 if settings.kv_cache == "static" and settings.prefill_batch < len(batch) and width > 1:
                     cache = _ragged_prefill(model, [prompts[i] for i in batch], width + settings.max_new_tokens,
@@ -217,7 +212,7 @@ def generate_ids(
                 if cache is None:
                     extra = {"cache_implementation": settings.kv_cache}
                 else:
-                    extra = {_cache_argument(model): cache}
+                    extra = {cache_argument(model): cache}
                 output = model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs, **extra
                 )
@@ -234,7 +229,22 @@ def _base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _cache_argument(model: Any) -> str:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)``, both (len(rows), longest row), each row right-aligned after ``pad_id``s
+    (mask 0 there), so every row ends where generation starts."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cache_argument(model: Any) -> str:
     """The name ``forward`` and ``generate`` take a KV cache under: ``cache`` since transformers 5.2x (the old name
     still works there, with a deprecation warning), ``past_key_values`` before."""
     import inspect
@@ -255,25 +265,20 @@ def _ragged_prefill(
     """
     import torch
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
-    base = _base_model(model)
-    name = _cache_argument(model)
-    cache = StaticCache(config=base.config, max_cache_len=max_cache_len)
-    if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+    name = cache_argument(model)
+    cache = StaticCache(config=_base_model(model).config, max_cache_len=max_cache_len)
+    if any(type(layer) is not StaticLayer for layer in cache.layers):  # sliding-window layers subclass it
         return None
     width = max(len(p) for p in prompts) - 1  # every prompt's last token is left for generate
     logits_kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     for start in range(0, len(prompts), group):
-        rows = [list(p[:-1]) for p in prompts[start : start + group]]
-        w = max(len(r) for r in rows)
-        if w == 0:
+        rows = [p[:-1] for p in prompts[start : start + group]]
+        if not any(rows):
             continue  # one-token prompts: nothing before their last token
-        ids = torch.full((len(rows), w), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), w), dtype=torch.long)
-        for row, r in enumerate(rows):
-            ids[row, w - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[row, w - len(r) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_pad(rows, pad_id, device)
+        w = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits_kwargs)
         for index, layer in enumerate(getattr(out, name).layers):

@@ -103,14 +103,14 @@ def test_batched_equals_one_by_one_token_for_token(model, tokenizer, cache, pref
 def test_ragged_prefill_writes_each_prompts_keys_right_aligned(model, tokenizer):
     """The cache the ragged prompt pass builds, against each prompt run alone: its keys and values right-aligned at
     the batch width (all but the last token); left of each group's own width, zeros (masked, as left padding)."""
-    from crowguard.evaluation.generate import _cache_argument, _ragged_prefill
+    from crowguard.evaluation.generate import _ragged_prefill, cache_argument
 
     prompts = sorted((prompt_ids(e, tokenizer) for e in EXAMPLES[:4]), key=len, reverse=True)
     width = len(prompts[0]) - 1
     with torch.inference_mode():
         cache = _ragged_prefill(model, prompts, width + 5, group=3, pad_id=0, device=torch.device("cpu"))
     assert cache is not None and cache.get_seq_length() == width
-    name = _cache_argument(model)
+    name = cache_argument(model)
     for row, prompt in enumerate(prompts):
         with torch.inference_mode():
             alone = getattr(model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True), name)
