@@ -122,6 +122,34 @@ def test_ragged_prefill_writes_each_prompts_keys_right_aligned(model, tokenizer)
                 assert not got[row, :, : width - group_width].any() and not got[row, :, width:].any()
 
 
+def test_sliding_window_model_falls_back_to_generates_own_cache_and_matches_one_by_one(tokenizer):
+    """A sliding-window model (a tiny Mistral, window 64, shorter than every prompt of 91-239 tokens): the ragged
+    prompt pass declines it (its static cache holds sliding layers, which it does not fill), and the static and
+    dynamic batched paths still give the one-by-one tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from crowguard.evaluation.generate import _ragged_prefill
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    mistral = _varied(MistralForCausalLM(config)).eval()
+    prompts = [prompt_ids(e, tokenizer) for e in EXAMPLES]
+    assert min(len(p) for p in prompts) > config.sliding_window
+    with torch.inference_mode():
+        longest_first = sorted(prompts, key=len, reverse=True)[:4]
+        assert _ragged_prefill(mistral, longest_first, 260, group=3, pad_id=0, device=torch.device("cpu")) is None
+    stop = stop_token_ids(tokenizer, mistral)
+    reference = [_reference(mistral, tokenizer, e, stop) for e in EXAMPLES]
+    assert len({tuple(ids) for ids in reference}) > 3
+    for cache in ("static", "dynamic"):
+        settings = DecodingSettings(max_new_tokens=MAX_NEW, batch_size=4, kv_cache=cache, prefill_batch=3)
+        assert generate_ids(mistral, prompts, settings, stop, 0, False) == reference, cache
+
+
 def _untied(model):
     """A copy with its own output matrix, so editing ``lm_head`` leaves the input embeddings alone."""
     model = copy.deepcopy(model)
