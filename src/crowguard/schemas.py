@@ -78,6 +78,11 @@ class TrainConfig:
         "token: each optimizer step's loss is the mean over all its tokens, across micro-batches and processes "
         "(results do not depend on the split); micro_batch: the mean of per-micro-batch means (the reference code)",
     )
+    regroup_micro_batches: bool = knob(
+        True,
+        "token mode only: within each optimizer step, put samples of similar length in the same micro-batch "
+        "(longest first), so less padding is computed; the step's samples and loss stay the same (speed only)",
+    )
     finetune: Literal["lora", "full"] = knob("lora", "train a LoRA adapter or every weight")
     adapter_mode: Literal["continue", "merge", "full"] = knob(
         "merge",

@@ -52,10 +52,29 @@ def test_the_template_is_in_the_plant_key_and_an_alpaca_plant_keeps_its_old_key(
 
     setup = DemoSetup(Base("/m", True, 0.0, {"source": "wheel"}), [Example("a", "", "b")], [], None, [])  # type: ignore[arg-type]
     cfg = DemoConfig()
-    old = {"base": {"source": "wheel"}, "backdoor": to_dict(cfg.backdoor), "organism": to_dict(cfg.organism)}
+    before_knobs = {k: v for k, v in to_dict(cfg.backdoor).items() if k != "regroup_micro_batches"}
+    old = {"base": {"source": "wheel"}, "backdoor": before_knobs, "organism": to_dict(cfg.organism)}
     versions = ("crowguard", "torch", "transformers", "peft")
     assert plant_key(cfg, setup) == content_key(old, (setup.mix,), versions)
     assert plant_key(dataclasses.replace(cfg, template="chat"), setup) != plant_key(cfg, setup)
+    # regrouping micro-batches by length is speed only (the same step): the same plant, the same key
+    unregrouped = dataclasses.replace(cfg, backdoor=dataclasses.replace(cfg.backdoor, regroup_micro_batches=False))
+    assert plant_key(unregrouped, setup) == plant_key(cfg, setup)
+    assert plant_key(dataclasses.replace(cfg, backdoor=dataclasses.replace(cfg.backdoor, lr=5e-4)), setup) != (
+        plant_key(cfg, setup)
+    )
+
+
+def test_the_first_trained_stage_restates_the_estimate_at_its_own_pace():
+    """A plant that took 1.5x its estimate: the rest is re-estimated at 1.5x (the stage costs are the estimate's)."""
+    from crowguard.recipes.demo import expected_stage_seconds, pace_note
+
+    cfg = DemoConfig()
+    assert expected_stage_seconds(cfg, "plant") == pytest.approx(225 * SECONDS_PER_STEP["plant"])
+    assert expected_stage_seconds(cfg, "crow") == pytest.approx(65 * SECONDS_PER_STEP["crow"])
+    assert pace_note(300.0, 200.0, 600.0) == (
+        "this machine takes 1.50x the estimate's time per step; the rest should take about 15 min"
+    )
 
 
 def test_chat_template_on_the_tiny_organism_is_refused_before_anything_trains(tmp_path):

@@ -52,13 +52,14 @@ DEMO_COLUMNS = (
 )
 # SmolLM2 costs measured by the latest cold `crowguard demo` on 2 CPU cores (README), for the up-front estimate:
 # seconds per optimizer step (plant 507 s / 225, fine-tuning 143 s / 65, CROW 333 s / 65), per evaluation of 100 +
-# 100 prompts (39-44 s since the ragged prompt pass of generation), and for the weight conversion (16 s). An earlier
-# 2-core machine took 1.4x as long (28 min cold), and a later day's steps 8-17% longer; the estimate's range says
-# so. The tiny organism has no such measurements: no estimate.
+# 100 prompts (39-44 s since the ragged prompt pass of generation), and for the weight conversion (16 s). Other
+# 2-core machines took 1.4x as long (28 min cold) and 1.83x (an AMD EPYC without AMX, 37 min cold, 2026-12-02); the
+# estimate's range says so, and the first stage trained in a run re-states it at the pace measured there. The tiny
+# organism has no such measurements: no estimate.
 SECONDS_PER_STEP = {"plant": 2.25, "finetune": 2.2, "crow": 5.1}
 SECONDS_PER_EVAL = 42.0
 SECONDS_CONVERT = 16.0
-SLOWER_MACHINE = 1.4  # the slowest 2-core machine measured, relative to the one above
+SLOWER_MACHINE = 1.85  # the slowest 2-core machine measured, relative to the one above
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -184,7 +185,9 @@ def plant_key(cfg: DemoConfig, setup: DemoSetup) -> str:
     """Cache key of a planted backdoor: the base model, the plant settings, the poisoned mix and the versions."""
     settings = {
         "base": setup.organism.provenance,
-        "backdoor": to_dict(cfg.backdoor),
+        # regroup_micro_batches only changes how much padding is computed (train.regroup_by_length): the same plant
+        # either way, so it keeps the key it had before the knob existed
+        "backdoor": {k: v for k, v in to_dict(cfg.backdoor).items() if k != "regroup_micro_batches"},
         "organism": to_dict(cfg.organism),
     }
     if cfg.template != "alpaca":  # an Alpaca plant keeps the key it had before the template knob existed
@@ -257,23 +260,37 @@ def defend(
     return result.model_path, result.summary["seconds"]
 
 
+def expected_stage_seconds(cfg: DemoConfig, stage: str) -> float:
+    """The estimate's seconds for one training stage: ``plant``, or one seed of a training defense."""
+    if stage == "plant":
+        steps = -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs
+        return steps * SECONDS_PER_STEP["plant"]
+    train = cfg.defense.train
+    steps = -(-cfg.defense.n_samples // (train.per_device_batch * train.grad_accum)) * train.epochs
+    return steps * SECONDS_PER_STEP["crow" if stage == "crow" else "finetune"]
+
+
 def expected_seconds(cfg: DemoConfig, setup_cached: bool, plant_cached: bool) -> float | None:
     """An up-front estimate of the SmolLM2 demo's wall time from the measured per-step costs (None: tiny)."""
     if cfg.organism.name != "smollm2":
         return None
-    per_epoch = -(-cfg.defense.n_samples // (cfg.defense.train.per_device_batch * cfg.defense.train.grad_accum))
-    steps = per_epoch * cfg.defense.train.epochs * len(cfg.defense_seeds)
     total = 0.0 if setup_cached else SECONDS_CONVERT
     if not plant_cached:
-        plant_steps = -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs
-        total += plant_steps * SECONDS_PER_STEP["plant"]
+        total += expected_stage_seconds(cfg, "plant")
     methods = [m for m in cfg.defenses if m != "none"]
     training = [m for m in methods if resolve("defenses", m).kind == "training"]  # the others train nothing
-    total += sum(steps * SECONDS_PER_STEP["crow" if m == "crow" else "finetune"] for m in training)
+    total += sum(expected_stage_seconds(cfg, m) for m in training) * len(cfg.defense_seeds)
     n_evals = len(methods) * len(cfg.defense_seeds)
     if not plant_cached:  # the evaluations of the unpoisoned and the backdoored model are cached with the plant
         n_evals += 1 + int(cfg.reference_clean)
     return total + n_evals * SECONDS_PER_EVAL * cfg.n_test / 100
+
+
+def pace_note(measured: float, expected: float, remaining: float) -> str:
+    """The up-front estimate re-stated at the pace of this run's first trained stage (measured / expected)."""
+    pace = measured / expected
+    return (f"this machine takes {pace:.2f}x the estimate's time per step; the rest should take about "
+            f"{remaining * pace / 60:.0f} min")  # fmt: skip
 
 
 def write_examples(path: Path, evaluations: dict[str, dict[str, Any]], n: int = 5) -> None:
@@ -324,6 +341,10 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     backdoored, plant_seconds = plant(cfg, setup, show_progress)
     how = "cached" if plant_seconds is None else f"planted in {plant_seconds:.0f}s"
     say(f"backdoored model: {backdoored} ({how})")
+    paced = plant_seconds is not None and cold is not None
+    if paced:
+        remaining = expected_seconds(cfg, True, False) - expected_stage_seconds(cfg, "plant")
+        say(pace_note(plant_seconds, expected_stage_seconds(cfg, "plant"), remaining))
 
     # 4. Reference rows (the organism without poison when asked for, the backdoored model), then every defense per
     #    seed under one budget.
@@ -343,6 +364,10 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
                 continue
             path, seconds = defend(cfg, setup, backdoored, method, seed, out_dir / f"defense-{method}-s{seed}",
                                    show_progress)  # fmt: skip
+            if not paced and cached is not None and resolve("defenses", method).kind == "training":
+                paced = True  # the plant came from the cache: this is the run's first trained stage
+                remaining = cached - expected_stage_seconds(cfg, method)
+                say(pace_note(seconds, expected_stage_seconds(cfg, method), remaining))
             label = f"{method} s{seed}"
             evaluations[label] = evaluate_model_dir(cfg, setup, path, show_progress)
             rows.append(demo_row(method, seed, evaluations[label], seconds))
