@@ -34,7 +34,7 @@ from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense, open_evaluated
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.generate import generate
-from crowguard.evaluation.metrics import hijack_rate
+from crowguard.evaluation.metrics import hijack_rate, paired_rates
 from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
@@ -282,6 +282,44 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return over_seeds(seeded, METRICS, group=("cell", "variant"))
 
 
+def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
+    """Each seeded defense against ``baseline`` of the same seed and cell, prompt by prompt on the triggered test
+    prompts (``metrics.paired_rates``: the exact McNemar test; it covers the prompts, not the training seed)."""
+    rows = []
+    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for path in sorted(cell_dir.glob("eval-*-s*.json")):
+            label = path.stem.removeprefix("eval-")
+            variant, _, seed = label.rpartition("-s")
+            reference = cell_dir / f"eval-{baseline}-s{seed}.json"
+            if variant == baseline or not seed.isdigit() or not reference.is_file():
+                continue
+            sides = []
+            for results_path in (reference, path):
+                records = [r for r in json.loads(results_path.read_text())["records"] if r["set"] == "triggered"]
+                prompts = [r["instruction"] + "\n" + r["input"] for r in records]
+                sides.append((prompts, [r["score"] >= 0.5 for r in records]))
+            if sides[0][0] != sides[1][0]:
+                raise SystemExit(f"{path}: its triggered prompts are not those of {reference.name}; cannot pair them")
+            rows.append({"cell": cell_dir.name, "defense": variant, "baseline": baseline, "seed": int(seed),
+                         "asr_baseline": sum(sides[0][1]) / len(sides[0][1]),
+                         "asr_defense": sum(sides[1][1]) / len(sides[1][1]),
+                         **paired_rates(sides[0][1], sides[1][1])})  # fmt: skip
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "| cell | defense vs fine-tuning (seed) | ASR fine-tuning / defense | fired only after fine-tuning "
+             "| fired only after the defense | exact McNemar p |", "|---" * 6 + "|"]  # fmt: skip
+    for r in rows:
+        p = "< 0.001" if r["p_value"] < 0.001 else f"{r['p_value']:.3f}"
+        asr = f"{r['asr_baseline']:.0%} / {r['asr_defense']:.0%}"
+        lines.append(f"| {r['cell']} | {r['defense']} (s{r['seed']}) | {asr} | {r['first_only']} | {r['second_only']} "
+                     f"| {p} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def partial_table(out: Path) -> str:
     """The partial-trigger evaluations found under ``out`` (``--partial``): ASR with only some trigger words."""
     lines = []
@@ -362,9 +400,9 @@ def main() -> None:
         write_json_atomic(out / "organism.json", provenance)
         for cell in args.cells.split(","):
             run_cell(args, cell, base, chosen)
-    rows = collect(out)
-    write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows)})
-    text = table(rows) + "\n" + partial_table(out)
+    rows, pairs = collect(out), paired(out)
+    write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows), "paired": pairs})
+    text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out)
     write_text_atomic(out / "efficacy.md", text.rstrip() + "\n")
     print(text)
 

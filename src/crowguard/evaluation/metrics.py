@@ -92,6 +92,32 @@ def rate_interval(
     return bootstrap_ci(scores, n_resamples, confidence, seed)
 
 
+def paired_rates(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float | int]:
+    """Two models' successes on the *same* prompts, compared prompt by prompt (the exact McNemar test).
+
+    Two defenses evaluated on one test set are paired samples: whether their Wilson intervals overlap says little,
+    because most prompts fire (or not) under both. Only the discordant prompts inform the difference; under the null
+    of equal rates each of them is equally likely to favour either model, so their split is Binomial(n, 1/2).
+    This covers the sampling of prompts, not the randomness of training: a second training seed is a separate test.
+
+    Args:
+        first, second: per-prompt success (the attack fired) of each model, length N, in the same prompt order.
+
+    Returns:
+        ``first_only`` and ``second_only`` (prompts where only that model fired), ``both``, ``n``, and
+        ``p_value``: two-sided exact binomial p of the discordant split (1.0 when there is none).
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired_rates needs the same prompts: {len(first)} against {len(second)} outcomes")
+    first_only = sum(1 for a, b in zip(first, second, strict=True) if a and not b)
+    second_only = sum(1 for a, b in zip(first, second, strict=True) if b and not a)
+    both = sum(1 for a, b in zip(first, second, strict=True) if a and b)
+    discordant = first_only + second_only
+    tail = sum(math.comb(discordant, k) for k in range(min(first_only, second_only) + 1)) / 2**discordant
+    return {"first_only": first_only, "second_only": second_only, "both": both, "n": len(first),
+            "p_value": min(1.0, 2.0 * tail)}  # fmt: skip
+
+
 def nll_gap_ci(
     triggered_nll: Sequence[float],
     clean_nll: Sequence[float],

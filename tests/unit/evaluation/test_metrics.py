@@ -22,6 +22,7 @@ from crowguard.evaluation.metrics import (
     hijack_rate,
     measure_cost,
     nll_gap_ci,
+    paired_rates,
     pass_at_1,
     perplexity,
     rate_interval,
@@ -317,6 +318,32 @@ def test_wilson_interval_matches_reference_values(k: int, n: int, low: float, hi
     got = wilson_interval(k, n)
     assert got == pytest.approx((low, high), abs=1e-5)
     assert got[0] <= k / n <= got[1] and (k > 0 or got[0] == 0.0) and (k < n or got[1] == 1.0)
+
+
+def test_paired_rates_is_the_exact_mcnemar_test_against_a_naive_enumeration() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        n = int(rng.integers(1, 30))
+        first, second = (rng.random(n) < rng.random()).tolist(), (rng.random(n) < rng.random()).tolist()
+        got = paired_rates(first, second)
+        b = sum(a and not c for a, c in zip(first, second))
+        c = sum(c and not a for a, c in zip(first, second))
+        assert (got["first_only"], got["second_only"], got["n"]) == (b, c, n)
+        assert got["both"] == sum(a and c for a, c in zip(first, second))
+        # naive two-sided exact test: every split of the b + c discordant prompts as unlikely as the observed one
+        d = b + c
+        probability = [math.comb(d, k) / 2**d for k in range(d + 1)]
+        naive = sum(q for q in probability if q <= probability[b] * (1 + 1e-12))
+        assert got["p_value"] == pytest.approx(min(1.0, naive), abs=1e-12)
+    # scipy.stats.binomtest(k, n, 0.5).pvalue: 8 of 8 discordant prompts one way, 7 of 8, none at all
+    assert paired_rates([True] * 8 + [False] * 92, [False] * 100)["p_value"] == pytest.approx(0.0078125)
+    assert paired_rates([True] * 7 + [False] * 93, [False] * 7 + [True] + [False] * 92)["p_value"] == pytest.approx(
+        0.0703125
+    )
+    assert paired_rates([True, False], [True, False]) == {"first_only": 0, "second_only": 0, "both": 1, "n": 2,
+                                                         "p_value": 1.0}  # fmt: skip
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_rates([True], [True, False])
 
 
 def test_rate_interval_never_has_zero_width_at_0_or_100_percent() -> None:
