@@ -109,9 +109,8 @@ def paired_rates(first: Sequence[bool], second: Sequence[bool]) -> dict[str, flo
     """
     if len(first) != len(second):
         raise ValueError(f"paired_rates needs the same prompts: {len(first)} against {len(second)} outcomes")
-    first_only = sum(1 for a, b in zip(first, second, strict=True) if a and not b)
-    second_only = sum(1 for a, b in zip(first, second, strict=True) if b and not a)
-    both = sum(1 for a, b in zip(first, second, strict=True) if a and b)
+    counts = Counter((bool(a), bool(b)) for a, b in zip(first, second))
+    first_only, second_only, both = counts[True, False], counts[False, True], counts[True, True]
     discordant = first_only + second_only
     tail = sum(math.comb(discordant, k) for k in range(min(first_only, second_only) + 1)) / 2**discordant
     return {"first_only": first_only, "second_only": second_only, "both": both, "n": len(first),
