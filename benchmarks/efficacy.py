@@ -163,19 +163,41 @@ def same_settings(recorded: Any, current: Any) -> bool:
     return recorded == current
 
 
-def cell_name(cell: str, n_poison: int, epochs: float = PLANT.epochs) -> str:
+def cell_name(cell: str, n_poison: int, epochs: float = PLANT.epochs, plant_set: dict[str, Any] | None = None) -> str:
     """The directory of a cell: its name, with ``-poisonN`` when the plant uses another number of poisoned examples
-    than the default and ``-epochsE`` when it trains for another number of epochs (a plant sweep), so swept plants
-    sit beside the default one in the same table."""
+    than the default, ``-epochsE`` when it trains for another number of epochs and ``-KEYvalue`` for each other
+    plant setting changed with ``--plant-set`` (a plant sweep), so swept plants sit beside the default one in the
+    same table."""
     name = cell if n_poison == N_POISON else f"{cell}-poison{n_poison}"
-    return name if epochs == PLANT.epochs else f"{name}-epochs{epochs:g}"
+    name = name if epochs == PLANT.epochs else f"{name}-epochs{epochs:g}"
+    for key, value in sorted((plant_set or {}).items()):
+        name += f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
+    return name
+
+
+def parse_plant_set(specs: list[str]) -> dict[str, Any]:
+    """``["lora_r=8", "lr=5e-4"]`` -> the plant's TrainConfig overrides, each checked against the field it names;
+    a value equal to the default is dropped, so it does not rename the cell."""
+    from crowguard.config import parse_override
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for spec in specs:
+        key, value = parse_override(spec)
+        if len(key) != 1 or key[0] not in fields or key[0] in ("epochs", "seed"):
+            raise SystemExit(f"--plant-set {spec!r}: not a plant setting (TrainConfig fields; epochs: --plant-epochs)")
+        if getattr(PLANT, key[0]) != value:
+            out[key[0]] = value
+    return out
 
 
 def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any]) -> None:
     trigger, payload = cell.split("-")
-    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, args.plant_epochs)
+    plant_set = parse_plant_set(args.plant_set)
+    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, args.plant_epochs, plant_set)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    plant = dataclasses.replace(PLANT, epochs=args.plant_epochs)
+    plant = dataclasses.replace(PLANT, epochs=args.plant_epochs, **plant_set)
+    plant.validate()
     settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
     recorded = cell_dir / "cell.json"
@@ -383,6 +405,8 @@ def main() -> None:
                         help="poisoned examples in the plant (a sweep: its cell directory gets -poisonN)")  # fmt: skip
     parser.add_argument("--plant-epochs", type=float, default=PLANT.epochs,
                         help="epochs of the plant (a sweep: its cell directory gets -epochsE)")  # fmt: skip
+    parser.add_argument("--plant-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another plant setting, e.g. lora_r=8 (a sweep: -KEYvalue in the cell name)")  # fmt: skip
     parser.add_argument("--partial", action="store_true",
                         help="also evaluate the backdoored model with part of a composite trigger (ctba)")  # fmt: skip
     parser.add_argument("--defend-unplanted", action="store_true", help="run the defenses on a failed plant too")
