@@ -163,41 +163,38 @@ def same_settings(recorded: Any, current: Any) -> bool:
     return recorded == current
 
 
-def cell_name(cell: str, n_poison: int, epochs: float = PLANT.epochs, plant_set: dict[str, Any] | None = None) -> str:
+def cell_name(cell: str, n_poison: int, plant_set: dict[str, Any] | None = None) -> str:
     """The directory of a cell: its name, with ``-poisonN`` when the plant uses another number of poisoned examples
-    than the default, ``-epochsE`` when it trains for another number of epochs and ``-KEYvalue`` for each other
-    plant setting changed with ``--plant-set`` (a plant sweep), so swept plants sit beside the default one in the
-    same table."""
+    than the default and ``-KEYvalue`` for each plant setting changed from PLANT (``-epochs5``, ``-lora_r8``: a
+    plant sweep), so swept plants sit beside the default one in the same table."""
     name = cell if n_poison == N_POISON else f"{cell}-poison{n_poison}"
-    name = name if epochs == PLANT.epochs else f"{name}-epochs{epochs:g}"
     for key, value in sorted((plant_set or {}).items()):
         name += f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
     return name
 
 
-def parse_plant_set(specs: list[str]) -> dict[str, Any]:
-    """``["lora_r=8", "lr=5e-4"]`` -> the plant's TrainConfig overrides, each checked against the field it names;
-    a value equal to the default is dropped, so it does not rename the cell."""
+def parse_plant_set(specs: list[str], epochs: float = PLANT.epochs) -> dict[str, Any]:
+    """``["lora_r=8", "lr=5e-4"]`` (and ``--plant-epochs``) -> the plant's TrainConfig overrides, each checked
+    against the field it names; a value equal to PLANT's is dropped, so it does not rename the cell."""
     from crowguard.config import parse_override
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    out: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}  # the plant's seed is --plant-seed
+    out: dict[str, Any] = {"epochs": float(epochs)}
     for spec in specs:
         key, value = parse_override(spec)
-        if len(key) != 1 or key[0] not in fields or key[0] in ("epochs", "seed"):
-            raise SystemExit(f"--plant-set {spec!r}: not a plant setting (TrainConfig fields; epochs: --plant-epochs)")
-        if getattr(PLANT, key[0]) != value:
-            out[key[0]] = value
-    return out
+        if len(key) != 1 or key[0] not in fields:
+            raise SystemExit(f"--plant-set {spec!r}: not a plant setting (a TrainConfig field other than seed)")
+        out[key[0]] = float(value) if key[0] == "epochs" else value
+    return {key: value for key, value in out.items() if getattr(PLANT, key) != value}
 
 
-def run_cell(args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any]) -> None:
+def run_cell(
+    args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any], plant_set: dict[str, Any]
+) -> None:
     trigger, payload = cell.split("-")
-    plant_set = parse_plant_set(args.plant_set)
-    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, args.plant_epochs, plant_set)
+    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, plant_set)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    plant = dataclasses.replace(PLANT, epochs=args.plant_epochs, **plant_set)
-    plant.validate()
+    plant = dataclasses.replace(PLANT, **plant_set)
     settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
     recorded = cell_dir / "cell.json"
@@ -427,11 +424,16 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
         chosen = {name: known[name] for name in names}
+        plant_set = parse_plant_set(args.plant_set, args.plant_epochs)
+        try:  # a bad plant setting stops here, before any model is loaded
+            dataclasses.replace(PLANT, **plant_set).validate()
+        except ValueError as error:
+            raise SystemExit(f"--plant-set / --plant-epochs: {error}") from None
         base, provenance = ensure_smollm2(cache_root(OrganismConfig()), args.source)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "organism.json", provenance)
         for cell in args.cells.split(","):
-            run_cell(args, cell, base, chosen)
+            run_cell(args, cell, base, chosen, plant_set)
     rows, pairs = collect(out), paired(out)
     write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows), "paired": pairs})
     text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out)
