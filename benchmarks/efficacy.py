@@ -55,13 +55,16 @@ DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4,
                             loss_average="micro_batch")  # fmt: skip
 EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
 
-# name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-*" are the paper's defaults
-# (alpha 5.5, absolute eps 0.1). The baselines of issue 10 take their presets' defaults; CleanGen's reference is the
-# unpoisoned base (filled in per cell), an assumption CROW does not make.
+# name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-continue"/"crow-merge" are the
+# paper's defaults (alpha 5.5, absolute eps 0.1); "crow-a22" is the one variant beside them (the preset
+# defenses/crow-alpha22: alpha chosen on badnet-negsentiment, then fixed for every cell). The baselines of issue 10
+# take their presets' defaults; CleanGen's reference is the unpoisoned base (filled in per cell), an assumption CROW
+# does not make.
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "finetune": ("finetune", "continue", {}),
     "crow-continue": ("crow", "continue", {}),
     "crow-merge": ("crow", "merge", {}),
+    "crow-a22": ("crow", "continue", {"alpha": 22.0}),
     "finetune-merge": ("finetune", "merge", {}),
     "prune-magnitude": ("prune", "continue", {"criterion": "magnitude", "sparsity": 0.5}),
     "prune-wanda": ("prune", "continue", {"criterion": "wanda", "sparsity": 0.5}),
@@ -418,7 +421,10 @@ def main() -> None:
         if not (Path(args.data) / "poison_data").is_dir():
             raise SystemExit(f"{args.data}: not the CROW paper's data root (no poison_data/)")
         known = dict(VARIANTS)
-        known.update(parse_variant(spec) for spec in args.variant)
+        for name, variant in map(parse_variant, args.variant):
+            if name in VARIANTS and VARIANTS[name] != variant:  # its results would land beside the built-in's
+                raise SystemExit(f"--variant {name}: a built-in variant with other settings {VARIANTS[name]}")
+            known[name] = variant
         names = [name for name in args.variants.split(",") if name]  # --variants "" runs no defense
         unknown = [name for name in names if name not in known]
         if unknown:

@@ -168,6 +168,29 @@ def test_the_smollm2_demo_preset_is_the_demo_default_and_tiny_differs():
     assert tiny.organism.name == "tiny" and tiny.plant == "pretrain" and DemoConfig().organism.name == "smollm2"
 
 
+def test_the_alpha22_preset_differs_from_the_papers_crow_only_in_alpha_and_adapter_mode():
+    """The variant beside the paper's method (docs/smollm2-study.md) must not drift from it in any other knob."""
+    import dataclasses
+
+    from crowguard import config
+    from crowguard.registry import preset_path
+    from crowguard.schemas import ExperimentConfig
+
+    paper, a22 = (
+        config.load(ExperimentConfig, Path(str(preset_path(f"defenses/{name}")))).defense
+        for name in ("crow", "crow-alpha22")
+    )
+    crow, crow22 = paper.sections["crow"], a22.sections["crow"]
+    assert (crow.alpha, crow22.alpha) == (5.5, 22.0)
+    assert (paper.train.adapter_mode, a22.train.adapter_mode) == ("merge", "continue")
+    same = dataclasses.replace(
+        a22,
+        sections={**a22.sections, "crow": dataclasses.replace(crow22, alpha=crow.alpha)},
+        train=dataclasses.replace(a22.train, adapter_mode=paper.train.adapter_mode),
+    )
+    assert same == paper
+
+
 def _help_texts() -> list[str]:
     """Every description, epilog and argument help of the parser and its subcommands."""
     import argparse
