@@ -55,6 +55,21 @@ DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4,
                             loss_average="micro_batch")  # fmt: skip
 EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
 
+
+def preset_variant(preset: str) -> tuple[str, str, dict[str, Any]]:
+    """A shipped defense preset (``defenses/crow-alpha22``) -> a variant entry: its method, adapter mode and the
+    method's settings that differ from the defaults, so the study runs what the preset ships, not a copy of it."""
+    from crowguard.config import load
+    from crowguard.registry import preset_path
+    from crowguard.schemas import ExperimentConfig
+
+    defense = load(ExperimentConfig, Path(str(preset_path(preset)))).defense
+    default = DefenseConfig().sections[defense.method]
+    own = to_dict(defense.sections[defense.method])
+    changed = {key: value for key, value in own.items() if to_dict(default)[key] != value}
+    return defense.method, defense.train.adapter_mode, changed
+
+
 # name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-continue"/"crow-merge" are the
 # paper's defaults (alpha 5.5, absolute eps 0.1); "crow-a22" is the one variant beside them (the preset
 # defenses/crow-alpha22: alpha chosen on badnet-negsentiment, then fixed for every cell). The baselines of issue 10
@@ -64,7 +79,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "finetune": ("finetune", "continue", {}),
     "crow-continue": ("crow", "continue", {}),
     "crow-merge": ("crow", "merge", {}),
-    "crow-a22": ("crow", "continue", {"alpha": 22.0}),
+    "crow-a22": preset_variant("defenses/crow-alpha22"),
     "finetune-merge": ("finetune", "merge", {}),
     "prune-magnitude": ("prune", "continue", {"criterion": "magnitude", "sparsity": 0.5}),
     "prune-wanda": ("prune", "continue", {"criterion": "wanda", "sparsity": 0.5}),
