@@ -86,6 +86,26 @@ def content_key(settings: dict, datasets: tuple[list[Example], ...], packages: t
     return digest.hexdigest()[:16]
 
 
+# crowguard's own source that decides what an evaluation of a fixed model directory measures (generation, judges,
+# metrics, tasks, prompt templates, loading, examples), relative to the package: a cached evaluation goes stale when
+# it changes, also between two commits at one version number (an editable install).
+EVALUATION_SOURCE = ("evaluation", "prompts.py", "models.py", "data.py")
+
+
+def source_digest(parts: tuple[str, ...], root: Path | None = None) -> str:
+    """Hash of the ``.py`` files under ``parts`` (modules or subpackages of ``root``, default crowguard's package
+    directory), names and bytes, in a fixed order: a cache key part that changes whenever that code does."""
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    digest = hashlib.sha256()
+    for part in parts:
+        path = root / part
+        if not path.exists():
+            raise FileNotFoundError(f"source_digest: {path} does not exist")
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def cache_key(cfg: OrganismConfig, splits: tuple[list[Example], ...]) -> str:
     """Hash of the settings, the data and the versions that determine the trained weights."""
     settings = {k: v for k, v in to_dict(cfg).items() if k != "cache_dir"}

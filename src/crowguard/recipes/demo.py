@@ -32,7 +32,14 @@ from crowguard.evaluation.tasks import Task
 from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import load_model
-from crowguard.organism.build import cache_root, content_key, ensure_organism, organism_splits
+from crowguard.organism.build import (
+    EVALUATION_SOURCE,
+    cache_root,
+    content_key,
+    ensure_organism,
+    organism_splits,
+    source_digest,
+)
 from crowguard.registry import resolve
 from crowguard.schemas import DemoConfig, ModelConfig
 from crowguard.stage import run_training_stage
@@ -224,9 +231,10 @@ def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show:
 def evaluate_cached(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> tuple[dict[str, Any], bool]:
     """``(results, came from the cache)`` for a model that is itself cached (the unpoisoned organism, the planted
     backdoor): its evaluation is kept in the cache once per model directory (content-addressed), task, evaluation
-    setting and package versions, so a second demo does not re-measure what cannot have changed (greedy decoding
-    is deterministic)."""
-    settings = {"model": str(Path(model_path).resolve()), "evaluate": to_dict(cfg.evaluate), "template": cfg.template}
+    setting, package versions and the evaluation's own source (``EVALUATION_SOURCE``), so a second demo does not
+    re-measure what cannot have changed (greedy decoding is deterministic) and a changed metric is re-measured."""
+    settings = {"model": str(Path(model_path).resolve()), "evaluate": to_dict(cfg.evaluate), "template": cfg.template,
+                "code": source_digest(EVALUATION_SOURCE)}  # fmt: skip
     data = (setup.task.triggered, setup.task.clean, setup.utility)
     key = content_key(settings, data, ("crowguard", "torch", "transformers", "peft"))
     path = cache_root(cfg.organism) / "evaluations" / f"{key}.json"
