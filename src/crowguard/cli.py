@@ -611,6 +611,19 @@ def _quiet_library_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _close_process_group(ok: bool) -> None:
+    """Close the process group a torchrun/accelerate run opened (the Trainer opens it), all ranks together when the
+    command succeeded: a rank that exits with a gloo group open can abort in its teardown ("terminate called without
+    an active exception") while another rank is still writing. After a failure only this rank's group is closed, so a
+    rank never waits at a barrier the failed one will not reach. Torch is not imported for this."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if ok:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input or usage, 130 interrupted, 141 the reader of
     stdout went away)."""
@@ -631,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         code = args.handler(args)
+        _close_process_group(ok=code == EXIT_OK)
         sys.stdout.flush()  # a closed pipe surfaces here, not as "Exception ignored" at interpreter exit
         return code
     except BrokenPipeError:

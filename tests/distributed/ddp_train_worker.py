@@ -42,3 +42,7 @@ if __name__ == "__main__":
     update = one_step_update(loss_average, 2, variant == "full-gc-untied", tempfile.mkdtemp())
     if int(os.environ.get("RANK", "0")) == 0:
         save_file(update, out)
+    # Close the group the Trainer opened, together: a rank that exits with it open can abort in gloo's teardown
+    # ("terminate called without an active exception", SIGABRT) while the other is still writing.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -261,3 +261,18 @@ def test_run_checks_each_defense_before_any_stage(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("crowguard: error: defense.cleangen.reference is empty") and len(err.splitlines()) == 1
     assert not root.exists()
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_the_cli_closes_an_open_process_group(tmp_path: Path, ok: bool):
+    """A command run under torchrun leaves no gloo group open at exit (an open one can abort the process in its
+    teardown); after a failure it closes its own group without waiting at a barrier."""
+    import torch.distributed as dist
+
+    from crowguard.cli import _close_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    _close_process_group(ok=ok)
+    assert not dist.is_initialized()
+    _close_process_group(ok=ok)  # nothing open: a no-op
