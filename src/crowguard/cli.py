@@ -642,9 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    code = EXIT_FAILURE
     try:
         code = args.handler(args)
-        _close_process_group(ok=code == EXIT_OK)
         sys.stdout.flush()  # a closed pipe surfaces here, not as "Exception ignored" at interpreter exit
         return code
     except BrokenPipeError:
@@ -659,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"crowguard: error: {message}", file=sys.stderr)
             return EXIT_USAGE
         raise
+    finally:
+        _close_process_group(ok=code == EXIT_OK)  # on every way out, so a failed rank exits with its own code
 
 
 if __name__ == "__main__":

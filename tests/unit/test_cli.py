@@ -264,15 +264,29 @@ def test_run_checks_each_defense_before_any_stage(tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize("ok", [True, False])
-def test_the_cli_closes_an_open_process_group(tmp_path: Path, ok: bool):
+def test_the_cli_closes_an_open_process_group(tmp_path: Path, monkeypatch, ok: bool):
     """A command run under torchrun leaves no gloo group open at exit (an open one can abort the process in its
     teardown); after a failure it closes its own group without waiting at a barrier."""
     import torch.distributed as dist
 
     from crowguard.cli import _close_process_group
 
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k))[1])
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert dist.is_initialized()
     _close_process_group(ok=ok)
     assert not dist.is_initialized()
+    assert len(barriers) == (1 if ok else 0)
     _close_process_group(ok=ok)  # nothing open: a no-op
+    assert len(barriers) == (1 if ok else 0)
+
+
+def test_a_failing_command_closes_its_process_group_too(tmp_path: Path):
+    """The close runs on every way out of ``main``: a command that stops on bad input still leaves no group open."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert not dist.is_initialized()
