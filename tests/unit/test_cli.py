@@ -191,6 +191,25 @@ def test_the_alpha22_preset_differs_from_the_papers_crow_only_in_alpha_and_adapt
     assert same == paper
 
 
+def test_the_papers_finetuning_preset_differs_from_finetune_only_in_lr(capsys):
+    """defenses/finetune-paper is the official code's baseline (lr 2e-4); every other knob must stay finetune's."""
+    import dataclasses
+
+    from crowguard import config
+    from crowguard.cli import main
+    from crowguard.registry import preset_path
+    from crowguard.schemas import ExperimentConfig
+
+    ours, paper = (
+        config.load(ExperimentConfig, Path(str(preset_path(f"defenses/{name}")))).defense
+        for name in ("finetune", "finetune-paper")
+    )
+    assert (ours.train.lr, paper.train.lr) == (1e-3, 2e-4)
+    assert dataclasses.replace(paper, train=dataclasses.replace(paper.train, lr=ours.train.lr)) == ours
+    assert main(["ls", "presets"]) == 0
+    assert "finetune-paper" in capsys.readouterr().out
+
+
 def _help_texts() -> list[str]:
     """Every description, epilog and argument help of the parser and its subcommands."""
     import argparse

