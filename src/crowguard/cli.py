@@ -42,8 +42,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from crowguard.config import ConfigError
     from crowguard.data import DataError
     from crowguard.io import OutputExistsError
+    from crowguard.types import NonFiniteError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, OutputExistsError, UsageError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputExistsError, UsageError, NonFiniteError]
     try:
         from crowguard.models import ModelLoadError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -28,8 +29,17 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key and the file."""
 
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", open_sections: Any = None, **kwargs: Any) -> Any:
+def knob(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    open_sections: Any = None,
+    bounds: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """A dataclass field with a help string (shown by ``crowguard validate --explain``).
+
+    ``bounds`` is an interval a number must lie in, checked when a config is read: ``"(0, inf)"``, ``"[0, 1)"``,
+    ``"[-1, inf)"`` (``inf`` is an open end; every float must be finite in any case).
 
     ``open_sections`` (a function returning ``{name: dataclass}``) makes the field a dict of sections that appear in
     YAML as keys of the parent mapping (``defense.crow`` rather than ``defense.sections.crow``): the parent is open
@@ -37,11 +47,35 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", open_sections: Any 
     """
     if open_sections is not None:
         return dataclasses.field(default_factory=dict, metadata={"help": help, "open_sections": open_sections})
+    meta = {"help": help, **({"bounds": _parse_bounds(bounds)} if bounds else {})}
     # Mutable defaults (lists, dicts, nested configs at any depth) are deep-copied per instance: a shallow copy
     # (dataclasses.replace) left ExperimentConfig().defense.train one object shared by every config.
     if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
-        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta, **kwargs)
+    return dataclasses.field(default=default, metadata=meta, **kwargs)
+
+
+_BOUNDS = re.compile(r"([\[(])\s*(-?inf|[-+]?[\d.]+(?:e[-+]?\d+)?)\s*,\s*(inf|[-+]?[\d.]+(?:e[-+]?\d+)?)\s*([\])])")
+
+
+def _parse_bounds(text: str) -> tuple[str, float, float, str]:
+    """``"[0, 1)"`` -> ``("[", 0.0, 1.0, ")")``; a malformed interval is a programming error."""
+    match = _BOUNDS.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"bounds {text!r}: expected an interval like '[0, 1)' or '(0, inf)'")
+    return match[1], float(match[2]), float(match[3]), match[4]
+
+
+def check_bounds(value: Any, bounds: tuple[str, float, float, str], where: str) -> None:
+    """Raise :class:`ConfigError` when the number ``value`` lies outside ``bounds`` (see :func:`knob`)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    left, low, high, right = bounds
+    above = value > low or (left == "[" and value == low)
+    below = value < high or (right == "]" and value == high)
+    if not (above and below):
+        shown = lambda x: "inf" if math.isinf(x) else f"{x:g}"  # noqa: E731
+        raise ConfigError(f"{where}: must be within {left}{shown(low)}, {shown(high)}{right}, got {value!r}")
 
 
 def suggest(name: str, options: Sequence[str]) -> str:
@@ -101,8 +135,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads "1e-3" as a string; a user means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # a nan learning rate trains a nan model that evaluates to "ASR 0%"
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -146,6 +184,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
             # in a DefenseConfig keeps its lr 1e-3 (TrainConfig's own default is 2e-4).
             value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], path)
+        if "bounds" in fields[key].metadata:
+            check_bounds(kwargs[key], fields[key].metadata["bounds"], path)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field without default

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -67,9 +68,28 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def non_finite_key(data: Any, where: str = "") -> str | None:
+    """The dotted path of the first nan or inf float in nested dicts and lists, or None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (where or "(the value)")
+    if isinstance(data, dict):
+        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in data.items())
+    elif isinstance(data, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(data))
+    else:
+        return None
+    return next((found for key, value in items if (found := non_finite_key(value, key)) is not None), None)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Pretty, stable JSON (sorted keys off: records keep their field order), written atomically."""
-    write_text_atomic(Path(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """Pretty, stable JSON (sorted keys off: records keep their field order), written atomically. A nan or inf is
+    refused (NonFiniteError naming its key), never written as a bare ``NaN`` that other JSON readers reject and
+    that a table would show as a number; a value that can be undefined is written as null by its producer."""
+    if (key := non_finite_key(data)) is not None:
+        from crowguard.types import NonFiniteError
+
+        raise NonFiniteError(f"{path}: {key} is not a finite number; refusing to write it")
+    write_text_atomic(Path(path), json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crowguard.config import ConfigError
 from crowguard.data import IGNORE_INDEX  # the label value tokenisation masks with, so the two cannot disagree
 
 LayerSpec = str | tuple[int, int] | Sequence[int]
@@ -71,6 +72,10 @@ def count_loss_tokens(labels: Tensor, attention_mask: Tensor | None) -> tuple[in
     return labelled, real
 
 
+class LayerPairsError(ConfigError):
+    """The layer-pair setting does not fit this model's depth (a user-fixable setting: one line, exit 2)."""
+
+
 def resolve_layer_pairs(num_hidden_states: int, layers: LayerSpec = DEFAULT_LAYERS) -> list[tuple[int, int]]:
     """The (l, l + 1) hidden-state index pairs that the consistency loss compares.
 
@@ -90,25 +95,25 @@ def resolve_layer_pairs(num_hidden_states: int, layers: LayerSpec = DEFAULT_LAYE
     """
     n = num_hidden_states
     if n < 2:
-        raise ValueError(f"need at least 2 hidden states to form a layer pair, got {n}")
+        raise LayerPairsError(f"need at least 2 hidden states to form a layer pair, got {n}")
     if isinstance(layers, str):
         if layers == "reference":
             starts = list(range(1, n - 2))
             if not starts:
-                raise ValueError(
+                raise LayerPairsError(
                     f'layers="reference" compares hidden_states[1:-2] with [2:-1] and needs at least 4 hidden '
                     f'states (3 layers); the model has {n}. Use layers="all" or an explicit range.'
                 )
         elif layers == "all":
             starts = list(range(n - 1))
         else:
-            raise ValueError(f"{_LAYERS_HELP}; got {layers!r}")
+            raise LayerPairsError(f"{_LAYERS_HELP}; got {layers!r}")
     elif isinstance(layers, tuple):
         if len(layers) != 2 or not all(_is_int(x) for x in layers):
-            raise ValueError(f"a layers tuple must be (start, stop) of ints; got {layers!r}")
+            raise LayerPairsError(f"a layers tuple must be (start, stop) of ints; got {layers!r}")
         start, stop = (x + n if x < 0 else x for x in layers)
         if not 0 <= start < stop <= n - 1:
-            raise ValueError(
+            raise LayerPairsError(
                 f"layers=(start, stop)={layers!r} must satisfy 0 <= start < stop <= {n - 1} (after adding {n} to "
                 f"negative values) for {n} hidden states: pairs (l, l + 1) for start <= l < stop"
             )
@@ -116,17 +121,19 @@ def resolve_layer_pairs(num_hidden_states: int, layers: LayerSpec = DEFAULT_LAYE
     elif isinstance(layers, Sequence) and not isinstance(layers, (bytes, bytearray)):
         starts = list(layers)
         if not starts:
-            raise ValueError("layers is an empty list; need at least one layer pair")
+            raise LayerPairsError("layers is an empty list; need at least one layer pair")
         if not all(_is_int(x) for x in starts):
-            raise ValueError(f"a layers list must hold ints (the l of each pair (l, l + 1)); got {layers!r}")
+            raise LayerPairsError(f"a layers list must hold ints (the l of each pair (l, l + 1)); got {layers!r}")
         if len(set(starts)) != len(starts):
-            raise ValueError(f"layers list has duplicates: {layers!r}")
+            raise LayerPairsError(f"layers list has duplicates: {layers!r}")
         bad = [x for x in starts if not 0 <= x <= n - 2]
         if bad:
-            raise ValueError(f"layers {bad} out of range: each l must satisfy 0 <= l <= {n - 2} for {n} hidden states")
+            raise LayerPairsError(
+                f"layers {bad} out of range: each l must satisfy 0 <= l <= {n - 2} for {n} hidden states"
+            )
         starts = sorted(starts)
     else:
-        raise ValueError(f"{_LAYERS_HELP}; got {layers!r}")
+        raise LayerPairsError(f"{_LAYERS_HELP}; got {layers!r}")
     return [(start, start + 1) for start in starts]
 
 
@@ -305,10 +312,13 @@ def crow_loss(
         # Plain SFT: the embeddings stay in the graph so a trainable embedding matrix learns as in any fine-tuning.
         clean = model(input_ids=input_ids, **forward_kwargs)
         lm, lm_mean = _lm_losses(clean.logits, labels, num_items)
-        with torch.no_grad():
-            consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
-            embeds = clean.hidden_states[0]
+        embeds = clean.hidden_states[0]
         eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
+        try:  # only logged here; a model too shallow for CROW's pairs (fine-tuning a 2-layer model) logs none
+            with torch.no_grad():
+                consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
+        except LayerPairsError:
+            return lm, _parts(lm_loss=lm_mean, epsilon_effective=eps)
         return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
 
     _check_ddp_unused_embedding(model, embedding)
@@ -460,3 +470,15 @@ def _parts(**values: float | Tensor) -> dict[str, float]:
         stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
         floats.update(zip(tensors, stacked, strict=True))
     return {k: floats[k] for k in values}
+
+
+def first_non_finite(named: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor in ``named`` (pairs ``(name, tensor)`` of any shapes) holding a nan or inf, or
+    None when all are finite: one fused norm per tensor and a single host sync when all is well."""
+    if not named:
+        return None
+    norms = torch._foreach_norm([t.detach() for _, t in named])
+    norms = torch.stack([n.float().to(norms[0].device) for n in norms])
+    if bool(torch.isfinite(norms).all()):
+        return None
+    return next(name for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm))

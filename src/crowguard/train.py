@@ -26,9 +26,9 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from crowguard.config import ConfigError, to_dict
 from crowguard.data import IGNORE_INDEX, tokenize_examples
 from crowguard.io import write_json_atomic, write_text_atomic
-from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
+from crowguard.losses import count_loss_tokens, crow_loss, first_non_finite, masked_lm_loss
 from crowguard.schemas import TrainConfig
-from crowguard.types import Example
+from crowguard.types import Example, NonFiniteError
 
 PART_NAMES = ("lm_loss", "consistency_loss", "consistency_adv", "epsilon_effective")
 
@@ -203,6 +203,39 @@ class CrowTrainer(Trainer):
                 logs[name] = round(total / max(weights, 1e-12), 6)
             self._part_sums = {}
         super().log(logs, *args, **kwargs)
+
+
+class TrainingDivergedError(NonFiniteError):
+    """Training produced a non-finite gradient or trainable weight; it stopped and nothing was saved."""
+
+
+class FiniteGuard(TrainerCallback):
+    """Stop at the first non-finite gradient (before the optimizer applies it) or trainable weight (after a step):
+    a nan loss, or an update that overflows, would otherwise train a broken model to the end and save it, and a model
+    that emits garbage scores ASR 0%. Runs every optimizer step (a norm per trainable tensor, one sync). Under fp16
+    an inf gradient is the loss scaler's business (it skips that step), so only the weights are checked."""
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        self.check_gradients = check_gradients
+
+    def _check(self, model: Any, state: Any, grads: bool) -> None:
+        if model is None:
+            return
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p.grad) for n, p in trainable if p.grad is not None] if grads else trainable
+        if (name := first_non_finite(named)) is not None:
+            what = "gradient" if grads else "weight after the update"
+            raise TrainingDivergedError(
+                f"training diverged at step {state.global_step + int(grads)}: non-finite {what} of {name}; nothing "
+                "was saved (lower train.lr or check the data and the model)"
+            )
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.check_gradients:
+            self._check(model, state, grads=True)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._check(model, state, grads=False)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -408,6 +441,22 @@ def require_checkpoint(work_dir: Path) -> str:
     return checkpoint
 
 
+def set_aside_stale_work(work_dir: Path) -> Path | None:
+    """A fresh run starts from an empty work directory: an earlier run's leftovers (a killed run's checkpoints,
+    which checkpoint rotation and a later ``--resume`` would mix with this run's) are renamed to
+    ``<work_dir>.stale-<time>`` with a warning, not deleted. Only the main process renames; returns the new path."""
+    import os
+    import warnings
+
+    work_dir = Path(work_dir)
+    if int(os.environ.get("RANK", "0")) != 0 or not work_dir.is_dir() or not any(work_dir.iterdir()):
+        return None
+    aside = work_dir.with_name(f"{work_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    work_dir.rename(aside)
+    warnings.warn(f"{work_dir} held an earlier run's files (not resumed): moved them to {aside}", stacklevel=3)
+    return aside
+
+
 def check_resume(work_dir: Path, settings: dict[str, Any]) -> str:
     """The checkpoint to continue, after checking that ``settings`` are the checkpointed run's; else ResumeError."""
     checkpoint = require_checkpoint(work_dir)
@@ -465,13 +514,18 @@ def train(
     work_dir = Path(work_dir)
     settings = run_settings(cfg, crow, template, features, identity)
     checkpoint = check_resume(work_dir, settings) if resume else None
+    if checkpoint is None:
+        set_aside_stale_work(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         (work_dir / "metrics.jsonl").unlink(missing_ok=True)
         write_json_atomic(work_dir / SETTINGS_FILE, settings)
     else:
         _truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
-    callbacks: list[TrainerCallback] = [MetricsFileCallback(work_dir / "metrics.jsonl")]
+    callbacks: list[TrainerCallback] = [
+        FiniteGuard(cfg.precision != "fp16"),
+        MetricsFileCallback(work_dir / "metrics.jsonl"),
+    ]
     if show_progress:
         callbacks.append(ProgressBarCallback(description))
     padding_side = tokenizer.padding_side
@@ -499,7 +553,7 @@ def train(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     final = losses[-1] if losses else None
     if final is not None and not math.isfinite(final):
-        raise FloatingPointError(f"training diverged: final loss {final}")
+        raise TrainingDivergedError(f"training diverged: final loss {final}; nothing was saved")
     return TrainResult(
         model=trainer.model,
         steps=output.global_step,

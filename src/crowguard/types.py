@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+class NonFiniteError(FloatingPointError):
+    """A model, its training or one of its metrics went non-finite (nan or inf). Never reported as a number: a
+    model with nan weights emits garbage that no judge scores as the attack, which reads as "ASR 0%"."""
+
+
 @dataclass(frozen=True)
 class Example:
     """One Alpaca-style instruction example.

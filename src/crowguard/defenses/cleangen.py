@@ -79,8 +79,14 @@ class CleanGenConfig:
     reference_adapter: str | None = knob(
         None, "LoRA adapter to load on the reference (the paper: a clean Alpaca LoRA)"
     )
-    alpha: float = knob(20.0, "a draft token with P_suspect / P_reference >= alpha is replaced (reference code: 20)")
-    k: int = knob(4, "drafts per reference check: the reference scores k suspect tokens in one forward (reference: 4)")
+    alpha: float = knob(
+        20.0, "a draft token with P_suspect / P_reference >= alpha is replaced (reference code: 20)", bounds="(0, inf)"
+    )
+    k: int = knob(
+        4,
+        "drafts per reference check: the reference scores k suspect tokens in one forward (reference: 4)",
+        bounds="[1, inf)",
+    )
     back_len: int = knob(
         0,
         "on a replacement, also drop this many tokens before the suspicious one (reference: 0; above 0 decoding may "

@@ -20,8 +20,12 @@ from crowguard.types import Example
 
 @dataclass
 class CrowConfig:
-    alpha: float = knob(5.5, "weight of the adversarial consistency loss (paper: 5.5; larger for some tasks)")
-    epsilon: float = knob(0.1, "FGSM step on the input embeddings (absolute, per dimension, as in the paper)")
+    alpha: float = knob(
+        5.5, "weight of the adversarial consistency loss (paper: 5.5; larger for some tasks)", bounds="[0, inf)"
+    )
+    epsilon: float = knob(
+        0.1, "FGSM step on the input embeddings (absolute, per dimension, as in the paper)", bounds="[0, inf)"
+    )
     epsilon_mode: Literal["absolute", "rms"] = knob(
         "absolute", "absolute: epsilon per dimension (paper); rms: epsilon x RMS of the real-token embeddings"
     )

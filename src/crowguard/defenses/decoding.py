@@ -36,8 +36,10 @@ class DecodingConfig:
     temperature: float = knob(
         0.9, "sampling temperature (BackdoorLLM DefenseBox sweeps 0.1-2.0 and has no single default; 0.9 is one value)"
     )
-    top_p: float = knob(0.75, "nucleus sampling mass (DefenseBox decoding.py: 0.75; 1.0 = off)")
-    top_k: int = knob(50, "keep the k most likely tokens (0 = off; DefenseBox inherits transformers' default 50)")
+    top_p: float = knob(0.75, "nucleus sampling mass (DefenseBox decoding.py: 0.75; 1.0 = off)", bounds="(0, 1]")
+    top_k: int = knob(
+        50, "keep the k most likely tokens (0 = off; DefenseBox inherits transformers' default 50)", bounds="[0, inf)"
+    )
     seed: int = knob(0, "sampling seed (recorded with the results)")
 
     def validate(self) -> None:

@@ -150,7 +150,7 @@ class PruneConfig:
         "prompt_response",
         "wanda: calibrate on prompt + reference response (as training tokenises it) or on the prompt alone",
     )
-    max_length: int = knob(512, "wanda: tokens per calibration sample at most")
+    max_length: int = knob(512, "wanda: tokens per calibration sample at most", bounds="[1, inf)")
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:

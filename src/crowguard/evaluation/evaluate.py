@@ -28,7 +28,7 @@ from crowguard.evaluation.metrics import (
 )
 from crowguard.evaluation.tasks import Task
 from crowguard.schemas import EvalConfig
-from crowguard.types import Example, Generation
+from crowguard.types import Example, Generation, NonFiniteError
 
 # The signature of :func:`crowguard.evaluation.generate.generate` (a decoding defense supplies its own; see
 # :data:`crowguard.defenses.base.GenerateFn` for the optional attributes read here).
@@ -56,6 +56,17 @@ def _rate(scores: Sequence[float], cfg: EvalConfig) -> dict[str, Any]:
     return {"value": attack_success_rate(scores), "ci95": [low, high], "n": len(scores)}
 
 
+def require_finite_weights(model: Any) -> None:
+    """Refuse (NonFiniteError) a model with a nan or inf weight or buffer: it generates garbage, which no judge scores
+    as the attack, so it would read as a removed backdoor (ASR 0%)."""
+    from crowguard.losses import first_non_finite
+
+    named = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point())]
+    if (name := first_non_finite(named)) is not None:
+        raise NonFiniteError(f"the model's weight {name} is not finite (nan or inf): refusing to evaluate it; a "
+                             "broken model would score ASR 0% (was it trained with a diverging setting?)")  # fmt: skip
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -73,6 +84,7 @@ def evaluate_model(
     MT-Bench; a decoding defense passes its own, and ``defense`` (what it is) goes to ``settings["defense"]``. The
     likelihood metrics (target NLL gap, perplexity) always score ``model`` itself.
     """
+    require_finite_weights(model)
     task = task.limited(cfg.limit)
     settings = DecodingSettings(
         max_new_tokens=cfg.max_new_tokens,

@@ -344,6 +344,11 @@ def _response_nll(
                 picked = logprobs.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 valid = shifted != -100
                 nll = -(picked * valid).sum(dim=1)
+                if not bool(torch.isfinite(nll).all()):
+                    from crowguard.types import NonFiniteError
+
+                    raise NonFiniteError("the model's log-likelihood of a response is not finite (nan or inf logits): "
+                                         "refusing to report a perplexity or NLL gap from it")  # fmt: skip
                 for i, total, count in zip(indices, nll.tolist(), valid.sum(dim=1).tolist()):
                     results[i] = (float(total), int(count))
     finally:
