@@ -41,10 +41,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's input, not a crowguard bug: exit 2 with one line."""
     from crowguard.config import ConfigError
     from crowguard.data import DataError
-    from crowguard.io import OutputExistsError
+    from crowguard.io import OutputExistsError, OutputPathError
     from crowguard.types import NonFiniteError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, OutputExistsError, UsageError, NonFiniteError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputExistsError, OutputPathError, UsageError,
+                                         NonFiniteError]  # fmt: skip
     try:
         from crowguard.models import ModelLoadError
 

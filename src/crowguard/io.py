@@ -10,7 +10,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +114,91 @@ def sha256_path(path: Path) -> str:
 
 
 class OutputExistsError(FileExistsError):
-    """The output directory is not empty and overwriting was not requested."""
+    """The output directory is not empty and overwriting was not requested, or another process is writing it."""
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite``: nothing a user made is lost by accident."""
+class OutputPathError(OSError):
+    """The output path cannot be a stage's directory: under a file, unwritable, the working directory, or holding
+    an input (replacing it would delete that input)."""
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse, before any work, an output directory that would lose something or cannot be written: a non-empty one
+    unless ``overwrite``; the current directory or one above it; one that is, or holds, a local path in
+    ``inputs`` (``--out`` beside ``--data`` with ``--overwrite`` deleted the data); one under a file; an
+    unwritable one. Inputs that are not local paths (Hub ids) are ignored."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    where = out_dir.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise OutputPathError(f"{out_dir}: is the current directory or holds it; give a new directory for --out")
+    for source in filter(None, inputs):
+        path = Path(source).expanduser()
+        if path.exists() and (path.resolve() == where or where in path.resolve().parents):
+            raise OutputPathError(f"{out_dir}: holds the input {source}; write the output somewhere else")
+    blocker = next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None)
+    if blocker == where:
         raise OutputExistsError(f"{out_dir}: exists and is not a directory")
+    if blocker is not None:
+        raise OutputPathError(f"{out_dir}: {blocker} is a file, so no directory can be made under it")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir}: directory is not empty (pass --overwrite to replace it)")
+    existing = next(p for p in [where, *where.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{out_dir}: {existing} is not writable")
+
+
+def _lock_holder_alive(holder: str) -> bool:
+    """Whether the ``pid@host`` that wrote a lock may still run (a process on another host: assume so)."""
+    import socket
+
+    pid, _, host = holder.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return bool(holder)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[Path]:
+    """Hold ``.<name>.lock`` beside ``out_dir`` while a stage writes it, so a second process writing the same
+    directory stops at once (OutputExistsError) instead of replacing the first one's result. Re-entrant within a
+    process; a lock left by a process that is gone is taken over."""
+    import socket
+
+    out_dir = Path(out_dir)
+    lock = out_dir.parent / f".{out_dir.name}.lock"
+    mine = f"{os.getpid()}@{socket.gethostname()}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = lock.read_text().strip()
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            if holder == mine:
+                yield lock  # this process holds it already (a stage inside a stage)
+                return
+            if _lock_holder_alive(holder):
+                raise OutputExistsError(f"{out_dir}: another crowguard process ({holder}) is writing it; wait for it "
+                                        f"(or delete {lock} if that process is gone)") from None  # fmt: skip
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(mine)
+        break
+    else:
+        raise OutputExistsError(f"{out_dir}: could not take the lock {lock}")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -135,13 +210,22 @@ def atomic_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out_dir):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        try:
+            yield tmp
+            # a directory that appeared while this stage ran (made by hand, or by a process without the lock)
+            if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+                raise OutputExistsError(f"{out_dir}: appeared while this stage ran; nothing was replaced (the new "
+                                        "result is discarded; pass --overwrite to replace it)")  # fmt: skip
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_dir(tmp, out_dir)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Give ``tmp`` the umask's modes and rename it to ``out_dir`` (an old ``out_dir`` is removed after)."""
     apply_umask_tree(tmp)
     if out_dir.exists():
         trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

@@ -13,6 +13,7 @@ full / continue or merge an attached adapter) -> train with the one engine -> wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,11 +24,11 @@ from typing import Any
 from crowguard.card import is_model_dir, write_model_card
 from crowguard.config import ConfigError, save
 from crowguard.data import examples_sha256
-from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
+from crowguard.io import atomic_output_dir, check_output_dir, output_lock, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import arrives_with_adapter, base_of_adapter, is_adapter_dir, load_model, save_model
 from crowguard.schemas import ModelConfig, TrainConfig
-from crowguard.train import CrowSettings, prepare_for_training, require_checkpoint, train
+from crowguard.train import CrowSettings, latest_checkpoint, prepare_for_training, require_checkpoint, train
 from crowguard.types import Example
 
 
@@ -120,9 +121,31 @@ def run_training_stage(
     show_progress: bool = True,
     extra_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train and save; returns the summary written to ``train_summary.json``."""
+    """Train and save; returns the summary written to ``train_summary.json``. The output directory is locked
+    (:func:`crowguard.io.output_lock`) from the checks to the final rename; a run that fails before its first
+    checkpoint leaves no work directory behind."""
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, stage_inputs(model_cfg, inputs).values())
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(out_dir) if main_process else contextlib.nullcontext():
+        return _train_and_save(stage, model_cfg, train_cfg, examples, out_dir, crow, resolved_config, inputs,
+                               overwrite, resume, show_progress, extra_summary)  # fmt: skip
+
+
+def _train_and_save(
+    stage: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    examples: Sequence[Example],
+    out_dir: Path,
+    crow: CrowSettings | None,
+    resolved_config: Any,
+    inputs: dict[str, str] | None,
+    overwrite: bool,
+    resume: bool,
+    show_progress: bool,
+    extra_summary: dict[str, Any] | None,
+) -> dict[str, Any]:
     work_dir = work_dir_for(out_dir)
     check_optimizer(train_cfg.optim)
     if train_cfg.quantize_base == "4bit":
@@ -146,19 +169,24 @@ def run_training_stage(
         quantize_4bit=train_cfg.quantize_base == "4bit",
     )
     model = prepare_for_training(model, train_cfg)
-    result = train(
-        model,
-        tokenizer,
-        examples,
-        train_cfg,
-        work_dir,
-        crow=crow,
-        template=model_cfg.template,
-        resume=resume,
-        show_progress=show_progress,
-        description=stage,
-        identity=identity,
-    )
+    try:
+        result = train(
+            model,
+            tokenizer,
+            examples,
+            train_cfg,
+            work_dir,
+            crow=crow,
+            template=model_cfg.template,
+            resume=resume,
+            show_progress=show_progress,
+            description=stage,
+            identity=identity,
+        )
+    except BaseException:
+        if work_dir.is_dir() and latest_checkpoint(work_dir) is None:  # nothing to resume: leave nothing
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     summary = {
         "stage": stage,
         "steps": result.steps,

@@ -65,6 +65,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_model(root, capsys):
     assert _defend(root, "diverged", "--lr", "1e30") == 2
     _one_line_error(capsys, "training diverged", "nothing was saved")
     assert not (root / "diverged").exists()
+    assert not (root / ".diverged.work").exists() and not (root / ".diverged.lock").exists()  # no checkpoint: no .work
 
 
 def test_evaluate_refuses_a_model_with_a_nan_weight(root, capsys):

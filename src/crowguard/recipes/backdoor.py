@@ -28,7 +28,7 @@ def run_backdoor(
     """Fine-tune ``cfg.model`` on the poisoned set ``data`` with ``cfg.backdoor``; returns the train summary."""
     if not cfg.model.name_or_path:
         raise DataError("model.name_or_path is empty: give --model (a local directory or Hub id)")
-    check_output_dir(Path(out_dir), overwrite)
+    check_output_dir(Path(out_dir), overwrite, [cfg.model.name_or_path, cfg.model.adapter, data])
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
     examples = load_examples(data)
     n_poisoned = sum(bool(e.meta.get("poisoned")) for e in examples)

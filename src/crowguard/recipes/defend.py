@@ -46,7 +46,7 @@ def run_defend(
         return defense.run(cfg.model, [], None if out_dir is None else Path(out_dir))
     if out_dir is None:
         raise ConfigError(f"defense {cfg.defense.method!r} writes the purified model: give --out")
-    check_output_dir(Path(out_dir), overwrite)
+    check_output_dir(Path(out_dir), overwrite, [cfg.model.name_or_path, cfg.model.adapter, cfg.defense.data])
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
     data: list[Example] = []
     inputs: dict[str, str] = {}

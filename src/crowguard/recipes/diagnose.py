@@ -28,7 +28,7 @@ def run_diagnose(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """``models`` maps a label to a model or adapter directory; returns ``{label: diagnostic}``."""
-    check_output_dir(Path(out_dir), overwrite)  # before any model is loaded
+    check_output_dir(Path(out_dir), overwrite, models.values())  # before any model is loaded
     task = build_task(eval_cfg).limited(limit)
     results = {}
     for label, path in models.items():

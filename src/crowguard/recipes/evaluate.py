@@ -75,7 +75,9 @@ def run_evaluate(
     """Evaluate ``cfg.model`` on ``cfg.evaluate``; returns the results (also written to ``out_dir``)."""
     if not cfg.model.name_or_path:
         raise DataError("model.name_or_path is empty: give --model")
-    check_output_dir(Path(out_dir), overwrite)
+    e = cfg.evaluate
+    sources = [e.triggered, e.clean, e.paper_data, e.utility, e.humaneval, e.mt_bench]
+    check_output_dir(Path(out_dir), overwrite, [cfg.model.name_or_path, cfg.model.adapter, *sources])
     check_model_exists(cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision)
     spec = read_spec(cfg.model.name_or_path)  # a decoding defense's directory, or None
     target = cfg.model

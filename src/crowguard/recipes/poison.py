@@ -23,7 +23,7 @@ def run_poison(cfg: PoisonConfig, out_dir: Path, overwrite: bool = False) -> dic
     """Write the poisoned training set and the triggered/clean test sets; return a summary."""
     if not cfg.data:
         raise DataError("poison.data is empty: give an Alpaca JSON/JSONL file")
-    check_output_dir(Path(out_dir), overwrite)  # before reading (maybe downloading) the data
+    check_output_dir(Path(out_dir), overwrite, [cfg.data, cfg.clean_data])  # before reading the data
     attack = make_attack(cfg.trigger, cfg.payload)
     source, dropped = trigger_free(load_examples(cfg.data), attack.trigger)
     clean_source = source

@@ -116,7 +116,8 @@ def run_scan(
     _check_choice("features", features, scan.FEATURES)
     if data_path is None and labels_from is None:
         raise DataError("nothing to scan: give --data, or --triggered and --clean")
-    check_output_dir(Path(out_dir), overwrite)  # before any model is loaded
+    scanned = [data_path, reference_path, model_path, adapter, *(labels_from or ())]
+    check_output_dir(Path(out_dir), overwrite, scanned)  # before any model is loaded
     check_model_exists(model_path, adapter, revision)
     sets: list[tuple[str, int | None, str | Path]] = []
     if data_path is not None:
