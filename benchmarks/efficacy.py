@@ -76,7 +76,11 @@ def preset_variant(preset: str) -> tuple[str, str, dict[str, Any]]:
     changed = {key: value for key, value in own.items() if default[key] != value}
     method_train, train = to_dict(read(f"defenses/{defense.method}").train), to_dict(defense.train)
     train_changed = {k: v for k, v in train.items() if method_train[k] != v and k not in ("adapter_mode", "seed")}
-    return defense.method, defense.train.adapter_mode, {**changed, **({"train": train_changed} if train_changed else {})}
+    return (
+        defense.method,
+        defense.train.adapter_mode,
+        {**changed, **({"train": train_changed} if train_changed else {})},
+    )
 
 
 # name -> (method, adapter_mode, the method's own settings as {key: value}). "crow-continue"/"crow-merge" are the
@@ -207,7 +211,11 @@ def same_settings(recorded: Any, current: Any) -> bool:
 
 
 def cell_name(
-    cell: str, n_poison: int, plant_set: dict[str, Any] | None = None, preset: str | None = None, n_clean: int = N_CLEAN
+    cell: str,
+    n_poison: int,
+    plant_set: dict[str, Any] | None = None,
+    preset: str | None = None,
+    n_clean: int = N_CLEAN,
 ) -> str:
     """The directory of a cell: its name, with ``-PRESETplant`` for a plant preset (``-paperplant``), ``-poisonN`` /
     ``-cleanN`` when the plant uses other example counts than its default and ``-KEYvalue`` for each plant setting
@@ -470,8 +478,12 @@ def main() -> None:
                              "its cell directory gets -poisonN)")  # fmt: skip
     parser.add_argument("--n-clean", type=int, default=None,
                         help=f"clean examples in the plant (default {N_CLEAN}, or the plant preset's)")  # fmt: skip
-    parser.add_argument("--plant-preset", choices=sorted(PLANT_PRESETS), default=None,
-                        help="a plant recipe: paper = backdoor/paper on 500 + 500 examples (cell gets -paperplant)")
+    parser.add_argument(
+        "--plant-preset",
+        choices=sorted(PLANT_PRESETS),
+        default=None,
+        help="a plant recipe: paper = backdoor/paper on 500 + 500 examples (cell gets -paperplant)",
+    )
     parser.add_argument("--plant-epochs", type=float, default=None,
                         help="epochs of the plant (a sweep: its cell directory gets -epochsE)")  # fmt: skip
     parser.add_argument("--plant-set", action="append", default=[], metavar="KEY=VALUE",

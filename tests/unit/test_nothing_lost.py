@@ -83,11 +83,10 @@ def test_a_directory_another_process_writes_is_refused_and_a_dead_ones_lock_is_t
 
 def test_the_final_rename_refuses_a_directory_that_appeared_meanwhile(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(OutputExistsError, match="appeared while this stage ran"):
-        with atomic_output_dir(out) as tmp:
-            (tmp / "result.json").write_text("{}")
-            out.mkdir()  # another writer, without the lock
-            (out / "theirs.json").write_text("their result")
+    with pytest.raises(OutputExistsError, match="appeared while this stage ran"), atomic_output_dir(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        out.mkdir()  # another writer, without the lock
+        (out / "theirs.json").write_text("their result")
     assert _tree(out) == {"theirs.json": b"their result"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .partial, no lock left
 
