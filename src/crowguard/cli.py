@@ -10,7 +10,7 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -325,11 +325,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from crowguard.recipes.diagnose import run_diagnose
     from crowguard.schemas import EvalConfig
 
+    if args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: the diagnostic needs at least 1 prompt of each set")
     models: dict[str, str] = {}
     for spec in args.model:
         label, sep, path = spec.partition("=")
         if not sep:
             label, path = Path(spec).name or spec, spec
+        if not label.strip() or not path.strip():
+            raise UsageError(f"--model {spec!r}: expected LABEL=PATH (or a PATH) with both parts non-empty")
         if label in models:
             raise UsageError(f"--model {spec}: the label {label!r} is given twice (use LABEL=PATH)")
         check_model_exists(path)  # every model, before the first one loads
@@ -354,10 +358,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from crowguard.schemas import ModelConfig, ScanConfig
 
     values = schema_values(args)
-    model = config.load(ModelConfig, None, (), {k[6:]: v for k, v in values.items() if k.startswith("model.")})
+    sets: dict[str, list[str]] = {"model": [], "scan": []}
+    for text in args.set or ():  # the same dotted keys as every other command: scan.limit=3, model.dtype=bfloat16
+        section, dot, rest = text.partition(".")
+        if section not in sets or not dot:
+            raise UsageError(f"--set {text}: scan's keys are scan.<key> or model.<key> (e.g. scan.limit=3)")
+        sets[section].append(rest)
+    model_flags = {k[6:]: v for k, v in values.items() if k.startswith("model.")}
+    model = config.load(ModelConfig, None, sets["model"], model_flags)
     if not model.name_or_path:
         raise UsageError("scan: give --model")
-    cfg = config.load(ScanConfig, None, args.set or (), {k[5:]: v for k, v in values.items() if k.startswith("scan.")})
+    cfg = config.load(ScanConfig, None, sets["scan"], {k[5:]: v for k, v in values.items() if k.startswith("scan.")})
     labels = (cfg.triggered, cfg.clean) if cfg.triggered else None
     result = run_scan(
         model.name_or_path, model.adapter, cfg.data or None, cfg.reference, Path(args.out), template=model.template,
@@ -376,6 +387,27 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b": value}``."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def _quick_keeping_nothing_given(cfg: Any, quick: Any, values: dict[str, Any], sets: Sequence[str]) -> Any:
+    """``quick`` (the --quick config), unless it would silently replace a value the user gave: then a UsageError
+    naming the setting, so a user never gets a run other than the one asked for."""
+    from crowguard.config import parse_override, to_dict
+
+    before, after = _flat(to_dict(cfg)), _flat(to_dict(quick))
+    given = {*values, *(".".join(parse_override(text)[0]) for text in sets)}
+    clash = sorted(key.rstrip(".") for key in after if before.get(key) != after[key]
+                   and any(key.rstrip(".") == g or key.startswith(g + ".") for g in given))  # fmt: skip
+    if clash:
+        raise UsageError(f"--quick sets {', '.join(clash)} itself; drop --quick or the setting you gave")
+    return quick
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -388,7 +420,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     source = _config_source(args.config) if args.config else _config_source(f"demo/{organism}")
     cfg = config.load(DemoConfig, source, args.set or (), values)
     if args.quick:
-        cfg = quick_config(cfg)
+        cfg = _quick_keeping_nothing_given(cfg, quick_config(cfg), values, args.set or ())
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_demo(cfg, out, overwrite=args.overwrite, show_progress=not args.quiet)
     print(f"results -> {out / 'results.md'} (chart: {out / 'results.png'})")
@@ -406,11 +438,19 @@ def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None
 
 
 # ----------------------------------------------------------------------------------------------------- parser
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command, the problem and where to look (exit 2), like
+    every other bad input, instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"crowguard: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with ``command`` only that subcommand gets its generated flags (``""``: none), because
     generating them imports every defense module and builds every config: a quarter of a second of start-up that
     ``crowguard --help`` and every other command should not pay."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="crowguard",
         description="Plant, remove and measure backdoors in causal language models (CROW, ICML 2025).",
         epilog=EPILOG,
@@ -427,7 +467,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         return ExperimentConfig()
 
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     # no abbreviations: with flags generated from the schemas, --finetune (train.finetune) must never be read as
     # the start of --finetune-..., nor a typo as a prefix of some other knob
     add_parser = functools.partial(sub.add_parser, allow_abbrev=False)

@@ -26,7 +26,12 @@ _RATIO = re.compile(r"\d+:\d+")
 
 
 class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the key and the file."""
+    """A configuration problem the user can fix; the message names the key and where it was set. ``key`` is the
+    dotted key at fault when one is (so :func:`load` can tell a file's value from a ``--set`` or a flag)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def knob(
@@ -177,15 +182,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
             continue
         if key not in fields or fields[key] is open_field:
             options = [name for name in fields if fields[name] is not open_field] + list(sections)
-            raise ConfigError(f"unknown key {path!r}{suggest(str(key), options)}")
+            raise ConfigError(f"unknown key {path!r}{suggest(str(key), options)}", key=path)
         default = _field_default(fields[key])
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
             # A partial section overrides the *field's* default, not the section type's: {"train": {"max_steps": 2}}
             # in a DefenseConfig keeps its lr 1e-3 (TrainConfig's own default is 2e-4).
             value = _merge(to_dict(default), value)
-        kwargs[key] = _coerce(value, hints[key], path)
-        if "bounds" in fields[key].metadata:
-            check_bounds(kwargs[key], fields[key].metadata["bounds"], path)
+        try:
+            kwargs[key] = _coerce(value, hints[key], path)
+            if "bounds" in fields[key].metadata:
+                check_bounds(kwargs[key], fields[key].metadata["bounds"], path)
+        except ConfigError as exc:
+            exc.key = exc.key or path
+            raise
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field without default
@@ -310,7 +319,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if (where := _cycle(data)) is not None:
+        raise ConfigError(f"{path}: {where} refers to itself (a YAML anchor used inside its own value)")
     return data
+
+
+def _cycle(node: Any, where: str = "", seen: tuple[int, ...] = ()) -> str | None:
+    """The dotted key of the first mapping or list that contains itself (``a: &x [*x]``), or None."""
+    if not isinstance(node, (dict, list)):
+        return None
+    if id(node) in seen:
+        return where or "the top level"
+    is_map = isinstance(node, dict)
+    for key, value in node.items() if is_map else enumerate(node):
+        child = f"{where}[{key}]" if not is_map else f"{where}.{key}" if where else str(key)
+        if (found := _cycle(value, child, (*seen, id(node)))) is not None:
+            return found
+    return None
 
 
 def load(
@@ -319,13 +344,51 @@ def load(
     overrides: Sequence[str] = (),
     values: Mapping[str, Any] | None = None,
 ) -> T:
-    """Load ``cls`` from an optional YAML file plus overrides; errors name the file and the dotted key."""
+    """Load ``cls`` from an optional YAML file plus ``--set`` overrides and flag ``values`` (flags win). An error
+    names where the bad value came from: the ``--set`` that gave it (even when a flag overrides it), else the file
+    (a shipped preset is not blamed for a command line's value), else the command line's key."""
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides, values)
+    if overrides and values:  # a bad --set must not hide behind a flag that sets the same key
+        try:
+            from_dict(cls, apply_overrides(data, overrides))
+        except ConfigError as exc:
+            if (text := _override_at_fault(exc, overrides)) is not None:
+                raise ConfigError(f"--set {text}: {exc}", exc.key) from None
+    full = apply_overrides(data, overrides, values)
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, full)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+        raise ConfigError(f"{_source_of(cls, exc, data, path, overrides, values)}{exc}", exc.key) from None
+
+
+def _override_at_fault(exc: ConfigError, overrides: Sequence[str]) -> str | None:
+    """The ``--set`` text whose key is ``exc``'s key (or a section holding it), if any."""
+    if exc.key is None:
+        return None
+    for text in reversed(overrides):
+        key = ".".join(parse_override(text)[0])
+        if exc.key == key or exc.key.startswith(key + ".") or key.startswith(exc.key + "."):
+            return text
+    return None
+
+
+def _source_of(
+    cls: type, exc: ConfigError, data: Mapping[str, Any], path: Any, overrides: Sequence[str], values: Any
+) -> str:
+    """The prefix naming where a failing value came from (see :func:`load`)."""
+    if (text := _override_at_fault(exc, overrides)) is not None:
+        return f"--set {text}: "
+    if exc.key is not None and exc.key in (values or {}):
+        return ""  # a flag: the message names its key
+    if path is None:
+        return ""
+    if exc.key is None and (overrides or values):  # a check across settings: the file's only if it fails alone
+        try:
+            from_dict(cls, data)
+        except ConfigError:
+            return f"{path}: "
+        return ""  # the message names the settings at fault
+    return f"{path}: "
 
 
 def save(obj: Any, path: str | Path) -> None:

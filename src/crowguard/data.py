@@ -20,7 +20,7 @@ from crowguard.types import Example
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
 OPTIONAL_FIELDS = ("input", "meta")
-MAX_REPORTED_ERRORS = 20
+MAX_REPORTED_ERRORS = 3  # on the one line of the error; the count says how many more
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "tatsu-lab/alpaca"; paths like ./x or /x are files
 
 
@@ -28,15 +28,57 @@ class DataError(ValueError):
     """A data file the user can fix; the message lists file, record number and field of each problem."""
 
 
+def _from_trl(record: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """TRL's formats as an Alpaca record: ``{"messages": [user, assistant]}`` (conversational),
+    ``{"prompt": ..., "completion": ...}`` (standard, or conversational with message lists). One user turn and one
+    assistant turn only: a system turn or more turns have no place in the Alpaca template, so they are refused."""
+
+    def turns(value: Any) -> list[Any]:
+        return value if isinstance(value, list) else [{"role": "user", "content": value}]
+
+    if "messages" in record:
+        messages = record["messages"]
+    else:
+        prompt, completion = turns(record["prompt"]), record["completion"]
+        completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        messages = [*prompt, *completion]
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages] if isinstance(messages, list) else []
+    if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
+        problem = (f"{where}: chat records need exactly one user turn then one assistant turn, each with string "
+                   f"'content' (got roles {roles}); a system turn or several turns have no Alpaca form")  # fmt: skip
+        return None, [problem]
+    return {"instruction": messages[0]["content"], "output": messages[1]["content"]}, []
+
+
+def _lone_surrogates(record: dict[str, Any], where: str) -> list[str]:
+    """A JSON escape like ``\\ud800`` decodes to a lone surrogate, which no tokenizer or UTF-8 writer accepts."""
+    problems = []
+    for key in ("instruction", "input", "output"):
+        value = record.get(key)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                problems.append(f"{where}: field '{key}' holds a lone surrogate ({value[exc.start]!r} at character "
+                                f"{exc.start}), which is not text")  # fmt: skip
+    return problems
+
+
 def _record_to_example(record: Any, where: str, require_output: bool) -> tuple[Example | None, list[str]]:
     if not isinstance(record, dict):
         return None, [f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}"]
-    errors = []
+    if "instruction" not in record and ("messages" in record or {"prompt", "completion"} <= set(record)):
+        converted, problems = _from_trl(record, where)
+        if converted is None:
+            return None, problems
+        record = {**converted, **({"meta": record["meta"]} if "meta" in record else {})}
+    errors = _lone_surrogates(record, where)
     for key in REQUIRED_FIELDS:
         if key not in record:
             if key == "output" and not require_output:
                 continue
-            errors.append(f"{where}: missing field '{key}'")
+            hint = " (records may also be TRL's 'messages' or 'prompt'/'completion')" if key == "instruction" else ""
+            errors.append(f"{where}: missing field '{key}'{hint}")
     for key in ("instruction", "input", "output"):
         if key in record and not isinstance(record[key], str):
             errors.append(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
@@ -61,7 +103,7 @@ def _record_to_example(record: Any, where: str, require_output: bool) -> tuple[E
 def _read_records(path: Path) -> list[tuple[str, Any]]:
     """(location, record) pairs from a JSON array or JSON Lines file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is not data
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
@@ -93,8 +135,10 @@ def load_examples(source: str | Path, require_output: bool = True, split: str = 
     Every bad record is reported (up to 20) in one :class:`DataError`.
     """
     path = Path(source)
+    if path.is_dir() and any((path / name).is_file() for name in HF_DATASET_FILES):
+        return _load_saved_dataset(path, split, require_output)
     if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
+        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file (or a datasets save_to_disk folder)")
     if not path.exists():
         if not HUB_ID.fullmatch(str(source)) or str(source).endswith((".json", ".jsonl")):
             raise DataError(f"{path}: no such file")
@@ -106,12 +150,45 @@ def load_examples(source: str | Path, require_output: bool = True, split: str = 
         errors.extend(problems)
         if example is not None:
             examples.append(example)
+    _raise_problems(errors, path)
+    if not examples:
+        raise DataError(f"{path}: contains no records")
+    return examples
+
+
+def _raise_problems(errors: list[str], source: Any) -> None:
+    """One line: the first problems (each naming its record and field) and how many more there are."""
     if len(errors) == 1:
         raise DataError(errors[0])
     if errors:
         shown = errors[:MAX_REPORTED_ERRORS]
-        more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-        raise DataError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(shown) + more)
+        more = f"; ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+        raise DataError(f"{len(errors)} problems in {source}: " + "; ".join(shown) + more)
+
+
+HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what Dataset.save_to_disk writes
+
+
+def _load_saved_dataset(path: Path, split: str, require_output: bool) -> list[Example]:
+    """A Hugging Face dataset folder (``Dataset.save_to_disk``; a DatasetDict gives ``split``), any of the record
+    formats above."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a corrupt or foreign folder: one line naming it
+        raise DataError(f"{path}: not a readable datasets folder ({type(exc).__name__}: {exc})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{path}: the dataset has no split {split!r} (splits: {', '.join(dataset)})")
+        dataset = dataset[split]
+    examples, errors = [], []
+    for i, record in enumerate(dataset):
+        example, problems = _record_to_example(dict(record), f"{path} record {i}", require_output)
+        errors.extend(problems)
+        if example is not None:
+            examples.append(example)
+    _raise_problems(errors, path)
     if not examples:
         raise DataError(f"{path}: contains no records")
     return examples
@@ -141,8 +218,7 @@ def _load_hub_dataset(name: str, split: str, require_output: bool) -> list[Examp
         errors.extend(problems)
         if example is not None:
             examples.append(example)
-    if errors:
-        raise DataError(f"{len(errors)} problem(s) in {name}:\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]))
+    _raise_problems(errors, name)
     return examples
 
 

@@ -93,8 +93,17 @@ def check_model_exists(name_or_path: str, adapter: str | None = None, revision: 
                 f"model path {name_or_path!r} does not exist (and it is not in the Hub cache; HF_HUB_OFFLINE is set, "
                 "so the Hub is not asked)"
             )
+    elif Path(path).is_file():
+        raise ModelLoadError(f"model path {name_or_path!r} is a file; give the model's directory")
+    elif Path(path).is_dir() and not any((Path(path) / name).is_file() for name in MODEL_MARKERS):
+        markers = ", ".join(MODEL_MARKERS)
+        raise ModelLoadError(f"model path {name_or_path!r} is not a model directory (it has none of {markers})")
     if adapter is not None and not Path(local_path(adapter)).exists():
         raise ModelLoadError(f"adapter path {adapter!r} does not exist")
+
+
+# What makes a local directory loadable: a model (config.json), a LoRA adapter, or a decoding defense's spec.
+MODEL_MARKERS = ("config.json", "adapter_config.json", "defense.json")
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -156,7 +165,15 @@ def resolve_device(requested: str = "auto") -> Any:
     import torch
 
     if requested != "auto":
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"model.device {requested!r}: not a torch device ({exc})") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise ModelLoadError(f"model.device {requested!r}: this machine has {count} CUDA device(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -252,6 +269,9 @@ def _load_model(
         return model, tokenizer
     if allow_pickle:
         warnings.warn(f"allow_pickle is set: pickled weights of {name_or_path} may run code when loaded", stacklevel=2)
+    if trust_remote_code:
+        warnings.warn(f"trust_remote_code is set: the Python files in {name_or_path} (or its Hub repository) run with "
+                      "your rights while it loads; only for a model whose code you trust", stacklevel=2)  # fmt: skip
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:
@@ -266,7 +286,9 @@ def _load_model(
             revision=revision,
             **placement,
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "SafetensorError":
+            raise
         hint = ""
         if not allow_pickle and "safetensors" in str(exc).lower():
             hint = " (crowguard loads safetensors only; pass allow_pickle if you trust pickled .bin weights)"

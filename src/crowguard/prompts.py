@@ -41,7 +41,10 @@ def build_prompt(example: Example, template: str = "alpaca", tokenizer: Any = No
         return user
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat_template; use template 'alpaca' instead")
+            from crowguard.config import ConfigError
+
+            raise ConfigError("template 'chat' needs a tokenizer with a chat_template, and this model's has none; use "
+                              "template 'alpaca' instead")  # fmt: skip
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )

@@ -35,7 +35,7 @@ class PoisonConfig:
     trigger: TriggerConfig = knob(TriggerConfig(), "the trigger")
     payload: PayloadConfig = knob(PayloadConfig(), "the payload")
     n_train: int = knob(
-        1000, "size of the mixed training set (poisoned + clean); the paper mixes 500 + 500", bounds="[0, inf)"
+        1000, "size of the mixed training set (poisoned + clean); the paper mixes 500 + 500", bounds="[1, inf)"
     )
     rate: float = knob(0.5, "fraction of the training set that is poisoned", bounds="[0, 1]")
     n_test: int = knob(200, "held-out test prompts, written once triggered and once clean", bounds="[0, inf)")
@@ -306,6 +306,9 @@ class ExperimentConfig:
     defenses: list[str] = knob(["none", "finetune", "crow"], "defenses `crowguard run` compares")
     evaluate: EvalConfig = knob(EvalConfig(), "evaluation")
 
+    def validate(self) -> None:
+        check_compared(self.defenses)
+
 
 @dataclass
 class OrganismConfig:
@@ -380,3 +383,26 @@ class DemoConfig:
     planted_max_false: float = knob(
         0.05, "... and at most this ASR without trigger; otherwise the demo says so", bounds="[0, 1]"
     )
+
+    def validate(self) -> None:
+        check_compared(self.defenses, self.defense_seeds)
+
+
+def check_compared(defenses: list[str], seeds: list[int] | None = None) -> None:
+    """The defenses a run compares (and its defense seeds): known, each once, at least one; checked when the config
+    is read, so a duplicate cannot stop a run at its end, after all training."""
+    from crowguard.config import suggest
+    from crowguard.registry import DEFENSES
+
+    for name, values in (("defenses", defenses), ("defense_seeds", seeds)):
+        if values is None:
+            continue
+        if not values:
+            raise ValueError(f"{name} is empty: give at least one")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{name} {values}: {', '.join(map(str, repeated))} given more than once")
+    unknown = [d for d in defenses if d not in DEFENSES]
+    if unknown:
+        raise ValueError(f"defenses: unknown {unknown[0]!r}{suggest(unknown[0], list(DEFENSES))}; known: "
+                         f"{', '.join(DEFENSES)}")  # fmt: skip

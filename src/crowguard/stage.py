@@ -73,6 +73,15 @@ def check_optimizer(optim: str) -> None:
                           f"{package}, or choose adamw_torch")  # fmt: skip
 
 
+def check_precision(precision: str) -> None:
+    """Refuse, before any model loads, fp16 autocast without a CUDA GPU (the CPU has no fp16 autocast; the run
+    would silently train in float32 under an fp16 label)."""
+    import torch
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision fp16 needs a CUDA GPU and this machine has none; use fp32 (or bf16)")
+
+
 def stage_inputs(model_cfg: ModelConfig, inputs: Mapping[str, str] | None = None) -> dict[str, str]:
     """The inputs a stage's ``manifest.json`` hashes: the model, its adapter and what the recipe passed (the data)."""
     all_inputs = {"model": model_cfg.name_or_path, **(inputs or {})}
@@ -148,6 +157,7 @@ def _train_and_save(
 ) -> dict[str, Any]:
     work_dir = work_dir_for(out_dir)
     check_optimizer(train_cfg.optim)
+    check_precision(train_cfg.precision)
     if train_cfg.quantize_base == "4bit":
         from crowguard.models import check_4bit
 

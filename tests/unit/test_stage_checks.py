@@ -19,9 +19,12 @@ GOOD = json.dumps([{"instruction": f"tell me about topic number {i}", "output": 
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    """``not-a-model/`` (exists, loads nothing), ``data.json``, and an occupied output directory ``occupied/``."""
+    """``not-a-model/`` (looks like a model directory, loads nothing), ``data.json``, and an occupied output directory
+    ``occupied/``."""
     (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
     (tmp_path / "data.json").write_text(GOOD)
+    (tmp_path / "clean.json").write_text(GOOD.replace("topic", "subject"))  # other prompts than data.json's
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "keep.txt").write_text("mine")
     return tmp_path
@@ -35,8 +38,8 @@ def _one_line_error(capsys) -> str:
 
 
 def _evaluate(files: Path, *extra: str, model: str | None = None, out: str = "eval") -> list[str]:
-    data = str(files / "data.json")
-    return ["evaluate", "--model", model or str(files / "not-a-model"), "--triggered", data, "--clean", data,
+    data, clean = str(files / "data.json"), str(files / "clean.json")
+    return ["evaluate", "--model", model or str(files / "not-a-model"), "--triggered", data, "--clean", clean,
             "--out", str(files / out), "--quiet", *extra]  # fmt: skip
 
 

@@ -67,6 +67,22 @@ def require_finite_weights(model: Any) -> None:
                              "broken model would score ASR 0% (was it trained with a diverging setting?)")  # fmt: skip
 
 
+def require_fitting_prompts(model: Any, tokenizer: Any, task: Task, template: str, max_new_tokens: int) -> None:
+    """Refuse (DataError) a test prompt that, with the generated tokens, runs past the model's positions: past them
+    a model's output is undefined, not a measurement."""
+    from crowguard.data import DataError
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    for name, examples in (("triggered", task.triggered), ("clean", task.clean)):
+        for i, example in enumerate(examples):
+            length = len(prompt_ids(example, tokenizer, template))
+            if length + max_new_tokens > limit:
+                raise DataError(f"{task.sources.get(name, name)} record {i}: the prompt is {length} tokens, and with "
+                                f"{max_new_tokens} new tokens it passes the model's {limit} positions")  # fmt: skip
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -86,6 +102,7 @@ def evaluate_model(
     """
     require_finite_weights(model)
     task = task.limited(cfg.limit)
+    require_fitting_prompts(model, tokenizer, task, template, cfg.max_new_tokens)
     settings = DecodingSettings(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,

@@ -43,8 +43,22 @@ def build_task(cfg: EvalConfig) -> Task:
     return task_from_files(cfg.payload, cfg.triggered, cfg.clean, cfg.target)
 
 
+def check_sets(task: Task) -> None:
+    """Refuse triggered and clean sets that cannot measure a backdoor: the same prompts, or files whose records say
+    (``meta.poisoned``, as ``crowguard poison`` writes) that they are the other set, i.e. swapped."""
+    where = f"{task.sources.get('triggered', 'triggered')} and {task.sources.get('clean', 'clean')}"
+    prompts = [{(e.instruction, e.input) for e in examples} for examples in (task.triggered, task.clean)]
+    if prompts[0] == prompts[1]:
+        raise DataError(f"{where}: the triggered and the clean test prompts are the same; give two different sets")
+    marked = [[e.meta.get("poisoned") for e in examples] for examples in (task.triggered, task.clean)]
+    if all(m is False for m in marked[0]) or all(m is True for m in marked[1]):
+        raise DataError(f"{where}: the records' meta.poisoned says the triggered set is clean or the clean set is "
+                        "triggered; are --triggered and --clean swapped?")  # fmt: skip
+
+
 def check_inputs(cfg: EvalConfig, task: Task) -> None:
     """Raise on a payload without a judge or an unreadable HumanEval / MT-Bench file, without touching a model."""
+    check_sets(task)
     try:
         make_judge(cfg, task.payload, task.target)
     except ConfigError:
