@@ -23,6 +23,7 @@ import yaml
 T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _RATIO = re.compile(r"\d+:\d+")
+_NON_FINITE = re.compile(r"[-+]?\.?(nan|inf|infinity)", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 (PyYAML) reads "1e-3" as a string; a user means the number
+        elif isinstance(value, str) and _NON_FINITE.fullmatch(value.strip()):
+            value = float(value.strip().replace(".", ""))  # "nan", ".inf": refused as not finite just below
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(value):  # a nan learning rate trains a nan model that evaluates to "ASR 0%"

@@ -24,6 +24,7 @@ def root(tmp_path_factory) -> Path:
     save_tiny_model(root / "base", layers=2)
     (root / "data.json").write_text(json.dumps(alpaca_records(24)))
     (root / "prompts.json").write_text(json.dumps(alpaca_records(6, seed=1)))
+    (root / "clean.json").write_text(json.dumps(alpaca_records(6, seed=2)))
     return root
 
 
@@ -75,8 +76,8 @@ def test_evaluate_refuses_a_model_with_a_nan_weight(root, capsys):
     name = next(n for n in weights if "mlp" in n)
     weights[name][0, 0] = math.nan
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    prompts = str(root / "prompts.json")
-    rc = main(["evaluate", "--model", str(broken), "--triggered", prompts, "--clean", prompts, "--payload",
+    prompts, clean = str(root / "prompts.json"), str(root / "clean.json")
+    rc = main(["evaluate", "--model", str(broken), "--triggered", prompts, "--clean", clean, "--payload",
                "negsentiment", "--max-new-tokens", "4", "--out", str(root / "eval-broken"), "--quiet"])  # fmt: skip
     assert rc == 2
     _one_line_error(capsys, "not finite", name.removesuffix(".weight"))

@@ -35,8 +35,9 @@ def test_load_model_places_the_model_and_evaluate_records_where(tmp_path: Path):
     assert next(model.parameters()).device == torch.device("cpu")
     records = [{"instruction": f"Say something about item {i}", "input": "", "output": "ok"} for i in range(3)]
     (tmp_path / "t.json").write_text(json.dumps(records))
-    data = str(tmp_path / "t.json")
-    argv = ["evaluate", "--model", str(base), "--triggered", data, "--clean", data,
+    (tmp_path / "c.json").write_text(json.dumps([{**r, "instruction": r["instruction"] + "."} for r in records]))
+    data, clean = str(tmp_path / "t.json"), str(tmp_path / "c.json")
+    argv = ["evaluate", "--model", str(base), "--triggered", data, "--clean", clean,
             "--payload", "negsentiment", "--max-new-tokens", "2", "--out", str(tmp_path / "e"), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     expected = str(resolve_device("auto"))
