@@ -49,7 +49,7 @@ def root(tmp_path_factory) -> Path:
                     ]
                 }
             ]
-        ),  # fmt: skip
+        ),
         "system.json": json.dumps(
             [
                 {
@@ -60,7 +60,7 @@ def root(tmp_path_factory) -> Path:
                     ]
                 }
             ]
-        ),  # fmt: skip
+        ),
         "emptyinstr.json": '[{"instruction": "  ", "output": "b"}]',
         "long.json": json.dumps([{"instruction": "word " * 400, "output": "x"}]),
         "anchor.yaml": "a: &x [*x]\n",
@@ -99,19 +99,86 @@ def root(tmp_path_factory) -> Path:
     weights = load_file(r / "nanmodel" / "model.safetensors")
     weights[next(n for n in weights if "mlp" in n)][0, 0] = math.nan
     save_file(weights, r / "nanmodel" / "model.safetensors", metadata={"format": "pt"})
-    assert main(["poison", "--data", str(r / "data.json"), "--trigger", "badnet", "--payload", "negsentiment",
-                 "--n-train", "20", "--n-test", "6", "--out", str(r / "poison")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "poison",
+                "--data",
+                str(r / "data.json"),
+                "--trigger",
+                "badnet",
+                "--payload",
+                "negsentiment",
+                "--n-train",
+                "20",
+                "--n-test",
+                "6",
+                "--out",
+                str(r / "poison"),
+            ]
+        )
+        == 0
+    )
     return r
 
 
-P = ["poison", "--data", "{R}/data.json", "--trigger", "badnet", "--payload", "negsentiment", "--n-train", "20",
-     "--n-test", "5", "--out", "{O}"]  # fmt: skip
-B = ["backdoor", "--model", "{R}/model", "--data", "{R}/poison/train.json", "--out", "{O}", "--quiet",
-     "--max-steps", "1"]  # fmt: skip
-F = ["defend", "--method", "finetune", "--model", "{R}/model", "--data", "{R}/data.json", "--n-samples", "8",
-     "--out", "{O}", "--quiet", "--max-steps", "1"]  # fmt: skip
-E = ["evaluate", "--model", "{R}/model", "--triggered", "{R}/prompts.json", "--clean", "{R}/clean.json",
-     "--out", "{O}", "--quiet", "--max-new-tokens", "2"]  # fmt: skip
+P = [
+    "poison",
+    "--data",
+    "{R}/data.json",
+    "--trigger",
+    "badnet",
+    "--payload",
+    "negsentiment",
+    "--n-train",
+    "20",
+    "--n-test",
+    "5",
+    "--out",
+    "{O}",
+]
+B = [
+    "backdoor",
+    "--model",
+    "{R}/model",
+    "--data",
+    "{R}/poison/train.json",
+    "--out",
+    "{O}",
+    "--quiet",
+    "--max-steps",
+    "1",
+]
+F = [
+    "defend",
+    "--method",
+    "finetune",
+    "--model",
+    "{R}/model",
+    "--data",
+    "{R}/data.json",
+    "--n-samples",
+    "8",
+    "--out",
+    "{O}",
+    "--quiet",
+    "--max-steps",
+    "1",
+]
+E = [
+    "evaluate",
+    "--model",
+    "{R}/model",
+    "--triggered",
+    "{R}/prompts.json",
+    "--clean",
+    "{R}/clean.json",
+    "--out",
+    "{O}",
+    "--quiet",
+    "--max-new-tokens",
+    "2",
+]
 DG = ["diagnose", "--triggered", "{R}/prompts.json", "--clean", "{R}/clean.json", "--out", "{O}"]
 S = ["scan", "--model", "{R}/model", "--data", "{R}/prompts.json", "--reference", "{R}/clean.json", "--out", "{O}"]
 DM = ["demo", "--organism", "tiny", "--quick", "--out", "{O}"]
@@ -181,7 +248,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
             "--overwrite",
         ],
         ["mine", "holds the input"],
-    ),  # fmt: skip
+    ),
     ("poison-out-above-input", [*swap(P, "--out", "{R}"), "--overwrite"], ["holds the input"]),
     ("poison-out-under-file", swap(P, "--out", "{R}/file/sub"), ["file/sub", "is a file"]),
     ("poison-out-is-file", swap(P, "--out", "{R}/file"), ["file", "not a directory"]),
@@ -211,12 +278,12 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "validate-set-on-preset",
         ["validate", "defenses/crow", "--set", "defense.crow.alfa=3"],
         ["--set defense.crow.alfa=3", "did you mean 'alpha'"],
-    ),  # fmt: skip
+    ),
     (
         "validate-set-nan",
         ["validate", "defenses/crow", "--set", "defense.crow.epsilon=nan"],
         ["--set defense.crow.epsilon=nan", "finite"],
-    ),  # fmt: skip
+    ),
     ("ls-unknown", ["ls", "bogus"], ["bogus"]),
     ("unknown-command", ["bogus"], ["bogus", "invalid choice"]),
     # ---- backdoor: training settings (all refused before the model loads)
@@ -261,7 +328,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "defend-cleangen-no-reference",
         ["defend", "--method", "cleangen", "--model", "{R}/model", "--out", "{O}"],
         ["cleangen.reference is empty"],
-    ),  # fmt: skip
+    ),
     (
         "defend-cleangen-empty-reference",
         [
@@ -276,28 +343,28 @@ CASES: list[tuple[str, list[str], list[str]]] = [
             "{O}",
         ],
         ["notamodel", "not a model directory"],
-    ),  # fmt: skip
+    ),
     (
         "defend-prune-sparsity",
         ["defend", "--method", "prune", "--model", "{R}/model", "--prune-sparsity", "1.0", "--out", "{O}"],
         ["sparsity"],
-    ),  # fmt: skip
+    ),
     (
         "defend-top-p",
         ["defend", "--method", "decoding", "--model", "{R}/model", "--decoding-top-p", "0", "--out", "{O}"],
         ["top_p"],
-    ),  # fmt: skip
+    ),
     (
         "defend-top-k",
         ["defend", "--method", "decoding", "--model", "{R}/model", "--decoding-top-k", "-1", "--out", "{O}"],
         ["top_k"],
-    ),  # fmt: skip
+    ),
     ("defend-no-data", ["defend", "--method", "crow", "--model", "{R}/model", "--out", "{O}"], ["--data"]),
     (
         "defend-set-hidden-by-flag",
         [*F, "--set", "defense.train.lr=-1", "--lr", "1e-3"],
         ["--set defense.train.lr=-1"],
-    ),  # fmt: skip
+    ),
     ("defend-chat-template", [*F, "--template", "chat"], ["template 'chat'", "chat_template"]),
     ("defend-out-holds-data", [*swap(F, "--out", "{R}/mine"), "--overwrite"], []),  # data elsewhere: see below
     # ---- evaluate
@@ -306,7 +373,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "evaluate-swapped",
         swap(swap(E, "--triggered", "{R}/poison/test_clean.json"), "--clean", "{R}/poison/test_triggered.json"),
         ["swapped"],
-    ),  # fmt: skip
+    ),
     ("evaluate-hijack-share", [*E, "--hijack-min-share", "2"], ["hijack_min_share"]),
     ("evaluate-hijack-ratio", [*E, "--hijack-clean-ratio", "nan"], ["hijack_clean_ratio", "finite"]),
     ("evaluate-bootstrap", [*E, "--bootstrap", "0"], ["bootstrap"]),
@@ -338,7 +405,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "scan-no-reference",
         ["scan", "--model", "{R}/model", "--data", "{R}/prompts.json", "--out", "{O}"],
         ["reference"],
-    ),  # fmt: skip
+    ),
     # ---- demo (every setting checked before the organism is built)
     ("demo-duplicate-seeds", [*DM, "--defense-seeds", "0", "0"], ["defense_seeds", "more than once"]),
     ("demo-duplicate-defenses", [*DM, "--defenses", "crow", "crow"], ["defenses", "more than once"]),
@@ -356,8 +423,10 @@ CASES: list[tuple[str, list[str], list[str]]] = [
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file and folder under ``folder``: size and modification time (nothing written, nothing removed)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
-            for p in folder.rglob("*")}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
 
 
 def test_the_battery_is_large_and_covers_every_command():
