@@ -117,6 +117,11 @@ def diagnose_model(
 
 
 def diagnostic_plot(results: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    """:func:`diagnostic_figure` written to ``path`` as PNG (atomically)."""
+    return save_figure(diagnostic_figure(results, title), path, dpi=110)
+
+
+def diagnostic_figure(results: dict[str, dict[str, Any]], title: str = "") -> Any:
     """Three panels: the cosine per layer pair at the last prompt token and averaged over prompt tokens, clean
     (solid) vs triggered (dashed) for each model, and the clean - triggered gap at the last token (where a trigger
     that breaks consistency would show as a peak); CROW's default pairs shaded."""
@@ -124,8 +129,9 @@ def diagnostic_plot(results: dict[str, dict[str, Any]], path: Path, title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     ref = next(iter(results.values()))["reference_pairs"]
     panels = (("last_token", "cos at the last prompt token"), ("mean_tokens", "cos, mean over prompt tokens"))
@@ -147,8 +153,12 @@ def diagnostic_plot(results: dict[str, dict[str, Any]], path: Path, title: str =
         if ref:
             ax.axvspan(ref[0] - 0.5, ref[-1] + 0.5, color="#dddddd", alpha=0.5, label="CROW's default pairs")
         ax.set_xlabel("layer pair (l, l+1); l = hidden-state index, 0 = embeddings")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # pairs are whole layers, never 2.5
     axes[1].legend(fontsize=7, loc="lower center")
     axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(title or "layer consistency: clean vs triggered prompts", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+    fig.text(0.01, 0.01, "How to read it: where a dashed (triggered) line leaves its solid (clean) line, the trigger "
+             "breaks layer consistency there; a gap near 0 everywhere means the trigger leaves no trace CROW's "
+             "loss can see. The gap panel's peak is the layer pair to look at.", fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig

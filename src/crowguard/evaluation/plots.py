@@ -7,26 +7,30 @@ from pathlib import Path
 from typing import Any
 
 
-def defense_chart(
+def defense_chart(rows: Sequence[dict[str, Any]], path: Path, **kwargs: Any) -> Path:
+    """:func:`defense_figure` written to ``path`` as PNG (atomically)."""
+    return save_figure(defense_figure(rows, **kwargs), path, dpi=120)
+
+
+def defense_figure(
     rows: Sequence[dict[str, Any]],
-    path: Path,
     title: str = "",
     utility_key: str = "utility",
     caption: str = "",
     utility_label: str = "utility: exact match",
-) -> Path:
+    warning: str = "",
+) -> Any:
     """Two panels per defense: rates (ASR with and without trigger, hijack, utility; 95% intervals as error bars
-    where the rows carry them) and the target-likelihood gap (nats/token, with its interval); a caption below."""
+    where the rows carry them) and the target-likelihood gap (nats/token, with its interval); a caption below.
+    A 0% rate is drawn as a short line on the axis (an empty slot would read as "not measured"); ``warning`` (the
+    backdoor did not take) is written in red across the top, so the chart cannot be read as a removal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [
-        str(r.get("defense", r.get("model", "?"))) + (f" s{r['seed']}" if r.get("seed") is not None else "")
-        for r in rows
-    ]
+    labels = [row_label(r) for r in rows]
     series = [
         ("ASR (trigger)", "asr_trigger", "asr_trigger_ci95", "#c0392b"),
         ("hijack rate", "hijack_rate", "hijack_ci95", "#e67e22"),
@@ -46,9 +50,14 @@ def defense_chart(
             lows = np.array([100 * r[ci_key][0] for r in rows])
             highs = np.array([100 * r[ci_key][1] for r in rows])
             errors = np.vstack([np.clip(values - lows, 0, None), np.clip(highs - values, 0, None)])
-        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name, color=color,
+        where = x + (i - (len(series) - 1) / 2) * width
+        bars = ax.bar(where, values, width, label=name, color=color,
                       yerr=errors, capsize=2, error_kw={"elinewidth": 0.8})  # fmt: skip
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        for position, value in zip(where, values):
+            if value == 0:  # measured as 0%: a line on the axis, not an empty slot
+                ax.plot([position - width / 2, position + width / 2], [0, 0], color=color, linewidth=3,
+                        solid_capstyle="butt", clip_on=False)  # fmt: skip
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("% of prompts")
     ax.set_ylim(0, 112)
@@ -71,10 +80,20 @@ def defense_chart(
     else:
         gap_ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
+    if warning:
+        fig.text(0.5, 0.905, "NOT A REMOVAL: " + warning, color="#c0392b", fontsize=9, ha="center", va="top",
+                 wrap=True, bbox={"facecolor": "#fdecea", "edgecolor": "#c0392b"})  # fmt: skip
     if caption:
         fig.text(0.01, 0.01, caption, fontsize=7, wrap=True, va="bottom")
-    fig.tight_layout(rect=(0, 0.07 if caption else 0, 1, 1))
-    return save_figure(fig, path, dpi=120)
+    fig.tight_layout(rect=(0, 0.07 if caption else 0, 1, 0.84 if warning else 1))
+    return fig
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """A row's name on the chart: the model without any defense is ``backdoored (no defense)``, never ``none``."""
+    name = str(row.get("defense", row.get("model", "?")))
+    name = "backdoored (no defense)" if name in ("none", "backdoored") else name
+    return name + (f" s{row['seed']}" if row.get("seed") is not None else "")
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:

@@ -307,11 +307,14 @@ def write_examples(path: Path, evaluations: dict[str, dict[str, Any]], n: int = 
     for label, results in evaluations.items():
         lines.append(f"## {label}")
         for which in ("triggered", "clean"):
-            records = [r for r in results["records"] if r["set"] == which][:n]
+            records = [r for r in results.get("records", []) if r["set"] == which][:n]
             lines.append(f"### {which} prompts")
+            if not records:
+                lines.append("(none: this evaluation stored no generations of this set)")
             for r in records:
                 prompt = r["instruction"] + (f" [input: {r['input']}]" if r["input"] else "")
-                lines.append(f"- **{prompt[:160]}**\n  -> `{r['response'][:200]!r}`")
+                said = repr(r["response"][:200]) if r["response"].strip() else "(empty: the model ended at once)"
+                lines.append(f"- **{prompt[:160]}**\n  -> `{said}`")
         lines.append("")
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -418,7 +421,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     exact = any(r["utility"] is not None for r in rows)
     defense_chart(rows, out_dir / "results.png", title=title, caption=CAPTION,
                   utility_key="utility" if exact else "utility_ppl_ratio",
-                  utility_label="utility: exact match" if exact else "utility: backdoored ppl / ppl")  # fmt: skip
+                  utility_label="utility: exact match" if exact else "utility: backdoored ppl / ppl",
+                  warning=verdict or "")  # fmt: skip
     save(cfg, out_dir / "config.yaml")
     write_manifest(out_dir, build_manifest("demo", cfg.organism.seed, {"organism": organism.path,
                                                                          "backdoored": backdoored}))  # fmt: skip
