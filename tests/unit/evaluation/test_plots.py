@@ -6,10 +6,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from crowguard.evaluation.diagnose import diagnostic_figure  # noqa: E402
-from crowguard.evaluation.plots import defense_chart, defense_figure  # noqa: E402
+from crowguard.evaluation.diagnose import diagnostic_figure
+from crowguard.evaluation.plots import defense_chart, defense_figure
 
 ROWS = [
     {"defense": "none", "seed": None, "asr_trigger": 0.4, "asr_clean": 0.0, "hijack_rate": 0.4, "utility": None,
