@@ -321,10 +321,9 @@ def crow_loss(
             return lm, _parts(lm_loss=lm_mean, epsilon_effective=eps)
         return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
 
-    _check_ddp_unused_embedding(model, embedding)
     # Both forwards take input_ids through the (possibly wrapped: DDP, FSDP, ZeRO-3) model itself; a forward hook on
-    # the embedding module swaps its output for the detached leaf e (clean pass) or e + delta (perturbed pass), so
-    # the embedding lookup runs where the wrapper gathers sharded weights, never outside it.
+    # the embedding module keeps e (clean pass; a leaf unless the embedding matrix trains) or swaps in the constant
+    # e + delta (perturbed pass), so the lookup runs where the wrapper gathers sharded weights, never outside it.
     with _EmbeddingOverride(embedding, requires_grad=epsilon > 0) as override:
         clean = model(input_ids=input_ids, **forward_kwargs)
         embeds = override.clean
@@ -372,9 +371,11 @@ def _lm_losses(logits: Tensor, labels: Tensor, num_items: int | Tensor | None) -
 
 
 class _EmbeddingOverride:
-    """A forward hook on the token-embedding module for the two CROW passes: the first call's output is replaced
-    by a detached copy (``clean``, a leaf that may require grad, so the FGSM gradient is taken w.r.t. it), later
-    calls' output by ``replacement`` once it is set. Removed on exit, also on errors."""
+    """A forward hook on the token-embedding module for the two CROW passes. The first call's output is kept as
+    ``clean``: as it is when the embedding matrix is trainable (so the LM term trains it, as in fine-tuning, and
+    the FGSM gradient is taken w.r.t. that non-leaf tensor), else as a detached leaf that may require grad. Later
+    calls' output is ``replacement`` once it is set (a constant: the perturbed pass trains no embedding). Removed
+    on exit, also on errors."""
 
     def __init__(self, embedding: nn.Module, requires_grad: bool) -> None:
         self.embedding, self.requires_grad = embedding, requires_grad
@@ -385,7 +386,7 @@ class _EmbeddingOverride:
         if self.replacement is not None:
             return self.replacement.to(output.dtype)
         if self.clean is None:
-            self.clean = output.detach().requires_grad_(self.requires_grad)
+            self.clean = output if output.requires_grad else output.detach().requires_grad_(self.requires_grad)
         return self.clean
 
     def __enter__(self) -> _EmbeddingOverride:
@@ -420,29 +421,6 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _check_ddp_unused_embedding(model: nn.Module, embedding: nn.Module) -> None:
-    """Fail early where DDP would silently skip a gradient all-reduce.
-
-    CROW detaches the embeddings, so a trainable, untied embedding matrix gets no gradient. DDP with
-    ``find_unused_parameters=False`` (accelerate's default) then never reduces the bucket holding it: that step's
-    gradients of the first layers differ across ranks, and only the next step raises.
-    """
-    if getattr(model, "find_unused_parameters", True) or getattr(model, "static_graph", False):
-        return
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, Tensor) or not weight.requires_grad:
-        return
-    inner = _unwrap(model)
-    output = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if output is not None and getattr(output, "weight", None) is weight:
-        return  # tied: the LM head gives the matrix a gradient
-    raise ValueError(
-        "crow_loss detaches the input embeddings, so their trainable weight gets no gradient and DDP with "
-        "find_unused_parameters=False would leave a gradient bucket un-reduced. Freeze the input embeddings "
-        "(model.get_input_embeddings().weight.requires_grad_(False)) or wrap with find_unused_parameters=True."
-    )
 
 
 def _effective_epsilon(

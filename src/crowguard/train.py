@@ -353,22 +353,6 @@ def _enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
         model.config.use_cache = False
 
 
-def ddp_needs_unused_parameter_search(model: Any, crow: CrowSettings | None) -> bool:
-    """Whether DDP must look for parameters without a gradient: only CROW (alpha > 0) with a trainable input
-    embedding matrix that is not tied to the LM head, which CROW's detached embeddings leave without a gradient.
-
-    Decided here and passed explicitly: the Trainer's default (search unless gradient checkpointing is on) picks
-    ``False`` exactly for full fine-tuning with checkpointing, where CROW then refused to run on step 1.
-    """
-    if crow is None or crow.alpha == 0:
-        return False
-    weight = getattr(model.get_input_embeddings(), "weight", None)
-    if weight is None or not weight.requires_grad:
-        return False
-    output = model.get_output_embeddings()
-    return output is None or getattr(output, "weight", None) is not weight
-
-
 def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters: bool = False) -> TrainingArguments:
     """``TrainingArguments`` from crowguard's ``TrainConfig`` (paper defaults: cosine, warmup 0.1, 2 x 4)."""
     use_cuda = torch.cuda.is_available()
@@ -397,7 +381,8 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        # see ddp_needs_unused_parameter_search: never left to the Trainer's checkpointing-dependent default
+        # every trainable parameter gets a gradient each step (CROW's LM term reaches a trainable embedding matrix
+        # too), so no search; never left to the Trainer's checkpointing-dependent default
         ddp_find_unused_parameters=find_unused_parameters,
         logging_first_step=True,
         # gradient checkpointing is enabled on the model in prepare_for_training; the argument is left at its
@@ -532,7 +517,7 @@ def train(
     tokenizer.padding_side = "right"
     trainer = CrowTrainer(
         model=model,
-        args=training_arguments(cfg, work_dir, ddp_needs_unused_parameter_search(model, crow)),
+        args=training_arguments(cfg, work_dir),
         train_dataset=TokenizedDataset(features),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=callbacks,

@@ -17,8 +17,8 @@ What counts as a name (kept simple on purpose; a name written any other way is n
   that starts with ``CMD --``, e.g. `defend --lr 5e-4`), every ``--flag`` after CMD must be an option of that
   subcommand in ``crowguard.cli.build_parser()``. In ``python benchmarks/NAME.py ...`` a flag must be one that
   ``benchmarks/NAME.py`` spells as a string literal. A code span that is only a flag (`--resume`, `--n-poison 60`)
-  must be an option of some crowguard subcommand or some benchmark script. The keys of ``crowguard scan --set``
-  are read with the ``scan.`` prefix (``ScanConfig``'s keys have none there). A shell line is cut at ``|``, ``&&``,
+  must be an option of some crowguard subcommand or some benchmark script. A key of ``crowguard scan --set`` must
+  be ``scan.<key>`` (``ScanConfig``) or ``model.<key>``, as scan reads them. A shell line is cut at ``|``, ``&&``,
   ``;`` and `` #`` first; flags of other tools (pip, torchrun) before ``crowguard`` are not checked.
 * **Preset**: a code span ``FOLDER/NAME`` (or ``--config FOLDER/NAME``) with FOLDER one of the shipped preset
   folders and NAME without a file extension must be listed by ``crowguard.registry.presets()``; ``*`` is a glob
@@ -199,11 +199,16 @@ def _check_bench(path: str, rest: str, where: str) -> list[str]:
     return [f"{where}: `{path}`: no flag {flag}" for flag in FLAG_RE.findall(rest) if flag not in known]
 
 
-def _check_sets(text: str, where: str, prefix: str = "") -> list[str]:
-    """``--set KEY=VALUE`` keys; ``crowguard scan`` takes its keys without the ``scan.`` prefix."""
+def _check_sets(text: str, where: str, command: str = "") -> list[str]:
+    """``--set KEY=VALUE`` keys; ``crowguard scan`` takes only ``scan.<key>`` and ``model.<key>``."""
     CHECKED["key"] += len(SET_RE.findall(text))
-    return [f"{where}: `--set {key}=`: no config key {prefix}{key}" for key in SET_RE.findall(text)
-            if prefix + key not in config_keys()]  # fmt: skip
+    problems = []
+    for key in SET_RE.findall(text):
+        if key not in config_keys():
+            problems.append(f"{where}: `--set {key}=`: no config key {key}")
+        elif command == "scan" and key.split(".", 1)[0] not in ("scan", "model"):
+            problems.append(f"{where}: `crowguard scan --set {key}=`: scan takes scan.<key> or model.<key>")
+    return problems
 
 
 def _check_command_text(text: str, where: str, span: bool) -> list[str]:
@@ -220,7 +225,7 @@ def _check_command_text(text: str, where: str, span: bool) -> list[str]:
             if command and command not in command_flags() and not span and match.start() > 0:
                 continue  # e.g. `python -c 'from crowguard.registry import ...'`: not a crowguard command line
             problems += _check_flags(command, rest, where)
-            problems += _check_sets(rest, where, "scan." if command == "scan" else "")
+            problems += _check_sets(rest, where, command)
             continue
         problems += _check_sets(part, where)
         if match := BENCH_RE.search(part):
@@ -358,6 +363,7 @@ Set `backdoor.quantize_base: 4bit`, not `model.quantize_base: 4bit`; `train.py` 
 
 ```bash
 crowguard validate my.yaml --set defense.crow.alpha=11 --set train.regroup_micro_batches=false
+crowguard scan --model m --set scan.limit=3 --set model.dtype=bfloat16 --set method=max_abs_z --set poison.rate=1
 torchrun --nproc_per_node 4 -m crowguard.cli defend --method crow --out runs/crow --max-stepz 3
 python benchmarks/nope.py --json x.json
 ```
@@ -377,6 +383,8 @@ python benchmarks/nope.py --json x.json
         "link to a missing file docs/gone.md",
         "no heading with the anchor #no-such-heading",
         "no config key train.regroup_micro_batches",
+        "no config key method",
+        "scan takes scan.<key> or model.<key>",
         "no flag --max-stepz",
         "no benchmark benchmarks/nope.py",
         "no such path benchmarks/nope.py",

@@ -243,13 +243,14 @@ def test_fgsm_perturbation_zeroes_padded_positions_even_where_the_loss_reaches_t
 
 
 def three_forward_crow(model, input_ids, attention_mask, labels, alpha, epsilon, layers="reference"):
-    """The paper's formula, written plainly with three forwards."""
+    """The paper's formula, written plainly with three forwards; the LM term's forward keeps the embedding lookup in
+    the graph (a trainable embedding matrix learns from it, as in fine-tuning), the perturbation's are constants."""
     embeds = model.get_input_embeddings()(input_ids).detach()
     probe = embeds.clone().requires_grad_()
     out = model(inputs_embeds=probe, attention_mask=attention_mask, output_hidden_states=True)
     (grad,) = torch.autograd.grad(layer_consistency_loss(out.hidden_states, attention_mask, layers), probe)
     delta = epsilon * grad.sign() * attention_mask.unsqueeze(-1)
-    clean = model(inputs_embeds=embeds, attention_mask=attention_mask)
+    clean = model(input_ids=input_ids, attention_mask=attention_mask)
     lm = masked_lm_loss(clean.logits, labels)
     perturbed = model(inputs_embeds=embeds + delta, attention_mask=attention_mask, output_hidden_states=True)
     return lm + alpha * layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
@@ -280,8 +281,7 @@ def test_two_forward_crow_equals_three_forward_formula_in_value_and_gradients(pa
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert parts["lm_loss"] + 5.5 * parts["consistency_adv"] == pytest.approx(loss.item(), abs=1e-5)
-    assert ours.pop("model.embed_tokens.weight") is None  # the embeddings are detached, as in the paper
-    assert len(ours) == len(trainable(model)) - 1
+    assert ours["model.embed_tokens.weight"] is not None  # the LM term trains the embeddings, as fine-tuning does
     for name, grad in ours.items():
         torch.testing.assert_close(grad, trainable(model)[name].grad, rtol=0, atol=1e-6, msg=name)
 
@@ -380,15 +380,26 @@ def test_crow_through_a_ddp_style_wrapper_calls_the_wrapper_forward():
     assert loss.item() == direct.item()
 
 
-def test_crow_refuses_ddp_settings_that_would_leave_the_detached_embedding_unreduced():
-    model = tiny_llama()
-    wrapped = Wrapper(model)
-    wrapped.find_unused_parameters, wrapped.static_graph = False, False  # DDP's attributes
+def test_crows_lm_term_trains_a_trainable_untied_embedding_exactly_as_fine_tuning_does():
+    """Issue 27's defect: CROW detached the embeddings for every term, so with a trainable matrix fine-tuning trained
+    embed_tokens and CROW did not, and finetune was not CROW with alpha 0. The LM term's gradient must reach it; the
+    perturbed pass (a constant e + delta) adds none, so CROW's embedding gradient is the LM loss's."""
+    from crowguard.losses import masked_lm_loss
+
     input_ids, attention_mask, labels = batch("right")
-    with pytest.raises(ValueError, match="find_unused_parameters"):
-        crow_loss(wrapped, input_ids, attention_mask, labels)
-    model.get_input_embeddings().weight.requires_grad_(False)
-    crow_loss(wrapped, input_ids, attention_mask, labels)
+    grads = []
+    for alpha in (5.5, 0.0):
+        model = tiny_llama()
+        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight  # untied
+        loss, _ = crow_loss(model, input_ids, attention_mask, labels, alpha=alpha, epsilon=0.1)
+        loss.backward()
+        grads.append(model.get_input_embeddings().weight.grad)
+    model = tiny_llama()
+    masked_lm_loss(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels).backward()
+    plain = model.get_input_embeddings().weight.grad
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], plain, rtol=1e-5, atol=1e-7)
 
 
 def test_crow_through_peft_lora_trains_only_lora_parameters():
@@ -449,7 +460,7 @@ def naive_pgd_crow(model, input_ids, attention_mask, labels, alpha, epsilon, ste
         out = model(inputs_embeds=probe, attention_mask=attention_mask, output_hidden_states=True)
         (grad,) = torch.autograd.grad(layer_consistency_loss(out.hidden_states, attention_mask, layers), probe)
         delta = ((delta + 2.5 * epsilon / steps * grad.sign()).clamp(-epsilon, epsilon) * real).detach()
-    clean = model(inputs_embeds=embeds, attention_mask=attention_mask)
+    clean = model(input_ids=input_ids, attention_mask=attention_mask)
     perturbed = model(inputs_embeds=embeds + delta, attention_mask=attention_mask, output_hidden_states=True)
     adversarial = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
     return masked_lm_loss(clean.logits, labels) + alpha * adversarial, adversarial

@@ -311,19 +311,6 @@ def test_bf16_autocast_and_checkpointing_train_crow_in_every_adapter_mode(tmp_pa
     assert manifest["precision"] == "bf16" and manifest["dtype"] == "torch.float32"
 
 
-def test_ddp_unused_parameter_search_only_where_crow_leaves_an_embedding_without_gradient():
-    from crowguard.train import ddp_needs_unused_parameter_search
-
-    tokenizer = tiny_tokenizer()
-    untied = tiny_llama(tokenizer, tied=False)
-    assert ddp_needs_unused_parameter_search(untied, CROW)
-    assert not ddp_needs_unused_parameter_search(untied, None)
-    assert not ddp_needs_unused_parameter_search(untied, CrowConfig(alpha=0.0))
-    assert not ddp_needs_unused_parameter_search(tiny_llama(tokenizer), CROW)  # tied: the LM head gives a gradient
-    untied.get_input_embeddings().weight.requires_grad_(False)
-    assert not ddp_needs_unused_parameter_search(untied, CROW)
-
-
 def test_adapter_that_does_not_fit_is_a_clear_error(tmp_path: Path, backdoored):
     _, adapter = backdoored
     other = save_tiny_model(tmp_path / "other", layers=3, hidden=64)
