@@ -2,14 +2,18 @@
 
 ``reference/cli.md``: every subcommand of ``crowguard.cli.build_parser()`` with its usage and every option (the
 generated schema flags included), with the config key a flag sets. ``reference/config.md``: every config key of the
-schema dataclasses with its default and help, as ``crowguard validate --explain`` lists them. Nothing here is
-hand-written per flag or key, so the pages cannot drift from the code.
+schema dataclasses with its default and help, as ``crowguard validate --explain`` lists them, and its bounds where
+``knob(bounds=...)`` declares them (read from the field metadata here). Nothing here is hand-written per flag or
+key, so the pages cannot drift from the code.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
+import typing
 from collections.abc import Iterable
 
 import mkdocs_gen_files
@@ -87,11 +91,36 @@ def cli_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+def bounds_text(bounds: tuple[str, float, float, str]) -> str:
+    """``("[", 0.0, 1.0, ")")`` -> ``[0, 1)``, the interval as ``knob(bounds=...)`` spells it."""
+    left, low, high, right = bounds
+    shown = lambda x: "inf" if math.isinf(x) else f"{x:g}"  # noqa: E731
+    return f"{left}{shown(low)}, {shown(high)}{right}"
+
+
+def bounds_by_key(cls: type, prefix: str = "") -> dict[str, str]:
+    """The declared bounds of every knob that has them (field metadata ``"bounds"``), keyed like
+    :func:`crowguard.config.explain` (which this walks the same way: open sections, nested dataclasses)."""
+    found: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "open_sections" in f.metadata:
+            for name, section in f.metadata["open_sections"]().items():
+                found.update(bounds_by_key(section, f"{prefix}{name}."))
+        elif dataclasses.is_dataclass(hints[f.name]):
+            found.update(bounds_by_key(hints[f.name], f"{prefix}{f.name}."))
+        elif "bounds" in f.metadata:
+            found[f"{prefix}{f.name}"] = bounds_text(f.metadata["bounds"])
+    return found
+
+
 def config_section(title: str, intro: str, cls: type, prefix: str = "") -> list[str]:
-    lines = ["", f"## {title}", "", intro, "", "| key | default | help |", "|---|---|---|"]
+    lines = ["", f"## {title}", "", intro, "", "| key | default | bounds | help |", "|---|---|---|---|"]
+    bounds = bounds_by_key(cls)
     for key, default, help_text in explain(cls):
         shown = str(default).replace("|", "\\|").replace("`", "'")
-        lines.append(f"| `{prefix}{key}` | `{shown}` | {cell(help_text)} |")
+        interval = f"`{bounds[key]}`" if key in bounds else ""
+        lines.append(f"| `{prefix}{key}` | `{shown}` | {interval} | {cell(help_text)} |")
     return lines
 
 
@@ -100,9 +129,12 @@ def config_page() -> str:
         "# Config reference",
         "",
         "Generated from the schema dataclasses (`src/crowguard/schemas.py` and each defense's own `Config`) when this",
-        "site is built; `crowguard validate --explain` prints the first list. A YAML file holds any subset of these",
-        "keys as nested sections; `--set KEY=VALUE` overrides one; unknown keys and wrong types are refused before",
-        "any work starts.",
+        "site is built; `crowguard validate --explain` prints the first list (without the bounds). A YAML file holds",
+        "any subset of these keys as nested sections; `--set KEY=VALUE` overrides one. Unknown keys, wrong types, a",
+        "float that is not finite (`nan`, `inf`) and a number outside its bounds are refused when the config is",
+        "read, before any work starts. Bounds are intervals: `[` and `]` include the end, `(` and `)` exclude it,",
+        "`inf` is no limit. A key without bounds may still be checked by its section (`defense.prune.sparsity` must",
+        "lie in [0, 1)).",
     ]
     lines += config_section(
         "Experiments and stage commands",
@@ -118,7 +150,8 @@ def config_page() -> str:
     )
     lines += config_section(
         "Scanning",
-        "`ScanConfig`: what `crowguard scan` reads; its `--set` takes these keys without the `scan.` prefix.",
+        "`ScanConfig`: what `crowguard scan` reads; its `--set` takes these keys as written here (`scan.<key>`), "
+        "and `model.<key>` for the model.",
         ScanConfig,
         "scan.",
     )
