@@ -196,6 +196,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _validated_schema(choice: str, source: Path, sets: Sequence[str]) -> type:
+    """The schema ``validate`` checks against: the one named, or (``auto``) the one of experiment / demo whose keys
+    hold all of the file's top-level keys and that validates; both valid: the experiment's (``--schema demo`` checks
+    the other); neither: the experiment's, so its error is the one reported."""
+    import dataclasses
+
+    from crowguard import config
+    from crowguard.schemas import DemoConfig, ExperimentConfig
+
+    schemas = {"experiment": ExperimentConfig, "demo": DemoConfig}
+    if choice != "auto":
+        return schemas[choice]
+    keys = set(config.read_yaml(source))
+    fitting = [cls for cls in schemas.values() if keys <= {f.name for f in dataclasses.fields(cls)}]
+    for cls in fitting:
+        try:
+            config.load(cls, source, sets)
+        except config.ConfigError:
+            continue
+        return cls
+    return fitting[0] if len(fitting) == 1 else ExperimentConfig
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from crowguard import config
     from crowguard.schemas import ExperimentConfig
@@ -207,12 +230,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.config:
         raise UsageError("give a config file or preset to validate (or --explain)")
     source = _config_source(args.config)
-    if args.config.startswith("demo/") or "organism" in (config.read_yaml(source) or {}):
-        from crowguard.schemas import DemoConfig  # a demo config (crowguard demo --config)
-
-        cfg = config.load(DemoConfig, source, args.set or ())
-    else:
-        cfg = _load_experiment(args)
+    cfg = config.load(_validated_schema(args.schema, source, args.set or ()), source, args.set or ())
     if args.print:
         import yaml
 
@@ -408,19 +426,30 @@ def _quick_keeping_nothing_given(cfg: Any, quick: Any, values: dict[str, Any], s
     return quick
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import time
-
+def demo_config(args: argparse.Namespace) -> Any:
+    """The demo's settings: the organism's preset (``demo/<organism>``), a ``--config`` file laid over it, then
+    ``--set`` and flags; ``--quick`` last (refusing to replace a setting the user gave)."""
     from crowguard import config
-    from crowguard.recipes.demo import quick_config, run_demo
+    from crowguard.recipes.demo import quick_config
     from crowguard.schemas import DemoConfig
 
     values = schema_values(args)
     organism = values.get("organism.name") or "smollm2"
     source = _config_source(args.config) if args.config else _config_source(f"demo/{organism}")
-    cfg = config.load(DemoConfig, source, args.set or (), values)
+    # --organism picks its preset; a --config file goes on top of it (not instead of it)
+    base = _config_source(f"demo/{organism}") if args.config and "organism.name" in values else None
+    cfg = config.load(DemoConfig, source, args.set or (), values, base=base)
     if args.quick:
         cfg = _quick_keeping_nothing_given(cfg, quick_config(cfg), values, args.set or ())
+    return cfg
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from crowguard.recipes.demo import run_demo
+
+    cfg = demo_config(args)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_demo(cfg, out, overwrite=args.overwrite, show_progress=not args.quiet)
     print(f"results -> {out / 'results.md'} (chart: {out / 'results.png'})")
@@ -481,6 +510,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value before validating")
     p.add_argument("--print", action="store_true", help="print the resolved config")
     p.add_argument("--explain", action="store_true", help="list every knob with its default and help")
+    p.add_argument(
+        "--schema",
+        choices=["auto", "experiment", "demo"],
+        default="auto",
+        help="what the file configures (auto: the schema whose keys it uses and that it validates as)",
+    )
     p.set_defaults(handler=cmd_validate)
 
     p = add_parser("env", help="versions and devices")

@@ -346,11 +346,15 @@ def load(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     values: Mapping[str, Any] | None = None,
+    base: str | Path | None = None,
 ) -> T:
-    """Load ``cls`` from an optional YAML file plus ``--set`` overrides and flag ``values`` (flags win). An error
-    names where the bad value came from: the ``--set`` that gave it (even when a flag overrides it), else the file
-    (a shipped preset is not blamed for a command line's value), else the command line's key."""
+    """Load ``cls`` from an optional YAML file (laid over the YAML file ``base``, section by section, when given)
+    plus ``--set`` overrides and flag ``values`` (flags win). An error names where the bad value came from: the
+    ``--set`` that gave it (even when a flag overrides it), else the file (a shipped preset is not blamed for a
+    command line's value), else the command line's key."""
     data = read_yaml(path) if path is not None else {}
+    if base is not None:
+        data = _merge(read_yaml(base), data)
     if overrides and values:  # a bad --set must not hide behind a flag that sets the same key
         try:
             from_dict(cls, apply_overrides(data, overrides))

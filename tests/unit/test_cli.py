@@ -309,3 +309,28 @@ def test_a_failing_command_closes_its_process_group_too(tmp_path: Path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert not dist.is_initialized()
+
+
+def test_validate_takes_a_demo_yaml_without_an_organism_section(tmp_path, capsys):
+    """Issue 27's defect: validate sniffed for `organism:` and checked any other demo YAML as an experiment."""
+    path = tmp_path / "demo.yaml"
+    path.write_text("n_test: 50\nbackdoor:\n  lr: 5.0e-4\n")
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert main(["validate", str(path), "--schema", "experiment"]) == 2  # n_test is not an experiment key
+    assert "n_test" in capsys.readouterr().err
+
+
+def test_demo_config_with_organism_lays_the_file_over_that_organisms_preset(tmp_path):
+    """Issue 27's defect: `demo --config X --organism tiny` silently dropped the demo/tiny preset."""
+    from crowguard import config
+    from crowguard.cli import build_parser, demo_config
+    from crowguard.registry import preset_path
+    from crowguard.schemas import DemoConfig
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("n_test: 50\n")
+    args = build_parser("demo").parse_args(["demo", "--config", str(path), "--organism", "tiny"])
+    cfg = demo_config(args)
+    tiny = config.load(DemoConfig, Path(str(preset_path("demo/tiny"))))
+    assert cfg.n_test == 50 and cfg.organism == tiny.organism and cfg.plant == tiny.plant == "pretrain"
+    assert cfg.backdoor == tiny.backdoor
