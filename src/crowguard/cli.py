@@ -638,7 +638,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a scan setting, e.g. method=max_abs_z"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. scan.method=max_abs_z or model.dtype=bfloat16",
     )
 
     def scan_flags(p: argparse.ArgumentParser = p) -> None:

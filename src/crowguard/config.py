@@ -405,25 +405,21 @@ def save(obj: Any, path: str | Path) -> None:
     write_text_atomic(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
-def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every knob, for ``crowguard validate --explain``."""
+def explain(schema: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every knob of ``schema`` (a config class or instance), for ``crowguard
+    validate --explain``. Defaults are the field's own: a nested section shows its field's default instance
+    (``defense.train.lr`` 0.001), not its type's (``TrainConfig().lr`` 0.0002)."""
+    obj = schema() if isinstance(schema, type) else schema
     rows: list[tuple[str, str, str]] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
         if "open_sections" in f.metadata:
             for name, section in f.metadata["open_sections"]().items():
-                rows.extend(explain(section, f"{prefix}{name}."))
+                rows.extend(explain(value.get(name) or section, f"{prefix}{name}."))
             continue
-        if dataclasses.is_dataclass(tp):
-            rows.extend(explain(tp, key + "."))
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(explain(value, key + "."))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        rows.append((key, repr(to_dict(default)), f.metadata.get("help", "")))
+        rows.append((key, repr(to_dict(value)), f.metadata.get("help", "")))
     return rows

@@ -132,7 +132,7 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
 def load_examples(source: str | Path, require_output: bool = True, split: str = "train") -> list[Example]:
     """Load Alpaca-style examples from a ``.json``/``.jsonl`` file, or a ``datasets`` name when online.
 
-    Every bad record is reported (up to 20) in one :class:`DataError`.
+    Bad records are reported in one one-line :class:`DataError` (the first few and how many more).
     """
     path = Path(source)
     if path.is_dir() and any((path / name).is_file() for name in HF_DATASET_FILES):

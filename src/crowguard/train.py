@@ -227,7 +227,7 @@ class FiniteGuard(TrainerCallback):
             what = "gradient" if grads else "weight after the update"
             raise TrainingDivergedError(
                 f"training diverged at step {state.global_step + int(grads)}: non-finite {what} of {name}; nothing "
-                "was saved (lower train.lr or check the data and the model)"
+                "was saved (lower the learning rate, or check the data and the model)"
             )
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

@@ -38,3 +38,15 @@ def test_an_n_to_m_ratio_override_stays_text():
 
     assert parse_override("defense.prune.pattern=2:4") == (["defense", "prune", "pattern"], "2:4")
     assert parse_override("a.b=12") == (["a", "b"], 12)
+
+
+def test_explain_shows_each_fields_own_default_not_its_types():
+    """Issue 27's defect: `validate --explain` printed TrainConfig's lr 0.0002 for defense.train.lr (really 1e-3)."""
+    from crowguard.config import explain
+    from crowguard.schemas import DemoConfig, ExperimentConfig
+
+    rows = {key: default for key, default, _ in explain(ExperimentConfig)}
+    assert rows["defense.train.lr"] == "0.001" and rows["backdoor.lr"] == "0.0002"
+    assert rows["defense.crow.alpha"] == "5.5"
+    demo = {key: default for key, default, _ in explain(DemoConfig)}
+    assert demo["backdoor.lora_r"] == "16" and demo["evaluate.max_new_tokens"] == "16"
