@@ -199,7 +199,11 @@ class CrowTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._part_sums and "loss" in logs:
-            for name, (total, weights) in self._part_sums.items():
+            names = list(self._part_sums)
+            sums = torch.tensor([self._part_sums[name] for name in names], dtype=torch.float64)
+            if self.args.world_size > 1:  # every rank logs (the Trainer gathers its loss): the parts over all ranks
+                sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+            for name, (total, weights) in zip(names, sums.tolist()):
                 logs[name] = round(total / max(weights, 1e-12), 6)
             self._part_sums = {}
         super().log(logs, *args, **kwargs)

@@ -1,8 +1,9 @@
 """torchrun worker: one optimizer step of crowguard's ``train`` (the Trainer under DDP) on 4 unequal-length examples.
 
-``argv``: output path, loss average (token | micro_batch), and ``full-gc-untied`` for full fine-tuning with gradient
+``argv``: output path, loss average (token | micro_batch), ``full-gc-untied`` for full fine-tuning with gradient
 checkpointing on a model whose embeddings are not tied (the path where the Trainer's default DDP setting used to make
-CROW refuse to run). Rank 0 writes each weight's update (after - before) as safetensors.
+CROW refuse to run), and the work directory (its ``metrics.jsonl`` holds the logged losses). Rank 0 writes each
+weight's update (after - before) as safetensors.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def one_step_update(loss_average: str, per_device_batch: int, full_gc_untied: bo
 
 if __name__ == "__main__":
     out, loss_average, variant = sys.argv[1], sys.argv[2], sys.argv[3]
-    update = one_step_update(loss_average, 2, variant == "full-gc-untied", tempfile.mkdtemp())
+    work = sys.argv[4] if len(sys.argv) > 4 else tempfile.mkdtemp()
+    update = one_step_update(loss_average, 2, variant == "full-gc-untied", work)
     if int(os.environ.get("RANK", "0")) == 0:
         save_file(update, out)
     # Close the group the Trainer opened, together: a rank that exits with it open can abort in gloo's teardown

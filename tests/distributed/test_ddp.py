@@ -73,11 +73,15 @@ def test_ddp_training_step_equals_one_process_on_unequal_lengths(tmp_path: Path,
     gaps = {}
     for average in ("token", "micro_batch"):
         out = tmp_path / f"{average}.safetensors"
-        _torchrun([str(HERE / "ddp_train_worker.py"), str(out), average, variant], tmp_path)
+        _torchrun([str(HERE / "ddp_train_worker.py"), str(out), average, variant, str(tmp_path / average)], tmp_path)
         ddp = load_file(out)
         gaps[average] = max(float((ddp[k] - single[k]).abs().max() / single[k].abs().max()) for k in changed)
     assert gaps["token"] < 1e-3, gaps
     assert gaps["micro_batch"] > 0.03, gaps
+    # the logged parts are the step's over all ranks, as the loss is (issue 27: they were rank 0's own)
+    logged = [json.loads((tmp_path / w / "metrics.jsonl").read_text().splitlines()[0]) for w in ("single", "token")]
+    for part in ("lm_loss", "consistency_loss", "consistency_adv"):
+        assert logged[1][part] == pytest.approx(logged[0][part], rel=1e-4), (part, logged)
 
 
 def test_defend_cli_under_torchrun(tmp_path: Path):
