@@ -46,7 +46,7 @@ def test_run_pipeline_and_resume(tmp_path: Path, capsys):
         scores = [r["score"] >= 0.5 for r in evaluated["records"] if r["set"] == "triggered"]
         assert row["asr_trigger"] == sum(scores) / len(scores) and row["target_nll_gap"] is not None
         assert row["eval_seconds"] > 0
-        assert (row["train_seconds"] is None) if row["defense"] == "none" else row["train_seconds"] > 0
+        assert (row["defense_seconds"] is None) if row["defense"] == "none" else row["defense_seconds"] > 0
     for name in (
         "results.md",
         "results.png",

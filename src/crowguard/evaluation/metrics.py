@@ -398,6 +398,7 @@ class Cost:
 
 
 _OPEN_PEAKS: list[float] = []  # per open measure_cost block: the largest high-water mark seen at inner resets
+_OPEN_CUDA_PEAKS: list[float] = []  # the same for CUDA's allocated-memory peak (MB)
 
 
 def _reset_peak_rss() -> bool:
@@ -428,7 +429,10 @@ def measure_cost() -> Iterator[Cost]:
     cost = Cost()
     torch = sys.modules.get("torch")  # only if the caller already uses torch: measuring must not import it
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        # as for RSS below: an inner block's reset must not hide what the open outer blocks used before it
+        _OPEN_CUDA_PEAKS[:] = [max(seen, torch.cuda.max_memory_allocated() / 2**20) for seen in _OPEN_CUDA_PEAKS]
         torch.cuda.reset_peak_memory_stats()
+    _OPEN_CUDA_PEAKS.append(0.0)
     # Nested blocks: a reset inside would hide what the outer block used before it, so each open block keeps the
     # largest high-water mark seen at the inner resets.
     current = _peak_rss_mb()
@@ -441,7 +445,7 @@ def measure_cost() -> Iterator[Cost]:
         yield cost
     finally:
         cost.wall_s = time.perf_counter() - start
-        seen_inside = _OPEN_PEAKS.pop()
+        seen_inside, cuda_seen_inside = _OPEN_PEAKS.pop(), _OPEN_CUDA_PEAKS.pop()
         high_water = _peak_rss_mb() if block_scope else None
         if high_water is not None:
             cost.peak_rss_mb, cost.peak_rss_scope = max(high_water, seen_inside), "block"
@@ -452,7 +456,7 @@ def measure_cost() -> Iterator[Cost]:
         torch = sys.modules.get("torch")
         # CUDA first initialised inside the block also counts: its peak since then is the block's peak.
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            cost.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            cost.cuda_peak_mb = max(torch.cuda.max_memory_allocated() / 2**20, cuda_seen_inside)
 
 
 def normalise_text(text: str) -> str:

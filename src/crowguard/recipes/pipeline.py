@@ -231,10 +231,12 @@ def _run_stages(cfg: ExperimentConfig, root: Path, quiet: bool, ranks: Ranks) ->
         if not ranks.main:
             continue
         results = json.loads((eval_dir / "results.json").read_text())
-        summary = Path(model_path) / "train_summary.json"  # the defense's (the backdoor's for none: no training)
-        train_seconds = json.loads(summary.read_text())["seconds"] if method != "none" and summary.is_file() else None
+        # every defense stage's own wall time, from its manifest (training, editing weights, or writing a decoding
+        # defense's spec: a decoding defense's cost is in the evaluation's time); none has no stage
+        manifest = Path(model_path) / "manifest.json"
+        seconds = json.loads(manifest.read_text())["summary"].get("seconds") if method != "none" else None
         row = {k: v for k, v in results["summary"].items() if k != "model"}
-        rows.append({"defense": method, **row, "train_seconds": train_seconds})
+        rows.append({"defense": method, **row, "defense_seconds": seconds})
 
     # 4. Compare (the main process writes; every rank returns it).
     if ranks.main:

@@ -366,3 +366,31 @@ def test_nll_gap_interval_contains_the_gap_and_narrows_with_more_prompts() -> No
     big_low, big_high = nll_gap_ci(big_t, big_c)
     assert big_low < 1.0 < big_high and big_high - big_low < (high - low) / 3
     assert nll_gap_ci(small_t, small_c, seed=3) == nll_gap_ci(small_t, small_c, seed=3)
+
+
+def test_a_nested_measure_cost_keeps_the_outer_blocks_cuda_peak(monkeypatch) -> None:
+    """Issue 27's defect: an inner block's reset of CUDA's peak hid what the outer block had used before it. No GPU
+    here, so torch.cuda's four calls are a small allocator model: allocated memory and its peak since a reset."""
+    import sys
+    import types
+
+    state = {"now": 0.0, "peak": 0.0}
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        reset_peak_memory_stats=lambda: state.update(peak=state["now"]),
+        max_memory_allocated=lambda: state["peak"] * 2**20,
+    )
+
+    def use(mb: float) -> None:
+        state["now"] = mb
+        state["peak"] = max(state["peak"], mb)
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    with measure_cost() as outer:
+        use(900.0)  # the outer block's own peak, before the inner block starts
+        use(100.0)
+        with measure_cost() as inner:
+            use(300.0)
+    assert inner.cuda_peak_mb == 300.0
+    assert outer.cuda_peak_mb == 900.0
