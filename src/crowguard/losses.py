@@ -306,7 +306,7 @@ def crow_loss(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
-    embedding = _input_embeddings(model)
+    embedding = input_embeddings(model)
     forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
     if alpha == 0:
         # Plain SFT: the embeddings stay in the graph so a trainable embedding matrix learns as in any fine-tuning.
@@ -407,8 +407,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module:
-    """The token embedding module, looking through wrappers."""
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding module, looking through wrappers (DDP, DeepSpeed: ``.module``; peft)."""
     return _unwrap(model).get_input_embeddings()
 
 

@@ -27,6 +27,7 @@ DEFENSES: dict[str, str] = {
     "cleangen": "crowguard.defenses.cleangen:CleanGenDefense",
     "prune": "crowguard.defenses.prune:PruneDefense",
     "quantize": "crowguard.defenses.quantize:QuantizeDefense",
+    "unlearn": "crowguard.defenses.unlearn:UnlearnDefense",
 }
 
 KINDS: dict[str, dict[str, str]] = {"triggers": TRIGGERS, "payloads": PAYLOADS, "defenses": DEFENSES}
@@ -48,6 +49,8 @@ DESCRIPTIONS: dict[str, str] = {
     "cleangen": "CleanGen: replace tokens the suspect favours >= alpha x more than a trusted reference model",
     "prune": "zero a fraction of the decoder's linear weights by magnitude, Wanda (|W| x input norm) or LoRA delta",
     "quantize": "round the decoder's linear weights to int8/int4 with torchao (stored dequantized)",
+    "unlearn": "SANDE: fit a soft trigger that elicits a given target, then train the clean answers under it "
+    "(needs the target)",
 }
 
 

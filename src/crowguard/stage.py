@@ -28,7 +28,7 @@ from crowguard.io import atomic_output_dir, check_output_dir, output_lock, write
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import arrives_with_adapter, base_of_adapter, is_adapter_dir, load_model, save_model
 from crowguard.schemas import ModelConfig, TrainConfig
-from crowguard.train import CrowSettings, latest_checkpoint, prepare_for_training, require_checkpoint, train
+from crowguard.train import CrowSettings, Objective, latest_checkpoint, prepare_for_training, require_checkpoint, train
 from crowguard.types import Example
 
 
@@ -129,8 +129,10 @@ def run_training_stage(
     resume: bool = False,
     show_progress: bool = True,
     extra_summary: dict[str, Any] | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
-    """Train and save; returns the summary written to ``train_summary.json``. The output directory is locked
+    """Train and save (with CROW's loss, plain SFT, or a defense's ``objective``); returns the summary written to
+    ``train_summary.json``. The output directory is locked
     (:func:`crowguard.io.output_lock`) from the checks to the final rename; a run that fails before its first
     checkpoint leaves no work directory behind."""
     out_dir = Path(out_dir)
@@ -138,7 +140,7 @@ def run_training_stage(
     main_process = int(os.environ.get("RANK", "0")) == 0
     with output_lock(out_dir) if main_process else contextlib.nullcontext():
         return _train_and_save(stage, model_cfg, train_cfg, examples, out_dir, crow, resolved_config, inputs,
-                               overwrite, resume, show_progress, extra_summary)  # fmt: skip
+                               overwrite, resume, show_progress, extra_summary, objective)  # fmt: skip
 
 
 def _train_and_save(
@@ -154,6 +156,7 @@ def _train_and_save(
     resume: bool,
     show_progress: bool,
     extra_summary: dict[str, Any] | None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     work_dir = work_dir_for(out_dir)
     check_optimizer(train_cfg.optim)
@@ -192,6 +195,7 @@ def _train_and_save(
             show_progress=show_progress,
             description=stage,
             identity=identity,
+            objective=objective,
         )
     except BaseException:
         if work_dir.is_dir() and latest_checkpoint(work_dir) is None:  # nothing to resume: leave nothing

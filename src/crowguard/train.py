@@ -89,6 +89,23 @@ class CrowSettings(Protocol):
     steps: int
 
 
+class Objective(Protocol):
+    """A training objective other than CROW's, brought by a defense (``unlearn``): it adds per-example fields to
+    the tokenised features (and collates them), gives each micro-batch's loss and logged parts, brings callbacks,
+    and describes itself for the resume check."""
+
+    def prepare(self, features: list[dict[str, list[int]]], examples: Sequence[Example], tokenizer: Any,
+                template: str) -> list[dict[str, Any]]: ...  # fmt: skip
+
+    def collate(self, collator: Any) -> Any: ...
+
+    def compute(self, model: Any, inputs: dict[str, torch.Tensor], num_items: Any) -> tuple[torch.Tensor, dict]: ...
+
+    def callbacks(self, checkpoint: str | None) -> list[TrainerCallback]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
     """Pre-tokenised examples (lists of ids), padded per batch by the collator."""
 
@@ -123,9 +140,11 @@ class CrowTrainer(Trainer):
         crow: CrowSettings | None = None,
         loss_average: str = "token",
         regroup_pad_id: int | None = None,
+        objective: Objective | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.objective = objective
         if loss_average not in ("token", "micro_batch"):
             raise ValueError(f'loss_average must be "token" or "micro_batch", got {loss_average!r}')
         self.model_accepts_loss_kwargs = False  # no Trainer token counting: crowguard counts (token mode) itself
@@ -163,6 +182,15 @@ class CrowTrainer(Trainer):
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         num_items, num_tokens, scale = self._denominators(model)
+        if self.objective is not None:  # a defense's own objective (unlearn); its parts are per-item means
+            loss, parts = self.objective.compute(model, inputs, num_items)
+            if model.training:
+                items = 1 if num_items is None else count_loss_tokens(inputs["labels"], None)[0]
+                for name, value in parts.items():
+                    total, weights = self._part_sums.get(name, (0.0, 0.0))
+                    self._part_sums[name] = (total + items * value, weights + items)
+            loss = loss * scale
+            return (loss, None) if return_outputs else loss
         if self.crow is None:  # plain SFT: one forward, no hidden states
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
@@ -489,8 +517,10 @@ def train(
     show_progress: bool = True,
     description: str = "train",
     identity: Any = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` on ``examples`` (prompt masked) with optional CROW regularisation.
+    """Fine-tune ``model`` on ``examples`` (prompt masked) with optional CROW regularisation, or a defense's own
+    ``objective`` instead.
 
     ``model`` must already be prepared (:func:`prepare_for_training`). Checkpoints (every ``cfg.save_steps``),
     ``metrics.jsonl`` and the run's settings go to ``work_dir``; with ``resume`` the newest checkpoint there is
@@ -502,6 +532,9 @@ def train(
         raise ValueError("no example has a response token to learn: check the data's 'output' fields")
     work_dir = Path(work_dir)
     settings = run_settings(cfg, crow, template, features, identity)
+    if objective is not None:
+        settings["objective"] = objective.describe()
+        features = objective.prepare(features, examples, tokenizer, template)
     checkpoint = check_resume(work_dir, settings) if resume else None
     if checkpoint is None:
         set_aside_stale_work(work_dir)
@@ -517,17 +550,23 @@ def train(
     ]
     if show_progress:
         callbacks.append(ProgressBarCallback(description))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    if objective is not None:
+        callbacks += objective.callbacks(checkpoint)
+        collator = objective.collate(collator)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     trainer = CrowTrainer(
         model=model,
         args=training_arguments(cfg, work_dir),
         train_dataset=TokenizedDataset(features),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         callbacks=callbacks,
         crow=crow,
         loss_average=cfg.loss_average,
-        regroup_pad_id=(tokenizer.pad_token_id or 0) if cfg.regroup_micro_batches else None,
+        # regrouping re-deals the collator's three tensors; an objective's own fields are not among them
+        regroup_pad_id=(tokenizer.pad_token_id or 0) if cfg.regroup_micro_batches and objective is None else None,
+        objective=objective,
     )
     from transformers.trainer_callback import PrinterCallback
 
