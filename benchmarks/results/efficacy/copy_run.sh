@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Copy a run's evaluations and each defense's summary and losses (not its weights, not its model card) from a
+# working --out of benchmarks/efficacy.py into the committed results: copy_run.sh RUN_DIR CELL VARIANT-SEED...
+set -euo pipefail
+run=$1; cell=$2; shift 2
+dest=$(dirname "$0")/$cell
+for name in "$@"; do
+  cp "$run/$cell/eval-$name.json" "$dest/"
+  mkdir -p "$dest/$name"
+  cp "$run/$cell/$name/train_summary.json" "$run/$cell/$name/metrics.jsonl" "$dest/$name/"
+done
