@@ -110,8 +110,15 @@ class TrainConfig:
     logging_steps: int = knob(1, "log losses every N optimizer steps", bounds="[1, inf)")
     seed: int = knob(0, "seed for initialisation, shuffling and dropout")
     merge_output: bool = knob(False, "also save the adapter merged into the base as a full model")
+    trainer_args: dict[str, Any] = knob(
+        {},
+        "more transformers TrainingArguments, as in TRL (e.g. {report_to: tensorboard, logging_dir: runs/tb, "
+        "save_total_limit: 5, torch_compile: true}); checked against its fields; keys crowguard sets from the "
+        "knobs above are refused",
+    )
 
     def validate(self) -> None:
+        check_trainer_args(self.trainer_args)
         for name in ("lr", "per_device_batch", "grad_accum", "max_length", "lora_r"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -125,6 +132,40 @@ class TrainConfig:
         if self.quantize_base == "4bit" and self.merge_output:
             raise ValueError("merge_output with quantize_base 4bit would merge the adapter into rounded 4-bit "
                              "weights; merge it into the full-precision base afterwards instead")  # fmt: skip
+
+
+# TrainingArguments that crowguard sets itself, each from its knob (or fixed, with the reason in train.py).
+TRAINER_ARGS_OWNED = {
+    "output_dir": "the stage's work directory", "learning_rate": "lr", "num_train_epochs": "epochs",
+    "max_steps": "max_steps", "per_device_train_batch_size": "per_device_batch",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "warmup_steps": "warmup_ratio",
+    "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay", "optim": "optim",
+    "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps", "save_strategy": "save_steps",
+    "save_steps": "save_steps", "seed": "seed", "data_seed": "seed", "bf16": "precision", "fp16": "precision",
+    "use_cpu": "the device", "remove_unused_columns": "the engine (its collator needs every column)",
+    "disable_tqdm": "the engine's own progress bar", "ddp_find_unused_parameters": "the engine",
+    "logging_first_step": "the engine", "gradient_checkpointing": "gradient_checkpointing",
+    "eval_strategy": "the engine (a stage has no evaluation set)", "do_eval": "the engine (no evaluation set)",
+}  # fmt: skip
+
+
+def check_trainer_args(args: dict[str, Any]) -> None:
+    """Every key a TrainingArguments field, none of those crowguard sets itself (transformers is imported only
+    when there is something to check)."""
+    if not args:
+        return
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from crowguard.config import suggest
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in args:
+        if key in TRAINER_ARGS_OWNED:
+            raise ValueError(f"trainer_args.{key} is set by crowguard from {TRAINER_ARGS_OWNED[key]}; use that")
+        if key not in fields:
+            raise ValueError(f"trainer_args.{key} is not a TrainingArguments field{suggest(key, sorted(fields))}")
 
 
 def defense_sections() -> dict[str, type]:

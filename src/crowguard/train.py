@@ -386,8 +386,10 @@ def _enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
 
 
 def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters: bool = False) -> TrainingArguments:
-    """``TrainingArguments`` from crowguard's ``TrainConfig`` (paper defaults: cosine, warmup 0.1, 2 x 4)."""
+    """``TrainingArguments`` from crowguard's ``TrainConfig`` (paper defaults: cosine, warmup 0.1, 2 x 4); the
+    defaults below (no reporting, 2 checkpoints kept, no loader workers) give way to ``cfg.trainer_args``."""
     use_cuda = torch.cuda.is_available()
+    defaults = {"report_to": "none", "save_total_limit": 2, "dataloader_num_workers": 0}
     return TrainingArguments(
         output_dir=str(work_dir),
         learning_rate=cfg.lr,
@@ -403,15 +405,12 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters:
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
         use_cpu=not use_cuda,
-        report_to="none",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
         disable_tqdm=True,
         # every trainable parameter gets a gradient each step (CROW's LM term reaches a trainable embedding matrix
         # too), so no search; never left to the Trainer's checkpointing-dependent default
@@ -419,6 +418,7 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters:
         logging_first_step=True,
         # gradient checkpointing is enabled on the model in prepare_for_training; the argument is left at its
         # default (renamed activation_checkpointing in transformers 5.2x, so naming it warns on every run)
+        **{**defaults, **cfg.trainer_args},
     )
 
 

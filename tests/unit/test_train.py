@@ -422,3 +422,20 @@ def test_trainer_regroups_each_step_in_token_mode_only(tmp_path: Path):
                               loss_average=mode, regroup_pad_id=0)  # fmt: skip
         got, _ = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
         assert [b["input_ids"].shape[1] for b in got] == ([20, 3] if regrouped else [20, 19]), mode
+
+
+def test_a_training_section_passes_the_trainer_arguments_a_user_reaches_for(tmp_path):
+    """Issue 27: report_to, save_total_limit, loader workers were fixed and torch_compile unreachable. They pass
+    through train.trainer_args (checked against TrainingArguments; keys crowguard sets from its knobs refused)."""
+    from crowguard import config
+    from crowguard.schemas import ExperimentConfig
+    from crowguard.train import training_arguments
+
+    cfg = config.load(ExperimentConfig, None, ["defense.train.trainer_args={save_total_limit: 5, adam_beta2: 0.99}"])
+    args = training_arguments(cfg.defense.train, tmp_path)
+    assert (args.save_total_limit, args.adam_beta2, args.dataloader_num_workers) == (5, 0.99, 0)
+    assert args.report_to in ("none", [], ["none"])  # crowguard's default where the user gave none
+    with pytest.raises(config.ConfigError, match="learning_rate is set by crowguard from lr"):
+        config.load(ExperimentConfig, None, ["defense.train.trainer_args={learning_rate: 0.1}"])
+    with pytest.raises(config.ConfigError, match="report_too is not a TrainingArguments field.*report_to"):
+        config.load(ExperimentConfig, None, ["backdoor.trainer_args={report_too: none}"])
