@@ -27,8 +27,9 @@ from crowguard.data import examples_sha256
 from crowguard.io import atomic_output_dir, check_output_dir, output_lock, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import arrives_with_adapter, base_of_adapter, is_adapter_dir, load_model, save_model
+from crowguard.resume import latest_checkpoint, require_checkpoint
 from crowguard.schemas import ModelConfig, TrainConfig
-from crowguard.train import CrowSettings, Objective, latest_checkpoint, prepare_for_training, require_checkpoint, train
+from crowguard.train import CrowSettings, Objective, prepare_for_training, train
 from crowguard.types import Example
 
 

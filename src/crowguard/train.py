@@ -12,7 +12,6 @@ artefact is written atomically.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -23,12 +22,29 @@ from typing import Any, Protocol
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from crowguard.config import ConfigError, to_dict
+from crowguard.config import ConfigError
 from crowguard.data import IGNORE_INDEX, tokenize_examples
-from crowguard.io import write_json_atomic, write_text_atomic
-from crowguard.losses import count_loss_tokens, crow_loss, first_non_finite, masked_lm_loss
+from crowguard.io import write_json_atomic
+from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
+from crowguard.resume import (  # noqa: F401 - the engine's resume API, also reachable from here
+    RESUME_FREE_KEYS,
+    SETTINGS_FILE,
+    ResumeError,
+    _truncate_metrics,
+    check_resume,
+    latest_checkpoint,
+    require_checkpoint,
+    run_settings,
+    set_aside_stale_work,
+)
 from crowguard.schemas import TrainConfig
-from crowguard.types import Example, NonFiniteError
+from crowguard.train_callbacks import (
+    FiniteGuard,
+    MetricsFileCallback,
+    ProgressBarCallback,
+    TrainingDivergedError,
+)
+from crowguard.types import Example
 
 PART_NAMES = ("lm_loss", "consistency_loss", "consistency_adv", "epsilon_effective")
 
@@ -237,86 +253,6 @@ class CrowTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-class TrainingDivergedError(NonFiniteError):
-    """Training produced a non-finite gradient or trainable weight; it stopped and nothing was saved."""
-
-
-class FiniteGuard(TrainerCallback):
-    """Stop at the first non-finite gradient (before the optimizer applies it) or trainable weight (after a step):
-    a nan loss, or an update that overflows, would otherwise train a broken model to the end and save it, and a model
-    that emits garbage scores ASR 0%. Runs every optimizer step (a norm per trainable tensor, one sync). Under fp16
-    an inf gradient is the loss scaler's business (it skips that step), so only the weights are checked."""
-
-    def __init__(self, check_gradients: bool = True) -> None:
-        self.check_gradients = check_gradients
-
-    def _check(self, model: Any, state: Any, grads: bool) -> None:
-        if model is None:
-            return
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        named = [(n, p.grad) for n, p in trainable if p.grad is not None] if grads else trainable
-        if (name := first_non_finite(named)) is not None:
-            what = "gradient" if grads else "weight after the update"
-            raise TrainingDivergedError(
-                f"training diverged at step {state.global_step + int(grads)}: non-finite {what} of {name}; nothing "
-                "was saved (lower the learning rate, or check the data and the model)"
-            )
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if self.check_gradients:
-            self._check(model, state, grads=True)
-
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._check(model, state, grads=False)
-
-
-class MetricsFileCallback(TrainerCallback):
-    """Append every log record (step, losses, learning rate) to ``metrics.jsonl``, with ``elapsed_s``: seconds since
-    this process began training (a resumed run starts again at 0), so step costs can be read off the log."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.start = time.perf_counter()
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start = time.perf_counter()
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs:
-            elapsed = round(time.perf_counter() - self.start, 3)
-            record = {"step": state.global_step, "epoch": state.epoch, **logs, "elapsed_s": elapsed}
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
-class ProgressBarCallback(TrainerCallback):
-    """One tqdm bar over optimizer steps, showing the latest losses; tqdm supplies the ETA."""
-
-    def __init__(self, description: str = "train") -> None:
-        self.description = description
-        self.bar: Any = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.description, unit="step")
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if self.bar is not None and logs:
-            shown = {k: f"{logs[k]:.4g}" for k in ("loss", "lm_loss", "consistency_adv") if k in logs}
-            self.bar.set_postfix(shown, refresh=False)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 @dataclass
 class TrainResult:
     """What a training run produced and what it cost."""
@@ -420,89 +356,6 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, find_unused_parameters:
         # default (renamed activation_checkpointing in transformers 5.2x, so naming it warns on every run)
         **{**defaults, **cfg.trainer_args},
     )
-
-
-def latest_checkpoint(work_dir: Path) -> str | None:
-    """The newest ``checkpoint-N`` directory in ``work_dir``, or None."""
-    checkpoints = sorted(Path(work_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
-
-
-class ResumeError(ConfigError):
-    """``--resume`` cannot continue: no checkpoint, or the run would not be the one that was checkpointed."""
-
-
-# Settings that do not change what is trained (how often to log or checkpoint) may differ on resume.
-RESUME_FREE_KEYS = ("save_steps", "logging_steps", "regroup_micro_batches")
-SETTINGS_FILE = "run_settings.json"
-
-
-def run_settings(
-    cfg: TrainConfig, crow: CrowSettings | None, template: str, features: Sequence[dict[str, list[int]]], identity: Any
-) -> dict[str, Any]:
-    """What a resumed run must share with the checkpointed one: the training settings, CROW's, the template, the
-    tokenised data (hashed) and the caller's identity of the model (path, adapter)."""
-    import hashlib
-
-    train_settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS}
-    data = hashlib.sha256(json.dumps([[*f["input_ids"], -1, *f["labels"]] for f in features]).encode())
-    return {"train": train_settings, "crow": None if crow is None else to_dict(crow), "template": template,
-            "data_sha256": data.hexdigest(), "model": identity}  # fmt: skip
-
-
-def require_checkpoint(work_dir: Path) -> str:
-    """The newest checkpoint in ``work_dir``, or the one-line ResumeError that there is none to resume."""
-    checkpoint = latest_checkpoint(work_dir) if Path(work_dir).is_dir() else None
-    if checkpoint is None:
-        raise ResumeError(f"--resume: no checkpoint-* directory in {work_dir} (run without --resume to start afresh)")
-    return checkpoint
-
-
-def set_aside_stale_work(work_dir: Path) -> Path | None:
-    """A fresh run starts from an empty work directory: an earlier run's leftovers (a killed run's checkpoints,
-    which checkpoint rotation and a later ``--resume`` would mix with this run's) are renamed to
-    ``<work_dir>.stale-<time>`` with a warning, not deleted. Only the main process renames; returns the new path."""
-    import os
-    import warnings
-
-    work_dir = Path(work_dir)
-    if int(os.environ.get("RANK", "0")) != 0 or not work_dir.is_dir() or not any(work_dir.iterdir()):
-        return None
-    aside = work_dir.with_name(f"{work_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    work_dir.rename(aside)
-    warnings.warn(f"{work_dir} held an earlier run's files (not resumed): moved them to {aside}", stacklevel=3)
-    return aside
-
-
-def check_resume(work_dir: Path, settings: dict[str, Any]) -> str:
-    """The checkpoint to continue, after checking that ``settings`` are the checkpointed run's; else ResumeError."""
-    checkpoint = require_checkpoint(work_dir)
-    recorded_path = work_dir / SETTINGS_FILE
-    if not recorded_path.is_file():
-        raise ResumeError(f"--resume: {recorded_path} is missing, so the checkpoint's settings cannot be checked")
-    recorded = json.loads(recorded_path.read_text())
-    if recorded != settings:
-        diff = sorted(_differences(recorded, settings))
-        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diff[:6])
-        raise ResumeError(f"--resume: the settings differ from the checkpointed run in {work_dir} ({shown}); "
-                          "resume with the same settings, or start afresh without --resume")  # fmt: skip
-    return checkpoint
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [(prefix.rstrip("."), old, new)]
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint (the crashed run's tail) so a resumed run logs no step twice."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def train(
