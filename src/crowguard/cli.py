@@ -12,6 +12,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from crowguard.cli_config import (  # noqa: F401
+    UsageError,
+    _config_source,
+    _flat,
+    _load_experiment,
+    _quick_keeping_nothing_given,
+    _validated_schema,
+    demo_config,
+)
+from crowguard.cli_flags import FLAG_DEST, _model_flags, add_schema_flags, schema_values  # noqa: F401
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -33,10 +44,6 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """A user-fixable problem found by the CLI itself (exit code 2)."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's input, not a crowguard bug: exit 2 with one line."""
     from crowguard.config import ConfigError
@@ -55,125 +62,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _config_source(ref: str | None) -> Path | None:
-    """A YAML path, or a packaged preset name like ``defenses/crow``."""
-    if ref is None:
-        return None
-    path = Path(ref)
-    if path.exists() or ref.endswith((".yaml", ".yml")):
-        return path
-    from crowguard.registry import preset_path
-
-    return Path(str(preset_path(ref)))
-
-
-def _load_experiment(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> Any:
-    """The experiment config from ``--config``, ``--set`` overrides and the command's flags (schema flags and
-    ``flags``)."""
-    from crowguard import config
-    from crowguard.schemas import ExperimentConfig
-
-    values = {**schema_values(args), **{k: v for k, v in (flags or {}).items() if v is not None}}
-    return config.load(ExperimentConfig, _config_source(args.config), args.set or (), values)
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file or preset name (see `crowguard ls presets`)")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. defense.crow.alpha=11"
     )
-
-
-# ----------------------------------------------------------------------------------------------- schema flags
-# A command's flags come from the config dataclasses (and each defense's own Config), never from a hand-written
-# table: ``--lr`` sets ``defense.train.lr`` for defend, ``--crow-alpha`` sets ``defense.crow.alpha``, and a new knob
-# or defense gets its flag without an edit here. Values land in ``args`` under ``cfg.<dotted key>``.
-FLAG_DEST = "cfg."
-
-
-def _flag_type(tp: Any) -> dict[str, Any]:
-    """argparse keywords for a field annotated ``tp``: type, choices, nargs or a boolean action."""
-    import types
-    import typing
-
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:  # X | None: a flag of type X
-        return _flag_type(args[0])
-    if tp is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if tp in (int, float, str):
-        return {"type": tp}
-    if origin is typing.Literal:
-        return {"choices": list(typing.get_args(tp)), "type": type(typing.get_args(tp)[0])}
-    if origin is list and args and args[0] in (int, float, str):
-        return {"nargs": "+", "type": args[0]}
-    return {"type": _yaml_value, "metavar": "YAML"}  # unions like str | list[int]: parsed as in --set
-
-
-def _yaml_value(text: str) -> Any:
-    from crowguard.config import parse_override
-
-    return parse_override(f"x={text}")[1]
-
-
-def add_schema_flags(
-    parser: argparse.ArgumentParser,
-    obj: Any,
-    key_prefix: str,
-    flag_prefix: str = "",
-    *,
-    flatten: Sequence[str] = (),
-    rename: dict[str, str] | None = None,
-    skip: Sequence[str] = (),
-    group: Any = None,
-) -> None:
-    """One flag per knob of the config instance ``obj`` (defaults shown are its values).
-
-    Nested sections become ``--section-knob`` (a section's ``name`` is ``--section``; sections in ``flatten`` keep
-    bare knob names), open sections (each defense's own) ``--<defense>-<knob>``; ``rename`` maps a field to a flag.
-    """
-    import dataclasses
-    import typing
-
-    from crowguard.config import to_dict
-
-    hints = typing.get_type_hints(type(obj))
-    target = group or parser
-    for field in dataclasses.fields(obj):
-        if field.name in skip:
-            continue
-        value, key = getattr(obj, field.name), f"{key_prefix}{field.name}"
-        if "open_sections" in field.metadata:
-            for name, section in value.items():
-                section_group = parser.add_argument_group(f"{key_prefix}{name} ({name}'s own settings)")
-                add_schema_flags(parser, section, f"{key_prefix}{name}.", f"{flag_prefix}{name}-", group=section_group)
-            continue
-        if dataclasses.is_dataclass(value):
-            inner = flag_prefix if field.name in flatten else f"{flag_prefix}{field.name}-"
-            add_schema_flags(parser, value, f"{key}.", inner, group=target)
-            continue
-        name = (rename or {}).get(field.name, field.name)
-        flag = flag_prefix[:-1] if name == "name" and flag_prefix else f"{flag_prefix}{name}"
-        shown = to_dict(value)
-        help_text = field.metadata.get("help", "").replace("%", "%%")
-        kwargs = _flag_type(hints[field.name])
-        if "action" not in kwargs and "choices" not in kwargs:
-            kwargs.setdefault("metavar", field.name.upper())
-        target.add_argument(f"--{flag.replace('_', '-')}", dest=f"{FLAG_DEST}{key}", default=None,
-                            help=f"{help_text} (default: {shown!r})", **kwargs)  # fmt: skip
-
-
-def schema_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The dotted config keys the user gave flags for."""
-    return {k[len(FLAG_DEST) :]: v for k, v in vars(args).items() if k.startswith(FLAG_DEST) and v is not None}
-
-
-def _model_flags(parser: argparse.ArgumentParser) -> None:
-    from crowguard.schemas import ModelConfig
-
-    group = parser.add_argument_group("model")
-    add_schema_flags(parser, ModelConfig(), "model.", rename={"name_or_path": "model"}, group=group)
 
 
 # ----------------------------------------------------------------------------------------------------- handlers
@@ -194,29 +87,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for name in KINDS[kind]:
             print(f"  {name:<14} {DESCRIPTIONS.get(name, '')}")
     return EXIT_OK
-
-
-def _validated_schema(choice: str, source: Path, sets: Sequence[str]) -> type:
-    """The schema ``validate`` checks against: the one named, or (``auto``) the one of experiment / demo whose keys
-    hold all of the file's top-level keys and that validates; both valid: the experiment's (``--schema demo`` checks
-    the other); neither: the experiment's, so its error is the one reported."""
-    import dataclasses
-
-    from crowguard import config
-    from crowguard.schemas import DemoConfig, ExperimentConfig
-
-    schemas = {"experiment": ExperimentConfig, "demo": DemoConfig}
-    if choice != "auto":
-        return schemas[choice]
-    keys = set(config.read_yaml(source))
-    fitting = [cls for cls in schemas.values() if keys <= {f.name for f in dataclasses.fields(cls)}]
-    for cls in fitting:
-        try:
-            config.load(cls, source, sets)
-        except config.ConfigError:
-            continue
-        return cls
-    return fitting[0] if len(fitting) == 1 else ExperimentConfig
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -403,45 +273,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
               f"({cfg.method}; triggered {metrics['n_triggered']} vs clean {metrics['n_clean']})")  # fmt: skip
     print(f"scores -> {Path(args.out) / 'scores.json'} ({result['n_flagged']} of {len(result['prompts'])} flagged)")
     return EXIT_OK
-
-
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"a.b": value}``."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or {prefix: {}}
-
-
-def _quick_keeping_nothing_given(cfg: Any, quick: Any, values: dict[str, Any], sets: Sequence[str]) -> Any:
-    """``quick`` (the --quick config), unless it would silently replace a value the user gave: then a UsageError
-    naming the setting, so a user never gets a run other than the one asked for."""
-    from crowguard.config import parse_override, to_dict
-
-    before, after = _flat(to_dict(cfg)), _flat(to_dict(quick))
-    given = {*values, *(".".join(parse_override(text)[0]) for text in sets)}
-    clash = sorted(key.rstrip(".") for key in after if before.get(key) != after[key]
-                   and any(key.rstrip(".") == g or key.startswith(g + ".") for g in given))  # fmt: skip
-    if clash:
-        raise UsageError(f"--quick sets {', '.join(clash)} itself; drop --quick or the setting you gave")
-    return quick
-
-
-def demo_config(args: argparse.Namespace) -> Any:
-    """The demo's settings: the organism's preset (``demo/<organism>``), a ``--config`` file laid over it, then
-    ``--set`` and flags; ``--quick`` last (refusing to replace a setting the user gave)."""
-    from crowguard import config
-    from crowguard.recipes.demo import quick_config
-    from crowguard.schemas import DemoConfig
-
-    values = schema_values(args)
-    organism = values.get("organism.name") or "smollm2"
-    source = _config_source(args.config) if args.config else _config_source(f"demo/{organism}")
-    # --organism picks its preset; a --config file goes on top of it (not instead of it)
-    base = _config_source(f"demo/{organism}") if args.config and "organism.name" in values else None
-    cfg = config.load(DemoConfig, source, args.set or (), values, base=base)
-    if args.quick:
-        cfg = _quick_keeping_nothing_given(cfg, quick_config(cfg), values, args.set or ())
-    return cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
