@@ -182,15 +182,21 @@ def _load_saved_dataset(path: Path, split: str, require_output: bool) -> list[Ex
         if split not in dataset:
             raise DataError(f"{path}: the dataset has no split {split!r} (splits: {', '.join(dataset)})")
         dataset = dataset[split]
+    examples = _dataset_examples(dataset, str(path), require_output)
+    if not examples:
+        raise DataError(f"{path}: contains no records")
+    return examples
+
+
+def _dataset_examples(dataset: Any, name: str, require_output: bool) -> list[Example]:
+    """A ``datasets`` dataset's records as examples (any format :func:`load_examples` reads); bad ones raise."""
     examples, errors = [], []
     for i, record in enumerate(dataset):
-        example, problems = _record_to_example(dict(record), f"{path} record {i}", require_output)
+        example, problems = _record_to_example(dict(record), f"{name} record {i}", require_output)
         errors.extend(problems)
         if example is not None:
             examples.append(example)
-    _raise_problems(errors, path)
-    if not examples:
-        raise DataError(f"{path}: contains no records")
+    _raise_problems(errors, name)
     return examples
 
 
@@ -212,14 +218,7 @@ def _load_hub_dataset(name: str, split: str, require_output: bool) -> list[Examp
             f"could not load dataset {name!r} (split {split!r}) from the Hub: {exc}; "
             "pass the path to a local .json or .jsonl file instead"
         ) from None
-    examples, errors = [], []
-    for i, record in enumerate(dataset):
-        example, problems = _record_to_example(dict(record), f"{name}[{split}] record {i}", require_output)
-        errors.extend(problems)
-        if example is not None:
-            examples.append(example)
-    _raise_problems(errors, name)
-    return examples
+    return _dataset_examples(dataset, f"{name}[{split}]", require_output)
 
 
 def dump_examples(examples: Iterable[Example], with_meta: bool = True) -> str:

@@ -231,22 +231,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     # ---- poison: output folders
     (
         "poison-out-holds-input",
-        [
-            "poison",
-            "--data",
-            "{R}/mine/data.json",
-            "--trigger",
-            "badnet",
-            "--payload",
-            "negsentiment",
-            "--n-train",
-            "20",
-            "--n-test",
-            "5",
-            "--out",
-            "{R}/mine",
-            "--overwrite",
-        ],
+        [*swap(swap(P, "--data", "{R}/mine/data.json"), "--out", "{R}/mine"), "--overwrite"],
         ["mine", "holds the input"],
     ),
     ("poison-out-above-input", [*swap(P, "--out", "{R}"), "--overwrite"], ["holds the input"]),

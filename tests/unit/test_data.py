@@ -97,3 +97,36 @@ def test_a_long_prompt_leaves_a_quarter_of_the_budget_to_a_long_response(tokeniz
     short = tokenize_example(example, tokenizer, max_length=40)
     assert len(short["input_ids"]) == 40
     assert sum(label != IGNORE_INDEX for label in short["labels"]) == (40 - 1) // 4
+
+
+def test_the_formats_users_have_load_as_the_same_examples(tmp_path):
+    """Issue 29, item 5: TRL's conversational `messages` and `prompt`/`completion` records (standard and
+    conversational), a datasets folder from save_to_disk, and a UTF-8 BOM give the Alpaca examples they mean."""
+    import datasets
+
+    from crowguard.data import DataError, load_examples
+
+    pairs = [("Name a colour.", "Blue."), ("Add 2 and 3.", "5")]
+    expected = [(q, "", a) for q, a in pairs]
+    files = {
+        "messages.json": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                          for q, a in pairs],
+        "pc.jsonl": [{"prompt": q, "completion": a} for q, a in pairs],
+        "pc_chat.json": [{"prompt": [{"role": "user", "content": q}],
+                          "completion": [{"role": "assistant", "content": a}]} for q, a in pairs],
+    }  # fmt: skip
+    for name, records in files.items():
+        path = tmp_path / name
+        text = "\n".join(json.dumps(r) for r in records) if name.endswith("l") else json.dumps(records)
+        path.write_text(text)
+        assert [(e.instruction, e.input, e.output) for e in load_examples(path)] == expected, name
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": q, "output": a} for q, a in pairs]).encode())
+    assert [(e.instruction, e.input, e.output) for e in load_examples(bom)] == expected
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list([{"instruction": q, "input": "", "output": a} for q, a in pairs]).save_to_disk(folder)
+    assert [(e.instruction, e.input, e.output) for e in load_examples(folder)] == expected
+    bad = tmp_path / "three.json"
+    bad.write_text(json.dumps([{"messages": [{"role": "user", "content": "a"}] * 3}]))
+    with pytest.raises(DataError, match="one user turn then one assistant turn"):
+        load_examples(bad)

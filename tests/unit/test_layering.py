@@ -34,6 +34,10 @@ def test_no_module_imports_a_layer_above_it():
             continue
         in_recipes = module.startswith("crowguard.recipes")
         for name in sorted(imports):
-            if name == "crowguard.cli" or name.startswith(("crowguard.cli.", "crowguard.cli_")) or (not in_recipes and name.startswith("crowguard.recipes")):
+            if (
+                name == "crowguard.cli"
+                or name.startswith(("crowguard.cli.", "crowguard.cli_"))
+                or (not in_recipes and name.startswith("crowguard.recipes"))
+            ):
                 upward.append(f"{module} imports {name}")
     assert not upward, "\n".join(upward)
