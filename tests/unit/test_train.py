@@ -437,5 +437,5 @@ def test_a_training_section_passes_the_trainer_arguments_a_user_reaches_for(tmp_
     assert args.report_to in ("none", [], ["none"])  # crowguard's default where the user gave none
     with pytest.raises(config.ConfigError, match="learning_rate is set by crowguard from lr"):
         config.load(ExperimentConfig, None, ["defense.train.trainer_args={learning_rate: 0.1}"])
-    with pytest.raises(config.ConfigError, match="report_too is not a TrainingArguments field.*report_to"):
+    with pytest.raises(config.ConfigError, match=r"report_too is not a TrainingArguments field.*report_to"):
         config.load(ExperimentConfig, None, ["backdoor.trainer_args={report_too: none}"])
