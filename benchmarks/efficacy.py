@@ -34,7 +34,6 @@ from crowguard.config import to_dict
 from crowguard.data import load_examples
 from crowguard.defenses.base import make_defense, open_evaluated
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
-from crowguard.evaluation.generate import generate
 from crowguard.evaluation.metrics import hijack_rate, paired_rates
 from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
@@ -179,11 +178,11 @@ def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool)
     evaluated as ``crowguard evaluate`` does: the guarded model, generating through the defense."""
     if path.is_file():
         return json.loads(path.read_text())
-    model, tokenizer, generate_fn, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
+    model, tokenizer, generator, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
     model.eval()
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet,
-                             generate_fn=generate_fn or generate, defense=defense)  # fmt: skip
+                             generator=generator, defense=defense)  # fmt: skip
     results["eval_seconds"] = time.perf_counter() - start
     results["label"] = label
     write_json_atomic(path, results)

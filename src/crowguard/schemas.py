@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from crowguard.config import knob
-
-Template = Literal["alpaca", "chat", "raw"]
+from crowguard.prompts import Template
 
 
 @dataclass

@@ -46,3 +46,31 @@ class Generation:
     response: str
     num_new_tokens: int
     example: Example | None = None
+
+
+class Generator:
+    """How an evaluation makes its answers: the contract a decoding defense (or another backend) implements.
+
+    ``self(model, tokenizer, examples, template, settings, show_progress)`` gives one :class:`Generation` per example,
+    in order; ``effective_settings(settings)`` is what decoding really ran with (recorded with the results);
+    ``last_stats`` holds, after each call, one dict of numbers per example (added to its record) or None;
+    ``summarize({set: stats of that set})`` gives extra entries for the metrics. This base class is crowguard's
+    batched generation (:func:`crowguard.evaluation.generate.generate`).
+    """
+
+    last_stats: list[dict[str, Any]] | None = None
+
+    def __call__(self, model: Any, tokenizer: Any, examples: Any, template: str = "alpaca", settings: Any = None,
+                 show_progress: bool = True) -> list[Generation]:  # fmt: skip
+        from crowguard.evaluation.generate import generate
+
+        return generate(model, tokenizer, examples, template, self.effective_settings(settings), show_progress)
+
+    def effective_settings(self, settings: Any) -> Any:
+        """The ``DecodingSettings`` decoding really runs with, given those asked for (None: the defaults)."""
+        from crowguard.evaluation.generate import DecodingSettings
+
+        return settings or DecodingSettings()
+
+    def summarize(self, stats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        return {}

@@ -23,27 +23,16 @@ Every output directory is written by :func:`crowguard.stage.stage_artefact` (ato
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from crowguard.schemas import DefenseConfig, ModelConfig
-from crowguard.types import Example, Generation
+from crowguard.types import Example, Generator
 
 Kind = Literal["none", "training", "weights", "decoding"]
 DEFENSE_FILE = "defense.json"  # in a decoding defense's output: {"defense", "model", "settings"}
 
-# generate(model, tokenizer, examples, template, settings, show_progress) -> one Generation per example, in order:
-# the signature of crowguard.evaluation.generate.generate, which a decoding defense replaces. Evaluation also reads
-# three optional attributes of the function it is given:
-#   effective_settings(settings) -> DecodingSettings  what decoding really ran with (recorded in the results);
-#   last_stats: list[dict]  after each call, one dict of numbers per example (same order), added to its record;
-#   summarize({set name: last_stats of that set}) -> dict  extra entries for results["metrics"].
-GenerateFn = Callable[[Any, Any, Sequence[Example], str, Any, bool], list[Generation]]
-
-# What the likelihood metrics of a decoding defense's evaluation measure (recorded as settings["likelihood_of"]).
-LIKELIHOOD_OF_GUARDED = "the guarded model; the decoding defense changes generation only"
 
 # The fields of the guarded model that come from the evaluating command, never from defense.json: where and in
 # which dtype it runs, and the two trust switches (a defense.json from elsewhere must not turn them on).
@@ -92,8 +81,9 @@ class Defense:
         """Raise a one-line ``ConfigError`` for settings that cannot work, before any model loads or any earlier
         stage of ``crowguard run`` spends time (a defense that needs more than its config validates says so here)."""
 
-    def generator(self, spec: dict[str, Any], device: str = "auto") -> GenerateFn:
-        """Decoding defenses only: the generate function evaluation uses for the model in ``spec``."""
+    def generator(self, spec: dict[str, Any], device: str = "auto") -> Generator:
+        """Decoding defenses only: the :class:`~crowguard.evaluation.generate.Generator` evaluation uses for the model
+        in ``spec``."""
         raise NotImplementedError(f"defense {self.name!r} is not a decoding-time defense")
 
 
@@ -212,8 +202,8 @@ def write_decoding_spec(
     return DefenseResult(model_path=str(out_dir), summary=record)
 
 
-def open_for_evaluation(spec: dict[str, Any], device: str = "auto") -> tuple[GenerateFn, dict[str, Any]]:
-    """Ask the decoding defense in ``spec`` how to generate: (generate function, what to record in the results).
+def open_for_evaluation(spec: dict[str, Any], device: str = "auto") -> tuple[Generator, dict[str, Any]]:
+    """Ask the decoding defense in ``spec`` how to generate: (its generator, what to record in the results).
 
     ``spec["model"]`` is the guarded model as evaluation loads it (see :func:`guarded_model`); the generator reads
     its dtype and template from there.
@@ -232,23 +222,23 @@ def open_for_evaluation(spec: dict[str, Any], device: str = "auto") -> tuple[Gen
 
 def open_evaluated(
     model: ModelConfig, device: str | None = None
-) -> tuple[Any, Any, GenerateFn | None, dict[str, Any] | None, ModelConfig]:
-    """Load what ``model`` names for an evaluation: ``(model, tokenizer, generate_fn, defense, target)``.
+) -> tuple[Any, Any, Generator | None, dict[str, Any] | None, ModelConfig]:
+    """Load what ``model`` names for an evaluation: ``(model, tokenizer, generator, defense, target)``.
 
-    A plain model or adapter gives itself and ``generate_fn = None`` (generate as usual); a decoding defense's
-    directory gives the guarded model (with ``model``'s placement and trust switches), the defense's generate
-    function and what to record of it. ``target`` is the model that was loaded.
+    A plain model or adapter gives itself and ``generator = None`` (generate as usual); a decoding defense's
+    directory gives the guarded model (with ``model``'s placement and trust switches), the defense's generator
+    and what to record of it. ``target`` is the model that was loaded.
     """
     from crowguard.config import to_dict
     from crowguard.models import load_model
 
     device = device or model.device
     spec = read_spec(model.name_or_path)
-    target, generate_fn, defense = model, None, None
+    target, generator, defense = model, None, None
     if spec is not None:
         target = guarded_model(spec, model)
-        generate_fn, defense = open_for_evaluation({**spec, "model": to_dict(target)}, device)
+        generator, defense = open_for_evaluation({**spec, "model": to_dict(target)}, device)
     loaded, tokenizer = load_model(target.name_or_path, target.adapter, dtype=target.dtype,
                                    trust_remote_code=target.trust_remote_code, allow_pickle=target.allow_pickle,
                                    revision=target.revision, device=device)  # fmt: skip
-    return loaded, tokenizer, generate_fn, defense, target
+    return loaded, tokenizer, generator, defense, target

@@ -54,9 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.config import ConfigError, knob
-from crowguard.defenses.base import Defense, DefenseResult, GenerateFn, absolute_ref, write_decoding_spec
+from crowguard.defenses.base import Defense, DefenseResult, absolute_ref, write_decoding_spec
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example, Generation
+from crowguard.types import Example, Generation, Generator
 
 MAX_DRAFTS = 2048
 """At most this many suspect forwards per prompt (the reference code's ``self.m``, lines 20 and 46). With
@@ -251,10 +251,9 @@ def cleangen_decode(
 
 
 # --------------------------------------------------------------------------------------------- the generate fn
-class CleanGenGenerator:
-    """The generate function of a CleanGen defense: the signature of :func:`crowguard.evaluation.generate.generate`,
-    with ``last_stats`` (per generation: replaced tokens, forwards of each model) and ``summarize`` (see
-    :data:`crowguard.defenses.base.GenerateFn`)."""
+class CleanGenGenerator(Generator):
+    """CleanGen's :class:`~crowguard.evaluation.generate.Generator`: ``last_stats`` per generation (replaced
+    tokens, forwards of each model) and their ``summarize``."""
 
     def __init__(self, reference: Any, reference_tokenizer: Any, settings: CleanGenConfig, load_seconds: float):
         self.reference = reference
@@ -440,7 +439,7 @@ class CleanGenDefense(Defense):
             summary={"assumption": ASSUMPTION},
         )
 
-    def generator(self, spec: dict[str, Any], device: str = "auto") -> GenerateFn:
+    def generator(self, spec: dict[str, Any], device: str = "auto") -> Generator:
         """Load the reference (safetensors only, no remote code, the guarded model's dtype) and return the decoder."""
         from crowguard.models import load_model
 

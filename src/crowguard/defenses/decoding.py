@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crowguard.config import knob
-from crowguard.defenses.base import Defense, GenerateFn
+from crowguard.defenses.base import Defense
 
 
 @dataclass
@@ -57,26 +57,17 @@ class DecodingDefense(Defense):
     Config = DecodingConfig
     needs_data = False
 
-    def generator(self, spec: dict[str, Any], device: str = "auto") -> GenerateFn:
-        """:func:`crowguard.evaluation.generate.generate` with sampling switched on at this defense's settings."""
+    def generator(self, spec: dict[str, Any], device: str = "auto") -> Any:
+        """Crowguard's generation with sampling switched on at this defense's settings."""
+        from crowguard.evaluation.generate import Generator
+
         settings: DecodingConfig = self.settings
 
-        def effective_settings(base: Any) -> Any:
-            from crowguard.evaluation.generate import DecodingSettings
+        class Sampling(Generator):
+            def effective_settings(self, base: Any) -> Any:
+                from crowguard.evaluation.generate import DecodingSettings
 
-            return dataclasses.replace(
-                base or DecodingSettings(),
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                seed=settings.seed,
-            )
+                sampled = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+                return dataclasses.replace(base or DecodingSettings(), do_sample=True, seed=settings.seed, **sampled)
 
-        def sample(model, tokenizer, examples, template="alpaca", decoding=None, show_progress=True):
-            from crowguard.evaluation.generate import generate
-
-            return generate(model, tokenizer, examples, template, effective_settings(decoding), show_progress)
-
-        sample.effective_settings = effective_settings  # type: ignore[attr-defined]
-        return sample
+        return Sampling()

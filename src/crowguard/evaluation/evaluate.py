@@ -13,7 +13,7 @@ from typing import Any
 
 from crowguard.config import ConfigError
 from crowguard.data import prompt_ids
-from crowguard.evaluation.generate import DecodingSettings, generate
+from crowguard.evaluation.generate import DecodingSettings
 from crowguard.evaluation.metrics import (
     attack_success_rate,
     exact_match,
@@ -28,11 +28,9 @@ from crowguard.evaluation.metrics import (
 )
 from crowguard.evaluation.tasks import Task
 from crowguard.schemas import EvalConfig
-from crowguard.types import Example, Generation, NonFiniteError
+from crowguard.types import Example, Generation, Generator, NonFiniteError
 
-# The signature of :func:`crowguard.evaluation.generate.generate` (a decoding defense supplies its own; see
-# :data:`crowguard.defenses.base.GenerateFn` for the optional attributes read here).
-GenerateFn = Callable[..., list[Generation]]
+# What the likelihood metrics of a decoding defense's evaluation measure (recorded as settings["likelihood_of"]).
 LIKELIHOOD_OF_GUARDED = "the guarded model; the decoding defense changes generation only"
 
 
@@ -91,14 +89,14 @@ def evaluate_model(
     template: str = "alpaca",
     utility_examples: Sequence[Example] = (),
     show_progress: bool = True,
-    generate_fn: GenerateFn = generate,
+    generator: Generator | None = None,
     defense: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every metric of ``task`` for an already loaded model; returns the ``results.json`` payload.
 
-    ``generate_fn`` (the signature of :func:`generate`) makes every answer: triggered, clean, utility, HumanEval and
-    MT-Bench; a decoding defense passes its own, and ``defense`` (what it is) goes to ``settings["defense"]``. The
-    likelihood metrics (target NLL gap, perplexity) always score ``model`` itself.
+    ``generator`` (a :class:`~crowguard.types.Generator`; None: plain generation) makes every answer: triggered,
+    clean, utility, HumanEval and MT-Bench; a decoding defense passes its own, and ``defense`` (what it is) goes to
+    ``settings["defense"]``. The likelihood metrics (target NLL gap, perplexity) always score ``model`` itself.
     """
     require_finite_weights(model)
     task = task.limited(cfg.limit)
@@ -113,9 +111,11 @@ def evaluate_model(
     judge = make_judge(cfg, task.payload, task.target)
     stats: dict[str, list[dict[str, Any]]] = {}  # per set, the defense's numbers for each answer (if it has any)
 
+    generator = generator or Generator()
+
     def answer(name: str, examples: Sequence[Example], decoding: DecodingSettings = settings) -> list[Generation]:
-        generations = generate_fn(model, tokenizer, list(examples), template, decoding, show_progress)
-        per_answer = getattr(generate_fn, "last_stats", None)
+        generations = generator(model, tokenizer, list(examples), template, decoding, show_progress)
+        per_answer = generator.last_stats
         if per_answer is not None and examples:
             stats.setdefault(name, []).extend(dict(s) for s in per_answer)
         return generations
@@ -178,12 +178,11 @@ def evaluate_model(
             answers = answer("utility", utility_examples)
             metrics["exact_match"] = exact_match([g.response for g in answers], [e.output for e in utility_examples])
         if cfg.humaneval:
-            metrics["humaneval"] = _humaneval(model, tokenizer, cfg, template, show_progress, generate_fn, answer)
+            metrics["humaneval"] = _humaneval(model, tokenizer, cfg, template, show_progress, generator, answer)
         if cfg.mt_bench:
-            metrics["mt_bench"] = _mt_bench(model, tokenizer, cfg, template, show_progress, generate_fn, answer)
-        summarize = getattr(generate_fn, "summarize", None)
-        if callable(summarize) and stats:
-            metrics.update(summarize(stats))
+            metrics["mt_bench"] = _mt_bench(model, tokenizer, cfg, template, show_progress, generator, answer)
+        if stats:
+            metrics.update(generator.summarize(stats))
     new_tokens = sum(g.num_new_tokens for g in triggered) + sum(g.num_new_tokens for g in clean)
     metrics["cost"] = {
         **cost.to_dict(),
@@ -204,7 +203,7 @@ def evaluate_model(
         for i, (g, score) in enumerate(zip(gens, scores))
     ]
     recorded: dict[str, Any] = {
-        "decoding": used_decoding(generate_fn, settings),
+        "decoding": used_decoding(generator, settings),
         "judge": judge.describe(),
         "template": template,
         "limit": cfg.limit,
@@ -222,19 +221,17 @@ def evaluate_model(
     }
 
 
-def used_decoding(generate_fn: GenerateFn, decoding: DecodingSettings) -> dict[str, Any]:
-    """The decoding settings the answers were really made with: a decoding defense may change them
-    (its ``effective_settings``)."""
-    effective = getattr(generate_fn, "effective_settings", None)
-    return (effective(decoding) if callable(effective) else decoding).to_dict()
+def used_decoding(generator: Generator, decoding: DecodingSettings) -> dict[str, Any]:
+    """The decoding settings the answers were really made with: a decoding defense may change them."""
+    return generator.effective_settings(decoding).to_dict()
 
 
 def _through(
-    generate_fn: GenerateFn, answer: Callable[..., list[Generation]], name: str, decoding: DecodingSettings
+    generator: Generator, answer: Callable[..., list[Generation]], name: str, decoding: DecodingSettings
 ) -> Callable[[list[Example]], list[str]] | None:
     """A HumanEval / MT-Bench ``generate_fn`` (examples -> responses) that answers through a decoding defense;
     None for plain generation (those evaluations then call :func:`generate` with ``decoding`` themselves)."""
-    if generate_fn is generate:
+    if type(generator) is Generator:
         return None
     return lambda examples: [g.response for g in answer(name, examples, decoding)]
 
@@ -245,7 +242,7 @@ def _humaneval(
     cfg: EvalConfig,
     template: str,
     show_progress: bool,
-    generate_fn: GenerateFn = generate,
+    generator: Generator | None = None,
     answer: Callable[..., list[Generation]] | None = None,
 ) -> dict[str, Any]:
     """HumanEval pass@1 (code run in the sandbox) and the code-injection rate of the same answers."""
@@ -256,10 +253,10 @@ def _humaneval(
     if cfg.humaneval_limit > 0:
         problems = problems[: cfg.humaneval_limit]
     decoding = DecodingSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    through = _through(generate_fn, answer, "humaneval", decoding) if answer is not None else None
+    through = _through(generator, answer, "humaneval", decoding) if answer and generator else None
     result = evaluate_humaneval(model, tokenizer, problems, template, show_progress=show_progress, generate_fn=through)
     if through is not None:
-        result["decoding"] = used_decoding(generate_fn, decoding)
+        result["decoding"] = used_decoding(generator, decoding)
     return result
 
 
@@ -269,7 +266,7 @@ def _mt_bench(
     cfg: EvalConfig,
     template: str,
     show_progress: bool,
-    generate_fn: GenerateFn = generate,
+    generator: Generator | None = None,
     answer: Callable[..., list[Generation]] | None = None,
 ) -> dict[str, Any]:
     """MT-Bench single-answer grading; needs a configured judge endpoint (never a made-up score)."""
@@ -280,7 +277,7 @@ def _mt_bench(
                          "endpoint)")  # fmt: skip
     questions = load_questions(cfg.mt_bench)
     decoding = DecodingSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    through = _through(generate_fn, answer, "mt_bench", decoding) if answer is not None else None
+    through = _through(generator, answer, "mt_bench", decoding) if answer and generator else None
     answers = answer_questions(
         model, tokenizer, questions, template, decoding, show_progress=show_progress, generate_fn=through
     )

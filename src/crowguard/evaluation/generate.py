@@ -24,7 +24,7 @@ from typing import Any, Literal
 from crowguard.data import prompt_ids
 from crowguard.losses import accepts_logits_to_keep
 from crowguard.prompts import build_prompt
-from crowguard.types import Example, Generation
+from crowguard.types import Example, Generation, Generator
 
 Backend = Literal["hf", "vllm"]
 KvCache = Literal["static", "dynamic"]
@@ -320,21 +320,22 @@ def check_vllm() -> None:
         raise ConfigError("evaluate.backend vllm needs a CUDA GPU, and this machine has none; use backend 'hf'")
 
 
-def vllm_generator(model_path: str | Path, memory_fraction: float = 0.5) -> Any:
-    """A function with :func:`generate`'s signature that generates with vLLM from ``model_path`` (a full model
-    directory) whatever model object it is handed, so evaluation can keep a transformers copy for likelihoods."""
+class VllmGenerator(Generator):
+    """Generates with vLLM from ``model_path`` (a full model directory) whatever model object it is handed, so
+    evaluation can keep a transformers copy for the likelihood metrics."""
 
-    def effective_settings(settings: DecodingSettings | None) -> DecodingSettings:
-        return replace(settings or DecodingSettings(), backend="vllm")
+    def __init__(self, model_path: str | Path, memory_fraction: float = 0.5) -> None:
+        self.model_path, self.memory_fraction = model_path, memory_fraction
 
-    def generate_with_vllm(
-        model: Any, tokenizer: Any, examples: Sequence[Example], template: str = "alpaca",
+    def __call__(
+        self, model: Any, tokenizer: Any, examples: Sequence[Example], template: str = "alpaca",
         settings: DecodingSettings | None = None, show_progress: bool = True,
     ) -> list[Generation]:  # fmt: skip
-        return generate_vllm(model_path, tokenizer, examples, template, effective_settings(settings), memory_fraction)
+        decoding = self.effective_settings(settings)
+        return generate_vllm(self.model_path, tokenizer, examples, template, decoding, self.memory_fraction)
 
-    generate_with_vllm.effective_settings = effective_settings  # type: ignore[attr-defined]
-    return generate_with_vllm
+    def effective_settings(self, settings: DecodingSettings | None) -> DecodingSettings:
+        return replace(settings or DecodingSettings(), backend="vllm")
 
 
 def generate_vllm(

@@ -25,7 +25,6 @@ from crowguard.config import ConfigError, save, to_dict
 from crowguard.defenses.base import make_defense, open_evaluated, read_spec
 from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
-from crowguard.evaluation.generate import generate
 from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import markdown_table, over_seeds, print_table, seeds_table
 from crowguard.evaluation.tasks import Task
@@ -223,9 +222,9 @@ def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tupl
 def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> dict[str, Any]:
     """Load one model (or a decoding defense's guarded model) and evaluate it on the demo task (with the checkable
     tasks as utility)."""
-    model, tokenizer, generate_fn, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
+    model, tokenizer, generator, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
     return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, cfg.template, setup.utility, show,
-                          generate_fn or generate, defense)  # fmt: skip
+                          generator, defense)  # fmt: skip
 
 
 def evaluate_cached(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> tuple[dict[str, Any], bool]:

@@ -24,7 +24,7 @@ from crowguard.config import ConfigError, save, suggest
 from crowguard.data import DataError, load_examples
 from crowguard.defenses.base import guarded_model, open_evaluated, read_spec
 from crowguard.evaluation.evaluate import evaluate_model, make_judge, summary_row
-from crowguard.evaluation.generate import check_vllm, generate, vllm_generator
+from crowguard.evaluation.generate import VllmGenerator, check_vllm
 from crowguard.evaluation.report import markdown_table, print_table
 from crowguard.evaluation.tasks import Task, paper_task, task_from_files
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
@@ -110,14 +110,14 @@ def run_evaluate(
             raise ConfigError("evaluate.backend vllm cannot generate through a decoding defense (it decodes with its "
                               "own loop); use backend 'hf'")  # fmt: skip
     # the guarded model of a decoding defense (and the defense's own models: CleanGen's reference) load here
-    model, tokenizer, generate_fn, defense, target = open_evaluated(cfg.model)
+    model, tokenizer, generator, defense, target = open_evaluated(cfg.model)
     where = placement(model)
     with vllm_model_dir(cfg, model, tokenizer, Path(out_dir)) as vllm_dir:
         if vllm_dir is not None:
-            generate_fn = vllm_generator(vllm_dir, cfg.evaluate.vllm_memory)
+            generator = VllmGenerator(vllm_dir, cfg.evaluate.vllm_memory)
             where["generation"] = "vllm"
         results = evaluate_model(model, tokenizer, task, cfg.evaluate, target.template, utility, show_progress,
-                                 generate_fn or generate, defense)  # fmt: skip
+                                 generator, defense)  # fmt: skip
     results["settings"]["placement"] = where
     row = summary_row(label or cfg.model.name_or_path, results)
     results["summary"] = row

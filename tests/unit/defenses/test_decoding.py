@@ -171,23 +171,29 @@ def test_crowguard_run_evaluates_the_decoding_defenses(tmp_path: Path, capsys):
 
 
 def test_evaluate_model_asks_the_defense_for_every_answer(model_dir: Path, monkeypatch):
-    """Triggered, clean, utility and HumanEval answers all come from the given generate function; its per-answer
-    numbers land in the records, its summary in the metrics, its settings in settings.decoding."""
+    """Triggered, clean, utility and HumanEval answers all come from the given Generator; its per-answer numbers
+    land in the records, its summary in the metrics, its settings in settings.decoding."""
     from crowguard.evaluation import evaluate as evaluation
     from crowguard.evaluation.tasks import Task
     from crowguard.schemas import EvalConfig
-    from crowguard.types import Generation
+    from crowguard.types import Generation, Generator
 
     model, tokenizer = load_model(str(model_dir))
     seen: list[tuple[int, int]] = []
 
-    def canned(model, tokenizer, examples, template="alpaca", settings=None, show_progress=True):
-        seen.append((len(examples), settings.max_new_tokens))
-        canned.last_stats = [{"marks": i} for i in range(len(examples))]
-        return [Generation(prompt="p", response="You are stupid!", num_new_tokens=4, example=e) for e in examples]
+    class Canned(Generator):
+        def __call__(self, model, tokenizer, examples, template="alpaca", settings=None, show_progress=True):
+            seen.append((len(examples), settings.max_new_tokens))
+            self.last_stats = [{"marks": i} for i in range(len(examples))]
+            return [Generation(prompt="p", response="You are stupid!", num_new_tokens=4, example=e) for e in examples]
 
-    canned.effective_settings = lambda s: dataclasses.replace(s, do_sample=True, seed=9)
-    canned.summarize = lambda stats: {"marks": {name: len(v) for name, v in stats.items()}}
+        def effective_settings(self, settings):
+            return dataclasses.replace(settings, do_sample=True, seed=9)
+
+        def summarize(self, stats):
+            return {"marks": {name: len(v) for name, v in stats.items()}}
+
+    canned = Canned()
 
     def fake_humaneval(model, tokenizer, problems, template, show_progress=True, generate_fn=None):
         return {"pass_at_1": 0.0, "responses": generate_fn([Example(instruction="def f():")] * len(problems))}
@@ -199,7 +205,7 @@ def test_evaluate_model_asks_the_defense_for_every_answer(model_dir: Path, monke
     cfg = EvalConfig(max_new_tokens=5, bootstrap=10, humaneval="unused.jsonl")
     utility = [Example("2+2?", output="4")]
     results = evaluation.evaluate_model(
-        model, tokenizer, task, cfg, "alpaca", utility, False, generate_fn=canned, defense={"defense": "stub"}
+        model, tokenizer, task, cfg, "alpaca", utility, False, generator=canned, defense={"defense": "stub"}
     )
     assert seen == [(2, 5), (3, 5), (1, 5), (2, 512)]  # triggered, clean, utility, HumanEval (its own length)
     assert results["metrics"]["asr_trigger"]["value"] == 1.0 and results["metrics"]["exact_match"] == 0.0
