@@ -145,3 +145,18 @@ def test_a_fresh_run_sets_a_killed_runs_checkpoints_aside_so_resume_cannot_conti
     assert not work.exists()  # the fresh run finished and removed its own work directory
     summary = json.loads((root / "fresh" / "train_summary.json").read_text())
     assert summary["steps"] == 3
+
+
+def test_remote_code_is_never_silent(root, capsys):
+    """Issue 29: `trust_remote_code: true` ran the model folder's Python with no warning (allow_pickle warned)."""
+    from crowguard.models import load_model
+
+    with pytest.warns(UserWarning, match="trust_remote_code is set: the Python files in"):
+        load_model(str(root / "base"), trust_remote_code=True)
+    config = root / "remote.yaml"
+    config.write_text(f"model:\n  name_or_path: {root / 'base'}\n  trust_remote_code: true\n")
+    prompts, clean = str(root / "prompts.json"), str(root / "clean.json")
+    with pytest.warns(UserWarning, match="trust_remote_code is set"):
+        rc = main(["evaluate", "--config", str(config), "--triggered", prompts, "--clean", clean,
+                   "--max-new-tokens", "2", "--out", str(root / "eval-remote"), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
