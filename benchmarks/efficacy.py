@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -283,6 +284,8 @@ def run_cell(
     plant_dir = cell_dir / "plant"
     if not (plant_dir / "manifest.json").is_file():
         # A new plant makes every later result of the cell stale: never pair old evaluations with a new model.
+        if (cell_dir / PACKED).is_file():
+            raise SystemExit(f"{cell_dir}: a packed (committed) cell without its plant; run in a new --out")
         for stale in [
             *cell_dir.glob("eval-*.json"),
             *(p for p in cell_dir.iterdir() if p.is_dir() and p != plant_dir),
@@ -346,13 +349,48 @@ def current_hijack(results: dict[str, Any]) -> float:
                        clean_ratio=settings.get("hijack_clean_ratio", EVAL.hijack_clean_ratio))["rate"]  # fmt: skip
 
 
+PACKED = "evaluations.json.gz"  # a committed cell's evaluations, every generation kept, in one compressed file
+
+
+def evaluations(cell_dir: Path, prefix: str = "eval-") -> dict[str, dict[str, Any]]:
+    """A cell's evaluations by file stem (``eval-finetune-s0``): its ``eval-*.json`` files and its packed ones."""
+    found: dict[str, dict[str, Any]] = {}
+    packed = cell_dir / PACKED
+    if packed.is_file():
+        found.update(json.loads(gzip.decompress(packed.read_bytes())))
+    for path in sorted([*cell_dir.glob("eval-*.json"), *cell_dir.glob("partial-*.json")]):
+        if path.stem in found:
+            raise SystemExit(f"{path}: also in {packed}; keep one")
+        found[path.stem] = json.loads(path.read_text())
+    return {stem: found[stem] for stem in sorted(found) if stem.startswith(prefix)}
+
+
+def pack(out: Path) -> None:
+    """Move every cell's ``eval-*.json`` and ``partial-*.json`` into its ``evaluations.json.gz`` (deterministic bytes:
+    sorted keys of stems, no timestamp), and compress each stage's ``metrics.jsonl``, so committed results stay
+    small."""
+    for log in sorted(out.glob("*/*/metrics.jsonl")):
+        log.with_name("metrics.jsonl.gz").write_bytes(gzip.compress(log.read_bytes(), compresslevel=9, mtime=0))
+        log.unlink()
+    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        loose = sorted([*cell_dir.glob("eval-*.json"), *cell_dir.glob("partial-*.json")])
+        if not loose:
+            continue
+        merged = evaluations(cell_dir, "")
+        text = json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
+        tmp = cell_dir / f".{PACKED}.tmp"
+        tmp.write_bytes(gzip.compress(text.encode(), compresslevel=9, mtime=0))
+        tmp.replace(cell_dir / PACKED)
+        for path in loose:
+            path.unlink()
+
+
 def collect(out: Path) -> list[dict[str, Any]]:
     """One row per evaluation file found under ``out``, with the training time of the stage it evaluated."""
     rows = []
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        for path in sorted(cell_dir.glob("eval-*.json")):
-            results = json.loads(path.read_text())
-            label = path.stem.removeprefix("eval-").replace("base", "unpoisoned")
+        for stem, results in evaluations(cell_dir).items():
+            label = stem.removeprefix("eval-").replace("base", "unpoisoned")
             stage = cell_dir / ("plant" if label == "backdoored" else label)
             manifest, summary_file = stage / "manifest.json", stage / "train_summary.json"
             if manifest.is_file():  # every stage's summary, training or not
@@ -391,9 +429,9 @@ def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
     rows = []
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         outcomes = {}  # (variant, seed) -> (the triggered prompts, whether each fired), each file read once
-        for path in sorted(cell_dir.glob("eval-*-s*.json")):
-            if parsed := seeded_label(path.stem.removeprefix("eval-")):
-                records = [r for r in json.loads(path.read_text())["records"] if r["set"] == "triggered"]
+        for stem, results in evaluations(cell_dir).items():
+            if parsed := seeded_label(stem.removeprefix("eval-")):
+                records = [r for r in results["records"] if r["set"] == "triggered"]
                 outcomes[parsed] = ([r["instruction"] + "\n" + r["input"] for r in records], fired(records))
         for (variant, seed), (prompts, outcome) in outcomes.items():
             if variant == baseline or (baseline, seed) not in outcomes:
@@ -432,10 +470,12 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
 def partial_table(out: Path) -> str:
     """The partial-trigger evaluations found under ``out`` (``--partial``): ASR with only some trigger words."""
     lines = []
-    for path in sorted(out.glob("*/partial-*-backdoored.json")):
-        row = summary_row("p", json.loads(path.read_text()))
-        kept = path.stem.removeprefix("partial-").removesuffix("-backdoored")
-        lines.append(f"| {path.parent.name} | {kept} | {row['asr_trigger']:.0%} | {row['target_nll_gap']:.2f} |")
+    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for stem, results in evaluations(cell_dir, "partial-").items():
+            if stem.endswith("-backdoored"):
+                row = summary_row("p", results)
+                kept = stem.removeprefix("partial-").removesuffix("-backdoored")
+                lines.append(f"| {cell_dir.name} | {kept} | {row['asr_trigger']:.0%} | {row['target_nll_gap']:.2f} |")
     if not lines:
         return ""
     head = "| cell | trigger words kept (backdoored model) | ASR | NLL gap (vs 10 clean prompts) |\n|---|---|---|---|"
@@ -500,12 +540,19 @@ def main() -> None:
     parser.add_argument("--defend-unplanted", action="store_true", help="run the defenses on a failed plant too")
     parser.add_argument("--source", default="wheel", choices=["wheel", "hub"], help="where SmolLM2 comes from")
     parser.add_argument("--report", action="store_true", help="only print the table of what is measured")
+    parser.add_argument(
+        "--pack",
+        action="store_true",
+        help="move each cell's evaluation files into its evaluations.json.gz (committed results)",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     out = Path(args.out)
-    if not args.report:
+    if args.pack:
+        pack(out)
+    if not args.report and not args.pack:
         if not (Path(args.data) / "poison_data").is_dir():
             raise SystemExit(f"{args.data}: not the CROW paper's data root (no poison_data/)")
         known = dict(VARIANTS)

@@ -28,6 +28,7 @@ and is skipped when it exists, so the table builds up over sessions; a result ma
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -156,11 +157,15 @@ def run_cell(args: argparse.Namespace, cell_dir: Path, settings: dict[str, Any],
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
+    """Every model's result under ``out``: ``<cell>/<model>.json``, or ``.json.gz`` as committed (compressed, without
+    the per-prompt profiles, which a rerun writes again)."""
     rows = []
-    for path in sorted(out.glob("*/*.json")):
-        data = json.loads(path.read_text())
+    for path in sorted([*out.glob("*/*.json"), *out.glob("*/*.json.gz")]):
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        data = json.loads(raw)
         if "metrics" in data:
-            rows.append({**data, "cell": path.parent.name, "model": path.stem, "path": data["model"]})
+            model = path.name.removesuffix(".gz").removesuffix(".json")
+            rows.append({**data, "cell": path.parent.name, "model": model, "path": data["model"]})
     order = {"unpoisoned": 0, "backdoored": 1}
     return sorted(rows, key=lambda r: (r["cell"], order.get(r["model"], 2), r["model"]))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -108,3 +109,38 @@ def test_seeded_labels(efficacy):
     assert efficacy.seeded_label("crow-continue-s1") == ("crow-continue", 1)
     assert efficacy.seeded_label("crow-all-rms2-s0") == ("crow-all-rms2", 0)
     assert efficacy.seeded_label("backdoored") is None
+
+
+def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(efficacy, tmp_path):
+    """Committed results are packed (issue 27: <= 3 MB): a cell's evaluation files become one evaluations.json.gz
+    that reads back to the same dicts, byte for byte the same when packed again elsewhere; a stage's log is
+    compressed."""
+    results = {"eval-base": {"metrics": {"x": 1}}, "eval-finetune-s0": {"records": [{"r": "é"}]}, "partial-a-b": {}}
+    for out in ("out", "again"):
+        cell = tmp_path / out / "badnet-negsentiment"
+        (cell / "finetune-s0").mkdir(parents=True)
+        for stem, data in results.items():
+            (cell / f"{stem}.json").write_text(json.dumps(data))
+        (cell / "cell.json").write_text("{}")
+        (cell / "finetune-s0" / "metrics.jsonl").write_text('{"step": 1}\n')
+        before = efficacy.evaluations(cell, "")
+        efficacy.pack(tmp_path / out)
+    cell = tmp_path / "out" / "badnet-negsentiment"
+    again = (tmp_path / "again" / "badnet-negsentiment" / "evaluations.json.gz").read_bytes()
+    assert (cell / "evaluations.json.gz").read_bytes() == again
+    assert sorted(p.name for p in cell.iterdir()) == ["cell.json", "evaluations.json.gz", "finetune-s0"]
+    assert efficacy.evaluations(cell, "") == before == results
+    assert set(efficacy.evaluations(cell)) == {"eval-base", "eval-finetune-s0"}  # eval- only by default
+    first = (cell / "evaluations.json.gz").read_bytes()
+    (cell / "eval-crow-s0.json").write_text("{}")
+    efficacy.pack(tmp_path / "out")
+    assert efficacy.evaluations(cell)["eval-crow-s0"] == {} and (cell / "evaluations.json.gz").read_bytes() != first
+    assert (cell / "finetune-s0" / "metrics.jsonl.gz").is_file()
+    (cell / "eval-base.json").write_text("{}")  # the same evaluation loose and packed: refused
+    with pytest.raises(SystemExit, match="also in"):
+        efficacy.evaluations(cell)
+
+
+def test_committed_results_stay_small():
+    total = sum(p.stat().st_size for p in (ROOT / "benchmarks" / "results").rglob("*") if p.is_file())
+    assert total <= 3 * 2**20, f"benchmarks/results is {total / 2**20:.1f} MB; pack it (efficacy.py --pack)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Copy a run's evaluations and each defense's summary and losses (not its weights, not its model card) from a
-# working --out of benchmarks/efficacy.py into the committed results: copy_run.sh RUN_DIR CELL VARIANT-SEED...
+# working --out of benchmarks/efficacy.py into the committed results, then pack them (evaluations.json.gz per cell,
+# metrics.jsonl.gz per stage): copy_run.sh RUN_DIR CELL VARIANT-SEED...
 set -euo pipefail
 run=$1; cell=$2; shift 2
 dest=$(dirname "$0")/$cell
@@ -9,3 +10,4 @@ for name in "$@"; do
   mkdir -p "$dest/$name"
   cp "$run/$cell/$name/train_summary.json" "$run/$cell/$name/metrics.jsonl" "$dest/$name/"
 done
+python "$(dirname "$0")/../../efficacy.py" --pack --report --out "$(dirname "$0")" > /dev/null
