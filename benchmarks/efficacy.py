@@ -44,6 +44,7 @@ from crowguard.organism.smollm2 import ensure_smollm2
 from crowguard.recipes.demo import planted_verdict
 from crowguard.schemas import DefenseConfig, DemoConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 from crowguard.stage import run_training_stage
+from crowguard.types import StageContext
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
 # Every cell so far was measured with the per-micro-batch mean (the reference code's): kept for a consistent table.
@@ -295,8 +296,8 @@ def run_cell(
         say(f"[{cell}] planting: {args.n_poison} poisoned + {args.n_clean} clean, {plant.epochs:g} epochs")
         mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
         plant_cfg = dataclasses.replace(plant, seed=args.plant_seed)
-        run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, plant_dir, overwrite=True,
-                           show_progress=not args.quiet)  # fmt: skip
+        ctx = StageContext(plant_dir, overwrite=True, show_progress=not args.quiet)
+        run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, ctx)
     backdoored = cached_eval(cell_dir / "eval-backdoored.json", str(plant_dir), task, "backdoored", args.quiet)
     row = summary_row("backdoored", backdoored)
     say(f"[{cell}] backdoored: {row}")
@@ -320,8 +321,8 @@ def run_cell(
                 cfg = defense_config(method, mode, knobs, seed, len(clean), base, make_payload(payload).target)
                 defense = make_defense(cfg)
                 draw = clean if defense.needs_data else []
-                defense.run(ModelConfig(name_or_path=str(plant_dir)), draw, out, overwrite=True,
-                            show_progress=not args.quiet)  # fmt: skip
+                ctx = StageContext(out, overwrite=True, show_progress=not args.quiet)
+                defense.run(ModelConfig(name_or_path=str(plant_dir)), draw, ctx)
             result = cached_eval(cell_dir / f"eval-{name}-s{seed}.json", str(out), task, name, args.quiet)
             say(f"[{cell}] {name} s{seed}: {summary_row(name, result)}")
 

@@ -179,14 +179,15 @@ def qlora_check(root: Path, work: Path) -> dict[str, Any]:
     from crowguard.defenses.crow import CrowConfig
     from crowguard.schemas import ModelConfig, TrainConfig
     from crowguard.stage import run_training_stage
-    from crowguard.types import Example
+    from crowguard.types import Example, StageContext
 
     examples = [Example(f"Describe item {i} of the garden", output=f"Item {i} is green and small.") for i in range(8)]
     cfg = TrainConfig(max_steps=2, per_device_batch=2, grad_accum=2, max_length=64, quantize_base="4bit",
                       precision="bf16", gradient_checkpointing=True)  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
-    summary = run_training_stage("gpu-check:qlora", ModelConfig(name_or_path=str(root)), cfg, examples, work / "q",
-                                 crow=CrowConfig(layers="all"), show_progress=False)  # fmt: skip
+    ctx = StageContext(work / "q", show_progress=False)
+    summary = run_training_stage("gpu-check:qlora", ModelConfig(name_or_path=str(root)), cfg, examples, ctx,
+                                 crow=CrowConfig(layers="all"))  # fmt: skip
     adapter = json.loads((work / "q" / "adapter_config.json").read_text())
     return {"steps": summary["steps"], "final_loss": summary["final_loss"], "seconds": summary["seconds"],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -30,7 +30,7 @@ from crowguard.models import arrives_with_adapter, base_of_adapter, is_adapter_d
 from crowguard.resume import latest_checkpoint, require_checkpoint
 from crowguard.schemas import ModelConfig, TrainConfig
 from crowguard.train import CrowSettings, Objective, prepare_for_training, train
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 
 @contextmanager
@@ -122,13 +122,9 @@ def run_training_stage(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     examples: Sequence[Example],
-    out_dir: Path,
+    ctx: StageContext,
+    *,
     crow: CrowSettings | None = None,
-    resolved_config: Any = None,
-    inputs: dict[str, str] | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    show_progress: bool = True,
     extra_summary: dict[str, Any] | None = None,
     objective: Objective | None = None,
 ) -> dict[str, Any]:
@@ -136,12 +132,11 @@ def run_training_stage(
     ``train_summary.json``. The output directory is locked
     (:func:`crowguard.io.output_lock`) from the checks to the final rename; a run that fails before its first
     checkpoint leaves no work directory behind."""
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite, stage_inputs(model_cfg, inputs).values())
+    out_dir = Path(ctx.out_dir)
+    check_output_dir(out_dir, ctx.overwrite, stage_inputs(model_cfg, dict(ctx.inputs)).values())
     main_process = int(os.environ.get("RANK", "0")) == 0
     with output_lock(out_dir) if main_process else contextlib.nullcontext():
-        return _train_and_save(stage, model_cfg, train_cfg, examples, out_dir, crow, resolved_config, inputs,
-                               overwrite, resume, show_progress, extra_summary, objective)  # fmt: skip
+        return _train_and_save(stage, model_cfg, train_cfg, examples, ctx, crow, extra_summary, objective)
 
 
 def _train_and_save(
@@ -149,16 +144,13 @@ def _train_and_save(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     examples: Sequence[Example],
-    out_dir: Path,
+    ctx: StageContext,
     crow: CrowSettings | None,
-    resolved_config: Any,
-    inputs: dict[str, str] | None,
-    overwrite: bool,
-    resume: bool,
-    show_progress: bool,
     extra_summary: dict[str, Any] | None,
     objective: Objective | None = None,
 ) -> dict[str, Any]:
+    out_dir, overwrite, resume, show_progress = Path(ctx.out_dir), ctx.overwrite, ctx.resume, ctx.show_progress
+    resolved_config, inputs = ctx.resolved_config, dict(ctx.inputs)
     work_dir = work_dir_for(out_dir)
     check_optimizer(train_cfg.optim)
     check_precision(train_cfg.precision)

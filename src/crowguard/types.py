@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -74,3 +76,17 @@ class Generator:
 
     def summarize(self, stats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         return {}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where and how a stage (a defense's run) writes: its output directory (None: it writes nothing, as ``none``),
+    whether it may replace a non-empty one or resume its own checkpoints, whether it shows progress, the resolved
+    config saved beside its artefact, and the inputs its manifest hashes (name -> path)."""
+
+    out_dir: Path | None = None
+    overwrite: bool = False
+    resume: bool = False
+    show_progress: bool = True
+    resolved_config: Any = None
+    inputs: Mapping[str, str] = field(default_factory=dict)

@@ -39,15 +39,14 @@ class ToyDefense(Defense):
     kind = "weights"
     Config = ToyConfig
 
-    def run(self, model, clean_data, out_dir, *, overwrite=False, resume=False, show_progress=True,
-            resolved_config=None, inputs=None):
+    def run(self, model, clean_data, ctx):
         from crowguard.stage import stage_artefact
 
         summary = {"defense": self.name, "n_clean": len(clean_data), "settings": to_dict(self.settings)}
-        with stage_artefact("defend:toy", Path(out_dir), 0, {"model": model.name_or_path}, summary,
-                            resolved_config, overwrite, summary_name="defense_summary.json") as tmp:
+        with stage_artefact("defend:toy", Path(ctx.out_dir), 0, {"model": model.name_or_path}, summary,
+                            ctx.resolved_config, ctx.overwrite, summary_name="defense_summary.json") as tmp:
             (tmp / "toy.json").write_text("{}")
-        return DefenseResult(model_path=str(out_dir), summary=summary)
+        return DefenseResult(model_path=str(ctx.out_dir), summary=summary)
 '''
 
 

@@ -14,7 +14,7 @@ from crowguard.models import ModelLoadError, load_model, save_model
 from crowguard.schemas import ModelConfig, TrainConfig
 from crowguard.stage import run_training_stage, work_dir_for
 from crowguard.train import ResumeError, prepare_for_training, train
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer, unequal_examples
 
@@ -256,7 +256,7 @@ def backdoored(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("models")
     base = save_tiny_model(root / "base", layers=3)
     run_training_stage("backdoor", ModelConfig(name_or_path=str(base)), _cfg(max_steps=2), _examples(8),
-                       root / "adapter", show_progress=False)  # fmt: skip
+                       StageContext(root / "adapter", show_progress=False))  # fmt: skip
     return base, root / "adapter"
 
 
@@ -271,7 +271,7 @@ def test_adapter_modes_save_and_reload(tmp_path: Path, backdoored, mode: str):
     base, adapter = backdoored
     cfg = _cfg(max_steps=2, adapter_mode=mode)
     summary = run_training_stage("defend", ModelConfig(name_or_path=str(adapter)), cfg, _examples(8),
-                                 tmp_path / "out", crow=CROW, show_progress=False)  # fmt: skip
+                                 StageContext(tmp_path / "out", show_progress=False), crow=CROW)  # fmt: skip
     assert summary["artefact"] == ("model" if mode == "full" else "adapter")
     for name in ("manifest.json", "train_summary.json", "metrics.jsonl"):
         assert (tmp_path / "out" / name).exists(), name
@@ -303,7 +303,7 @@ def test_bf16_autocast_and_checkpointing_train_crow_in_every_adapter_mode(tmp_pa
     _, adapter = backdoored
     cfg = _cfg(max_steps=2, adapter_mode=mode, precision="bf16", gradient_checkpointing=True)
     summary = run_training_stage("defend", ModelConfig(name_or_path=str(adapter)), cfg, _examples(8),
-                                 tmp_path / "out", crow=CROW, show_progress=False)  # fmt: skip
+                                 StageContext(tmp_path / "out", show_progress=False), crow=CROW)  # fmt: skip
     assert summary["steps"] == 2 and summary["final_loss"] > 0
     log = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert all(r["consistency_adv"] > 0 for r in log if "consistency_adv" in r)
@@ -349,7 +349,7 @@ def test_an_optimizer_whose_package_is_missing_is_refused_before_loading(tmp_pat
         pytest.skip("bitsandbytes is installed here")
     with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
         run_training_stage("defend", ModelConfig(name_or_path=str(tmp_path / "not-loaded")),
-                           _cfg(optim="paged_adamw_8bit"), _examples(2), tmp_path / "out")  # fmt: skip
+                           _cfg(optim="paged_adamw_8bit"), _examples(2), StageContext(tmp_path / "out"))  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from crowguard.schemas import DefenseConfig, ModelConfig
-from crowguard.types import Example, Generator
+from crowguard.types import Example, Generator, StageContext
 
 Kind = Literal["none", "training", "weights", "decoding"]
 DEFENSE_FILE = "defense.json"  # in a decoding defense's output: {"defense", "model", "settings"}
@@ -63,19 +63,13 @@ class Defense:
         self,
         model: ModelConfig,
         clean_data: list[Example],
-        out_dir: Path,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        show_progress: bool = True,
-        resolved_config: Any = None,
-        inputs: dict[str, str] | None = None,
+        ctx: StageContext,
     ) -> DefenseResult:
         """Training and weights defenses implement this. A decoding defense's output is its ``defense.json``
         (:func:`write_decoding_spec`), which this default writes; it needs no clean data."""
         if self.kind != "decoding":
             raise NotImplementedError(f"defense {self.name!r} must implement run")
-        return write_decoding_spec(self, model, Path(out_dir), overwrite=overwrite, resolved_config=resolved_config)
+        return write_decoding_spec(self, model, ctx)
 
     def check(self) -> None:
         """Raise a one-line ``ConfigError`` for settings that cannot work, before any model loads or any earlier
@@ -146,11 +140,7 @@ def guarded_model(spec: dict[str, Any], evaluation: ModelConfig | None = None) -
 def write_decoding_spec(
     defense: Defense,
     model: ModelConfig,
-    out_dir: Path,
-    *,
-    overwrite: bool = False,
-    resolved_config: Any = None,
-    inputs: dict[str, str] | None = None,
+    ctx: StageContext,
     summary: dict[str, Any] | None = None,
 ) -> DefenseResult:
     """A decoding defense's ``run``: check the output directory and the guarded model, then write ``defense.json``
@@ -166,7 +156,7 @@ def write_decoding_spec(
     from crowguard.stage import stage_artefact
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir, overwrite, resolved_config, inputs = Path(ctx.out_dir), ctx.overwrite, ctx.resolved_config, ctx.inputs
     check_output_dir(out_dir, overwrite)
     check_model_exists(model.name_or_path, model.adapter, model.revision)
     model = dataclasses.replace(

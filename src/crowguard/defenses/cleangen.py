@@ -50,13 +50,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from crowguard.config import ConfigError, knob
 from crowguard.defenses.base import Defense, DefenseResult, absolute_ref, write_decoding_spec
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example, Generation, Generator
+from crowguard.types import Example, Generation, Generator, StageContext
 
 MAX_DRAFTS = 2048
 """At most this many suspect forwards per prompt (the reference code's ``self.m``, lines 20 and 46). With
@@ -408,13 +407,7 @@ class CleanGenDefense(Defense):
         self,
         model: ModelConfig,
         clean_data: list[Example],
-        out_dir: Path,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        show_progress: bool = True,
-        resolved_config: Any = None,
-        inputs: dict[str, str] | None = None,
+        ctx: StageContext,
     ) -> DefenseResult:
         """Check the reference exists and write ``defense.json`` (the guarded model, the reference, the rule)."""
         import dataclasses
@@ -429,15 +422,8 @@ class CleanGenDefense(Defense):
         reference_inputs = {"reference": settings.reference}
         if settings.reference_adapter:
             reference_inputs["reference_adapter"] = settings.reference_adapter
-        return write_decoding_spec(
-            self,
-            model,
-            Path(out_dir),
-            overwrite=overwrite,
-            resolved_config=resolved_config,
-            inputs=reference_inputs,
-            summary={"assumption": ASSUMPTION},
-        )
+        ctx = dataclasses.replace(ctx, inputs=reference_inputs)
+        return write_decoding_spec(self, model, ctx, summary={"assumption": ASSUMPTION})
 
     def generator(self, spec: dict[str, Any], device: str = "auto") -> Generator:
         """Load the reference (safetensors only, no remote code, the guarded model's dtype) and return the decoder."""

@@ -9,13 +9,12 @@ alpha 16 on all linear layers, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from crowguard.config import knob, to_dict
 from crowguard.defenses.base import Defense, DefenseResult
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 
 @dataclass
@@ -61,13 +60,7 @@ class CrowDefense(Defense):
         self,
         model: ModelConfig,
         clean_data: list[Example],
-        out_dir: Path,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        show_progress: bool = True,
-        resolved_config: Any = None,
-        inputs: dict[str, str] | None = None,
+        ctx: StageContext,
     ) -> DefenseResult:
         from crowguard.stage import run_training_stage
 
@@ -77,13 +70,8 @@ class CrowDefense(Defense):
             model,
             self.cfg.train,
             clean_data,
-            Path(out_dir),
+            ctx,
             crow=crow,
-            resolved_config=resolved_config,
-            inputs=inputs,
-            overwrite=overwrite,
-            resume=resume,
-            show_progress=show_progress,
             extra_summary={"defense": self.name, "kind": self.kind, "crow": to_dict(crow)},
         )
-        return DefenseResult(model_path=str(out_dir), summary=summary)
+        return DefenseResult(model_path=str(ctx.out_dir), summary=summary)

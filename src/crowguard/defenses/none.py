@@ -8,13 +8,10 @@ the input model directly, and so should a user.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from crowguard.config import ConfigError
 from crowguard.defenses.base import Defense, DefenseResult
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 
 def as_given(model: ModelConfig) -> str:
@@ -26,10 +23,9 @@ class NoDefense(Defense):
     name = "none"
     kind = "none"
 
-    def run(  # type: ignore[override]
-        self, model: ModelConfig, clean_data: list[Example], out_dir: Path | None, **_: Any
-    ) -> DefenseResult:
+    def run(self, model: ModelConfig, clean_data: list[Example], ctx: StageContext) -> DefenseResult:
         """Nothing to train; the model (and its adapter, if any) is evaluated as given."""
+        out_dir = ctx.out_dir
         if out_dir is not None:
             raise ConfigError(
                 f"defense 'none' trains and writes nothing, so there is nothing to put in {out_dir}: drop --out and "

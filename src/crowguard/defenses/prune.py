@@ -28,13 +28,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from crowguard.config import ConfigError, knob, to_dict
 from crowguard.defenses.base import Defense, DefenseResult
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 Comparison = Literal["output", "layer"]
 _NM = re.compile(r"(\d+):(\d+)")
@@ -336,13 +335,7 @@ class PruneDefense(Defense):
         self,
         model: ModelConfig,
         clean_data: list[Example],
-        out_dir: Path,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        show_progress: bool = True,
-        resolved_config: Any = None,
-        inputs: dict[str, str] | None = None,
+        ctx: StageContext,
     ) -> DefenseResult:
         from crowguard.defenses.weights import write_edited_model
         from crowguard.models import arrives_with_adapter
@@ -383,7 +376,6 @@ class PruneDefense(Defense):
             return loaded
 
         seed = self.cfg.train.seed if self.needs_data else None  # the seed that drew the clean samples
-        summary = write_edited_model(self, model, Path(out_dir), summary, prune,
-                                     merge=settings.criterion != "lora_delta", seed=seed, inputs=inputs,
-                                     resolved_config=resolved_config, overwrite=overwrite)  # fmt: skip
-        return DefenseResult(model_path=str(out_dir), summary=summary)
+        summary = write_edited_model(self, model, ctx, summary, prune, merge=settings.criterion != "lora_delta",
+                                     seed=seed)  # fmt: skip
+        return DefenseResult(model_path=str(ctx.out_dir), summary=summary)

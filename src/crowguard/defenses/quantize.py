@@ -15,13 +15,12 @@ LM head stay in the model's dtype (see :mod:`crowguard.defenses.weights`). A LoR
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from crowguard.config import ConfigError, knob, to_dict
 from crowguard.defenses.base import Defense, DefenseResult
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 INSTALL_HINT = "pip install 'crowguard[quant]'"
 STORED_AS = (
@@ -130,13 +129,7 @@ class QuantizeDefense(Defense):
         self,
         model: ModelConfig,
         clean_data: list[Example],
-        out_dir: Path,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        show_progress: bool = True,
-        resolved_config: Any = None,
-        inputs: dict[str, str] | None = None,
+        ctx: StageContext,
     ) -> DefenseResult:
         from crowguard.defenses.weights import write_edited_model
 
@@ -167,6 +160,5 @@ class QuantizeDefense(Defense):
             )
             return loaded
 
-        summary = write_edited_model(self, model, Path(out_dir), summary, quantize, inputs=inputs,
-                                     resolved_config=resolved_config, overwrite=overwrite)  # fmt: skip
-        return DefenseResult(model_path=str(out_dir), summary=summary)
+        summary = write_edited_model(self, model, ctx, summary, quantize)
+        return DefenseResult(model_path=str(ctx.out_dir), summary=summary)

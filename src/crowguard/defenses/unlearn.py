@@ -17,13 +17,11 @@ checkpoint. BEEAR's mechanism and the target inverter are not built yet (issue 2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from crowguard.config import ConfigError, knob
 from crowguard.defenses.base import Defense, DefenseResult
 from crowguard.schemas import ModelConfig
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 
 @dataclass
@@ -49,9 +47,7 @@ class UnlearnDefense(Defense):
             raise ConfigError("defense.unlearn.target is empty: unlearn needs the backdoor's target text "
                               "(--unlearn-target \"...\")")  # fmt: skip
 
-    def run(self, model: ModelConfig, clean_data: list[Example], out_dir: Path, *, overwrite: bool = False,
-            resume: bool = False, show_progress: bool = True, resolved_config: Any = None,
-            inputs: dict[str, str] | None = None) -> DefenseResult:  # fmt: skip
+    def run(self, model: ModelConfig, clean_data: list[Example], ctx: StageContext) -> DefenseResult:
         from crowguard.config import to_dict
         from crowguard.parrot import UnlearnObjective
         from crowguard.stage import run_training_stage
@@ -59,10 +55,8 @@ class UnlearnDefense(Defense):
         self.check()
         objective = UnlearnObjective(self.settings, self.cfg.train.seed)
         summary = run_training_stage(
-            f"defend:{self.name}", model, self.cfg.train, clean_data, Path(out_dir), objective=objective,
-            resolved_config=resolved_config, inputs=inputs, overwrite=overwrite, resume=resume,
-            show_progress=show_progress,
+            f"defend:{self.name}", model, self.cfg.train, clean_data, ctx, objective=objective,
             extra_summary={"defense": self.name, "kind": self.kind, "unlearn": to_dict(self.settings),
                            "target_source": "given"},
         )  # fmt: skip
-        return DefenseResult(model_path=str(out_dir), summary=summary)
+        return DefenseResult(model_path=str(ctx.out_dir), summary=summary)

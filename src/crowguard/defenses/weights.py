@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.schemas import ModelConfig
+from crowguard.types import StageContext
 
 SUMMARY_NAME = "train_summary.json"
 """The summary file of a defense's output directory; ``crowguard run`` reads its ``seconds`` for every defense."""
@@ -82,15 +83,12 @@ def load_for_editing(model_cfg: ModelConfig, merge: bool = True) -> tuple[Any, A
 def write_edited_model(
     defense: Any,
     model_cfg: ModelConfig,
-    out_dir: Path,
+    ctx: StageContext,
     summary: dict[str, Any],
     edit: Callable[[Any, Any, bool], Any],
     *,
     merge: bool = True,
     seed: int | None = None,
-    inputs: dict[str, str] | None = None,
-    resolved_config: Any = None,
-    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The one flow of a weight-editing defense: load the model (:func:`load_for_editing`), ``edit(model,
     tokenizer, arrived_with_adapter)`` (it adds what it measured to ``summary``, which is filled in place, and
@@ -102,7 +100,7 @@ def write_edited_model(
     from crowguard.models import save_model
     from crowguard.stage import placement, stage_artefact, stage_inputs
 
-    out_dir = Path(out_dir)
+    out_dir, overwrite, inputs, resolved_config = Path(ctx.out_dir), ctx.overwrite, ctx.inputs, ctx.resolved_config
     check_output_dir(out_dir, overwrite)
     own = dict(summary)  # the same dict object stays the summary: ``edit`` adds to it
     summary.clear()

@@ -15,6 +15,7 @@ from crowguard.io import check_output_dir
 from crowguard.models import check_model_exists
 from crowguard.schemas import ExperimentConfig
 from crowguard.stage import run_training_stage
+from crowguard.types import StageContext
 
 
 def run_backdoor(
@@ -37,12 +38,6 @@ def run_backdoor(
         cfg.model,
         cfg.backdoor,
         examples,
-        Path(out_dir),
-        crow=None,
-        resolved_config=cfg,
-        inputs={"data": data},
-        overwrite=overwrite,
-        resume=resume,
-        show_progress=show_progress,
+        StageContext(Path(out_dir), overwrite, resume, show_progress, resolved_config=cfg, inputs={"data": data}),
         extra_summary={"n_poisoned": n_poisoned},
     )

@@ -17,7 +17,7 @@ from crowguard.defenses.base import DefenseResult, make_defense
 from crowguard.io import check_output_dir
 from crowguard.models import check_model_exists
 from crowguard.schemas import ExperimentConfig
-from crowguard.types import Example
+from crowguard.types import Example, StageContext
 
 
 def clean_samples(path: str, n: int, seed: int) -> list[Example]:
@@ -43,7 +43,7 @@ def run_defend(
     defense = make_defense(cfg.defense)
     defense.check()
     if cfg.defense.method == "none":  # refuses an out_dir, checks the model and adapter exist
-        return defense.run(cfg.model, [], None if out_dir is None else Path(out_dir))
+        return defense.run(cfg.model, [], StageContext(None if out_dir is None else Path(out_dir)))
     if out_dir is None:
         raise ConfigError(f"defense {cfg.defense.method!r} writes the purified model: give --out")
     check_output_dir(Path(out_dir), overwrite, [cfg.model.name_or_path, cfg.model.adapter, cfg.defense.data])
@@ -58,13 +58,4 @@ def run_defend(
             )
         data = clean_samples(cfg.defense.data, cfg.defense.n_samples, cfg.defense.train.seed)
         inputs = {"data": cfg.defense.data}
-    return defense.run(
-        cfg.model,
-        data,
-        Path(out_dir),
-        overwrite=overwrite,
-        resume=resume,
-        show_progress=show_progress,
-        resolved_config=cfg,
-        inputs=inputs,
-    )
+    return defense.run(cfg.model, data, StageContext(Path(out_dir), overwrite, resume, show_progress, cfg, inputs))

@@ -42,6 +42,7 @@ from crowguard.organism.build import (
 from crowguard.registry import resolve
 from crowguard.schemas import DemoConfig, ModelConfig
 from crowguard.stage import run_training_stage
+from crowguard.types import StageContext
 
 DEMO_COLUMNS = (
     ("defense", "model"),
@@ -214,8 +215,9 @@ def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tupl
     if (out_dir / "manifest.json").is_file():
         return str(out_dir), None
     base = ModelConfig(name_or_path=setup.organism.path, template=cfg.template)
-    summary = run_training_stage("backdoor", base, cfg.backdoor, setup.mix, out_dir, overwrite=True,
-                                 show_progress=show_progress, extra_summary={"n_poisoned": cfg.n_poison})  # fmt: skip
+    ctx = StageContext(out_dir, overwrite=True, show_progress=show_progress)
+    extra = {"n_poisoned": cfg.n_poison}
+    summary = run_training_stage("backdoor", base, cfg.backdoor, setup.mix, ctx, extra_summary=extra)
     return str(out_dir), summary["seconds"]
 
 
@@ -263,7 +265,8 @@ def defend(
         defense_cfg = defense_cfg.with_section("cleangen", reference)
     defense = make_defense(defense_cfg)
     suspect = ModelConfig(name_or_path=backdoored, template=cfg.template)
-    result = defense.run(suspect, clean if defense.needs_data else [], out_dir, overwrite=True, show_progress=show)
+    ctx = StageContext(out_dir, overwrite=True, show_progress=show)
+    result = defense.run(suspect, clean if defense.needs_data else [], ctx)
     return result.model_path, result.summary["seconds"]
 
 
