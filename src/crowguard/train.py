@@ -26,17 +26,7 @@ from crowguard.config import ConfigError
 from crowguard.data import IGNORE_INDEX, tokenize_examples
 from crowguard.io import write_json_atomic
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
-from crowguard.resume import (  # noqa: F401 - the engine's resume API, also reachable from here
-    RESUME_FREE_KEYS,
-    SETTINGS_FILE,
-    ResumeError,
-    _truncate_metrics,
-    check_resume,
-    latest_checkpoint,
-    require_checkpoint,
-    run_settings,
-    set_aside_stale_work,
-)
+from crowguard.resume import SETTINGS_FILE, check_resume, run_settings, set_aside_stale_work, truncate_metrics
 from crowguard.schemas import TrainConfig
 from crowguard.train_callbacks import (
     FiniteGuard,
@@ -202,9 +192,7 @@ class CrowTrainer(Trainer):
             loss, parts = self.objective.compute(model, inputs, num_items)
             if model.training:
                 items = 1 if num_items is None else count_loss_tokens(inputs["labels"], None)[0]
-                for name, value in parts.items():
-                    total, weights = self._part_sums.get(name, (0.0, 0.0))
-                    self._part_sums[name] = (total + items * value, weights + items)
+                self._add_parts({name: (value, items) for name, value in parts.items()})
             loss = loss * scale
             return (loss, None) if return_outputs else loss
         if self.crow is None:  # plain SFT: one forward, no hidden states
@@ -234,12 +222,15 @@ class CrowTrainer(Trainer):
             items, tokens = (
                 (1, 1) if num_items is None else count_loss_tokens(inputs["labels"], inputs.get("attention_mask"))
             )
-            for name in PART_NAMES:
-                if name in parts:
-                    weight = float(items if name == "lm_loss" else tokens)
-                    total, weights = self._part_sums.get(name, (0.0, 0.0))
-                    self._part_sums[name] = (total + weight * float(parts[name]), weights + weight)
+            self._add_parts({name: (parts[name], items if name == "lm_loss" else tokens)
+                             for name in PART_NAMES if name in parts})  # fmt: skip
         return (loss, None) if return_outputs else loss
+
+    def _add_parts(self, weighted: dict[str, tuple[float, float]]) -> None:
+        """Accumulate each logged part's ``(value, weight)`` until the next log, which shows the weighted means."""
+        for name, (value, weight) in weighted.items():
+            total, weights = self._part_sums.get(name, (0.0, 0.0))
+            self._part_sums[name] = (total + float(weight) * float(value), weights + float(weight))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._part_sums and "loss" in logs:
@@ -396,7 +387,7 @@ def train(
         (work_dir / "metrics.jsonl").unlink(missing_ok=True)
         write_json_atomic(work_dir / SETTINGS_FILE, settings)
     else:
-        _truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
+        truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
     callbacks: list[TrainerCallback] = [
         FiniteGuard(cfg.precision != "fp16"),
         MetricsFileCallback(work_dir / "metrics.jsonl"),

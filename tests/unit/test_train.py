@@ -11,9 +11,10 @@ import torch
 
 from crowguard.defenses.crow import CrowConfig
 from crowguard.models import ModelLoadError, load_model, save_model
+from crowguard.resume import ResumeError
 from crowguard.schemas import ModelConfig, TrainConfig
 from crowguard.stage import run_training_stage, work_dir_for
-from crowguard.train import ResumeError, prepare_for_training, train
+from crowguard.train import prepare_for_training, train
 from crowguard.types import Example, StageContext
 
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer, unequal_examples
