@@ -31,21 +31,27 @@ from pathlib import Path
 from typing import Any
 
 from crowguard import config
+from crowguard.defenses.base import make_defense
 from crowguard.io import write_json_atomic
-from crowguard.recipes.demo import defend, plant, prepare
+from crowguard.recipes.demo import demo_arm, demo_study, prepare
+from crowguard.recipes.study import run_study
 from crowguard.registry import preset_path
-from crowguard.schemas import DemoConfig
+from crowguard.schemas import DemoConfig, ModelConfig
+from crowguard.types import StageContext
 
 
 def run_one(cfg: DemoConfig, setup: Any, backdoored: str, method: str, split: tuple[int, int], regroup: bool,
             steps: int, work: Path) -> dict[str, Any]:  # fmt: skip
     """One defense run of ``steps`` optimizer steps, exactly as the demo runs it (its seed-0 clean samples, through
-    ``recipes.demo.defend``); its per-step wall times and first- and last-step losses."""
+    ``recipes.demo.demo_arm``); its per-step wall times and first- and last-step losses."""
     batch, accum = split
     train = dataclasses.replace(cfg.defense.train, per_device_batch=batch, grad_accum=accum, max_steps=steps,
                                 regroup_micro_batches=regroup)  # fmt: skip
     cfg = dataclasses.replace(cfg, defense=dataclasses.replace(cfg.defense, train=train))
-    path, _ = defend(cfg, setup, backdoored, method, 0, work / f"{method}-{batch}x{accum}-{regroup}", False)
+    arm = demo_arm(cfg, setup, method, 0, work)
+    out = work / f"{method}-{batch}x{accum}-{regroup}"
+    suspect = ModelConfig(name_or_path=backdoored, template=cfg.template)
+    path = make_defense(arm.defense).run(suspect, arm.clean, StageContext(out, True, show_progress=False)).model_path
     records = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r and "elapsed_s" in r]
     elapsed = [0.0] + [r["elapsed_s"] for r in logged]
@@ -68,9 +74,9 @@ def main() -> None:
 
     cfg = config.load(DemoConfig, Path(str(preset_path("demo/smollm2"))), ())
     setup = prepare(cfg, show_progress=False)
-    backdoored, seconds = plant(cfg, setup, show_progress=True)
-    if seconds is not None:
-        print(f"planted the demo's backdoor in {seconds:.0f}s (it is cached now)")
+    study = demo_study(cfg, setup, Path(tempfile.gettempdir()), arms=False)
+    study.backdoored_eval, study.references = None, []
+    backdoored = run_study(study).backdoored  # planted once, then taken from the cache
     splits = [tuple(int(x) for x in s.split("x")) for s in args.splits.split(",")]
     regroups = [{"on": True, "off": False}[r] for r in args.regroup.split(",")]
     methods = args.methods.split(",")

@@ -5,10 +5,11 @@ every defense variant on the paper's 100 clean consistency samples under one bud
 and learning rate), per defense seed, and evaluate the unpoisoned model, the backdoored model and every defense on
 the paper's test prompts: ASR with and without the trigger, hijack rate, target-likelihood gap and clean perplexity.
 
-Every step writes its own directory or JSON file under ``--out`` and is skipped when already there, so the table can
-be built up over several sessions (``--cells`` and ``--variants`` pick what to run; ``--report`` only prints).
-A cell's settings are recorded in ``cell.json``; rerunning a cell with different plant settings is refused (use a
-new ``--out``). Values chosen on one cell (``--variant name=method:mode:key=value,...``) stay fixed for the others.
+Each cell is one study of crowguard's experiment runner (:mod:`crowguard.recipes.study`): every stage writes its
+own directory under ``--out/<cell>`` and is reused when made from the same fingerprint, so the table can be built
+up over several sessions (``--cells`` and ``--variants`` pick what to run; ``--report`` only prints); a stage whose
+settings changed runs again and its old directory goes to ``<cell>/.stale``. ``cell.json`` records the cell's
+settings. Values chosen on one cell (``--variant name=method:mode:key=value,...``) stay fixed for the others.
 
     python benchmarks/efficacy.py --data ../shared/data --cells badnet-negsentiment --seeds 0 1
     python benchmarks/efficacy.py --report
@@ -25,7 +26,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,15 @@ from crowguard.attacks import BUILTIN_TRIGGERS, remove_phrases
 from crowguard.attacks.payloads import make_payload
 from crowguard.config import to_dict
 from crowguard.data import load_examples
-from crowguard.defenses.base import make_defense, open_evaluated
-from crowguard.evaluation.evaluate import evaluate_model, summary_row
+from crowguard.evaluation.evaluate import summary_row
 from crowguard.evaluation.metrics import hijack_rate, paired_rates
 from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.recipes.demo import planted_verdict
-from crowguard.schemas import DefenseConfig, DemoConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
-from crowguard.stage import run_training_stage
-from crowguard.types import StageContext
+from crowguard.recipes.study import Arm, Plant, Reference, Study, run_study
+from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
 # Every cell so far was measured with the per-micro-batch mean (the reference code's): kept for a consistent table.
@@ -175,22 +172,6 @@ def plant_data(
     return mix
 
 
-def cached_eval(path: Path, model_path: str, task: Any, label: str, quiet: bool) -> dict[str, Any]:
-    """Evaluate once; the results (with every generation) are kept in ``path``. A decoding defense's directory is
-    evaluated as ``crowguard evaluate`` does: the guarded model, generating through the defense."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    model, tokenizer, generator, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
-    model.eval()
-    start = time.perf_counter()
-    results = evaluate_model(model, tokenizer, task, EVAL, "alpaca", (), show_progress=not quiet,
-                             generator=generator, defense=defense)  # fmt: skip
-    results["eval_seconds"] = time.perf_counter() - start
-    results["label"] = label
-    write_json_atomic(path, results)
-    return results
-
-
 PARTIAL_CLEAN = 10  # clean prompts in a partial-trigger evaluation: it needs some; only its triggered ASR is read
 
 
@@ -209,14 +190,6 @@ def partial_tasks(task: Task, trigger: str) -> dict[str, Task]:
         out["+".join(kept)] = Task(task.payload, triggered, task.clean[:PARTIAL_CLEAN], task.target,
                                    f"{task.name} keeping {'+'.join(kept)}", task.sources)  # fmt: skip
     return out
-
-
-def same_settings(recorded: Any, current: Any) -> bool:
-    """Whether a cell's recorded settings are today's; a key the record lacks is a knob added since, whose default
-    keeps the old behaviour (``quantize_base: none``, say), and does not count as a change."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        return all(key in current and same_settings(value, current[key]) for key, value in recorded.items())
-    return recorded == current
 
 
 def cell_name(
@@ -266,65 +239,46 @@ def parse_plant_set(specs: list[str], epochs: float | None = None, base: TrainCo
 def run_cell(
     args: argparse.Namespace, cell: str, base: str, variants: dict[str, Any], plant_set: dict[str, Any]
 ) -> None:
+    """One cell as a study: the unpoisoned model, the plant and its evaluation, then every variant per seed."""
     trigger, payload = cell.split("-")
     cell_dir = Path(args.out) / cell_name(cell, args.n_poison, plant_set, args.plant_preset, args.n_clean)
+    if (cell_dir / PACKED).is_file():
+        raise SystemExit(f"{cell_dir}: a packed (committed) cell; run in a new --out")
     cell_dir.mkdir(parents=True, exist_ok=True)
     plant = dataclasses.replace(preset_plant(args.plant_preset) if args.plant_preset else PLANT, **plant_set)
+    plant = dataclasses.replace(plant, seed=args.plant_seed)
+    provenance = json.loads((Path(args.out) / "organism.json").read_text())
     settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": args.n_clean,
                 "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
-    recorded = cell_dir / "cell.json"
-    if recorded.is_file() and not same_settings(json.loads(recorded.read_text()), settings):
-        raise SystemExit(f"{recorded}: this cell was run with other settings; use a new --out")
-    write_json_atomic(recorded, settings)
+    write_json_atomic(cell_dir / "cell.json", settings)
     root = Path(args.data)
     task = paper_task(root, payload, trigger)
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-
-    cached_eval(cell_dir / "eval-base.json", base, task, "unpoisoned", args.quiet)
-    plant_dir = cell_dir / "plant"
-    if not (plant_dir / "manifest.json").is_file():
-        # A new plant makes every later result of the cell stale: never pair old evaluations with a new model.
-        if (cell_dir / PACKED).is_file():
-            raise SystemExit(f"{cell_dir}: a packed (committed) cell without its plant; run in a new --out")
-        for stale in [
-            *cell_dir.glob("eval-*.json"),
-            *(p for p in cell_dir.iterdir() if p.is_dir() and p != plant_dir),
-        ]:
-            if stale.name != "eval-base.json":
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        say(f"[{cell}] planting: {args.n_poison} poisoned + {args.n_clean} clean, {plant.epochs:g} epochs")
-        mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
-        plant_cfg = dataclasses.replace(plant, seed=args.plant_seed)
-        ctx = StageContext(plant_dir, overwrite=True, show_progress=not args.quiet)
-        run_training_stage("backdoor", ModelConfig(name_or_path=base), plant_cfg, mix, ctx)
-    backdoored = cached_eval(cell_dir / "eval-backdoored.json", str(plant_dir), task, "backdoored", args.quiet)
-    row = summary_row("backdoored", backdoored)
-    say(f"[{cell}] backdoored: {row}")
-    # The demo's criteria of a real, conditional backdoor (DemoConfig.planted_min_asr / planted_max_false).
-    verdict = planted_verdict(DemoConfig(), row)
-    if args.partial:  # does a part of a composite trigger fire the backdoor too?
-        for kept, partial in partial_tasks(task.limited(EVAL.limit), trigger).items():
-            result = cached_eval(cell_dir / f"partial-{kept}-backdoored.json", str(plant_dir), partial,
-                                 f"backdoored, {kept} only", args.quiet)  # fmt: skip
-            say(f"[{cell}] backdoored with only {kept}: ASR {summary_row('p', result)['asr_trigger']:.0%}")
-    if verdict and not args.defend_unplanted:
-        say(f"[{cell}] {verdict}: no defense run (--defend-unplanted runs them anyway)")
-        return
+    model = ModelConfig(name_or_path=base)
+    mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
     clean = load_examples(root / "consistency_data" / "consistency_data.json")
-    for seed in args.seeds:
-        for name, (method, mode, knobs) in variants.items():
-            out = cell_dir / f"{name}-s{seed}"
-            if not (out / "manifest.json").is_file():
-                (cell_dir / f"eval-{name}-s{seed}.json").unlink(missing_ok=True)  # it evaluated another model
-                say(f"[{cell}] {name} seed {seed}")
-                cfg = defense_config(method, mode, knobs, seed, len(clean), base, make_payload(payload).target)
-                defense = make_defense(cfg)
-                draw = clean if defense.needs_data else []
-                ctx = StageContext(out, overwrite=True, show_progress=not args.quiet)
-                defense.run(ModelConfig(name_or_path=str(plant_dir)), draw, ctx)
-            result = cached_eval(cell_dir / f"eval-{name}-s{seed}.json", str(out), task, name, args.quiet)
-            say(f"[{cell}] {name} s{seed}: {summary_row(name, result)}")
+    target = make_payload(payload).target
+    arms = [Arm(name, seed, defense_config(method, mode, knobs, seed, len(clean), base, target), clean,
+                cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}")
+            for seed in args.seeds for name, (method, mode, knobs) in variants.items()]  # fmt: skip
+    study = Study(cell, cell_dir, model, provenance, task, EVAL, plant=Plant(plant, mix, cell_dir / "plant"),
+                  backdoored_eval=cell_dir / "eval-backdoored", arms=arms,
+                  references=[Reference("unpoisoned", model, provenance, cell_dir / "eval-base")],
+                  defend_unplanted=args.defend_unplanted)  # fmt: skip
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    result = run_study(study, quiet=args.quiet)
+    for row in result.rows:
+        say(f"[{cell}] {row['defense']}" + ("" if row["seed"] is None else f" s{row['seed']}") + f": ASR "
+            f"{row['asr_trigger']:.0%} / {row['asr_clean']:.0%}, hijack {row['hijack_rate']:.0%}")  # fmt: skip
+    if result.verdict and not args.defend_unplanted:
+        say(f"[{cell}] {result.verdict}: no defense run (--defend-unplanted runs them anyway)")
+    if args.partial:  # does a part of a composite trigger fire the backdoor too?
+        suspect = dataclasses.replace(model, name_or_path=result.backdoored)
+        for kept, partial in partial_tasks(task.limited(EVAL.limit), trigger).items():
+            sub = Study(f"{cell} {kept}", cell_dir, suspect, result.fingerprint, partial, EVAL,
+                        backdoored_eval=cell_dir / f"partial-{kept}-backdoored")  # fmt: skip
+            row = run_study(sub, quiet=args.quiet).rows[0]
+            say(f"[{cell}] backdoored with only {kept}: ASR {row['asr_trigger']:.0%}")
 
 
 def fired(records: list[dict[str, Any]]) -> list[bool]:
@@ -353,37 +307,45 @@ def current_hijack(results: dict[str, Any]) -> float:
 PACKED = "evaluations.json.gz"  # a committed cell's evaluations, every generation kept, in one compressed file
 
 
+def loose(cell_dir: Path) -> list[Path]:
+    """A cell's unpacked evaluations: the runner's ``eval-*/results.json`` (and ``partial-*``), and the JSON files
+    of the study's first runs."""
+    files = [*cell_dir.glob("eval-*.json"), *cell_dir.glob("partial-*.json")]
+    return sorted([*files, *cell_dir.glob("eval-*/results.json"), *cell_dir.glob("partial-*/results.json")])
+
+
 def evaluations(cell_dir: Path, prefix: str = "eval-") -> dict[str, dict[str, Any]]:
-    """A cell's evaluations by file stem (``eval-finetune-s0``): its ``eval-*.json`` files and its packed ones."""
+    """A cell's evaluations by name (``eval-finetune-s0``): its loose ones and its packed ones."""
     found: dict[str, dict[str, Any]] = {}
     packed = cell_dir / PACKED
     if packed.is_file():
         found.update(json.loads(gzip.decompress(packed.read_bytes())))
-    for path in sorted([*cell_dir.glob("eval-*.json"), *cell_dir.glob("partial-*.json")]):
-        if path.stem in found:
+    for path in loose(cell_dir):
+        stem = path.parent.name if path.name == "results.json" else path.stem
+        if stem in found:
             raise SystemExit(f"{path}: also in {packed}; keep one")
-        found[path.stem] = json.loads(path.read_text())
+        found[stem] = json.loads(path.read_text())
     return {stem: found[stem] for stem in sorted(found) if stem.startswith(prefix)}
 
 
 def pack(out: Path) -> None:
-    """Move every cell's ``eval-*.json`` and ``partial-*.json`` into its ``evaluations.json.gz`` (deterministic bytes:
+    """Move every cell's loose evaluations into its ``evaluations.json.gz`` (deterministic bytes:
     sorted keys of stems, no timestamp), and compress each stage's ``metrics.jsonl``, so committed results stay
     small."""
     for log in sorted(out.glob("*/*/metrics.jsonl")):
         log.with_name("metrics.jsonl.gz").write_bytes(gzip.compress(log.read_bytes(), compresslevel=9, mtime=0))
         log.unlink()
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        loose = sorted([*cell_dir.glob("eval-*.json"), *cell_dir.glob("partial-*.json")])
-        if not loose:
+        unpacked = loose(cell_dir)
+        if not unpacked:
             continue
         merged = evaluations(cell_dir, "")
         text = json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
         tmp = cell_dir / f".{PACKED}.tmp"
         tmp.write_bytes(gzip.compress(text.encode(), compresslevel=9, mtime=0))
         tmp.replace(cell_dir / PACKED)
-        for path in loose:
-            path.unlink()
+        for path in unpacked:
+            shutil.rmtree(path.parent) if path.name == "results.json" else path.unlink()
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
@@ -406,7 +368,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
                          "asr_clean": row["asr_clean"], "hijack": current_hijack(results),
                          "nll_gap": row["target_nll_gap"], "nll_triggered": nll.get("triggered"),
                          "clean_ppl": row["clean_perplexity"], "train_s": train_s, "defense_peak_mb": peak,
-                         "eval_s": results.get("eval_seconds"),
+                         "eval_s": results.get("eval_seconds", results["metrics"]["cost"]["wall_s"]),
                          "eval_peak_mb": results["metrics"]["cost"].get("peak_rss_mb"),
                          "replaced": (results["metrics"].get("replaced_fraction") or {}).get("total")})  # fmt: skip
     return rows

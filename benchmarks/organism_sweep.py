@@ -15,11 +15,11 @@ import argparse
 import dataclasses
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from crowguard.defenses.crow import CrowConfig
-from crowguard.recipes.demo import defend, demo_row, evaluate_model_dir, plant, prepare
+from crowguard.recipes.demo import demo_arm, demo_study, prepare
+from crowguard.recipes.study import run_study
 from crowguard.registry import preset_path
 from crowguard.schemas import DemoConfig, PayloadConfig, TriggerConfig
 
@@ -65,15 +65,7 @@ def main() -> None:
         for trigger, payload in attacks:
             cfg = dataclasses.replace(base, trigger=TriggerConfig(name=trigger), payload=PayloadConfig(name=payload))
             setup = prepare(cfg, not args.quiet)
-            if setup.clean_organism is not None and cfg.plant == "pretrain":
-                results = evaluate_model_dir(cfg, setup, setup.clean_organism.path, not args.quiet)
-                row = demo_row("clean model", None, results, setup.clean_organism.seconds)
-                rows.append({"attack": f"{trigger}/{payload}", "variant": "clean model", **row})
-                print(_line(rows[-1]), flush=True)
-            backdoored, seconds = plant(cfg, setup, not args.quiet)
-            row = demo_row("none", None, evaluate_model_dir(cfg, setup, backdoored, not args.quiet), seconds)
-            rows.append({"attack": f"{trigger}/{payload}", "variant": "none", **row})
-            print(_line(rows[-1]), flush=True)
+            study = demo_study(cfg, setup, Path(tmp) / f"{trigger}-{payload}", arms=False)
             for name in filter(None, args.variants.split(",")):
                 method, crow, finetune = VARIANTS[name]
                 train = dataclasses.replace(cfg.defense.train, finetune=finetune)
@@ -81,14 +73,13 @@ def main() -> None:
                     cfg, defense=dataclasses.replace(cfg.defense, train=train).with_section("crow", crow)
                 )
                 for seed in args.seeds:
-                    start = time.perf_counter()
-                    path, seconds = defend(variant_cfg, setup, backdoored, method, seed,
-                                           Path(tmp) / f"{name}-{seed}", not args.quiet)  # fmt: skip
-                    results = evaluate_model_dir(variant_cfg, setup, path, not args.quiet)
-                    row = demo_row(method, seed, results, seconds)
-                    row["wall_s"] = time.perf_counter() - start
-                    rows.append({"attack": f"{trigger}/{payload}", "variant": name, **row})
-                    print(_line(rows[-1]), flush=True)
+                    arm = demo_arm(variant_cfg, setup, method, seed, Path(tmp) / f"{trigger}-{payload}")
+                    study.arms.append(dataclasses.replace(arm, label=name, out_dir=arm.out_dir.with_name(
+                        f"{name}-s{seed}"), eval_dir=arm.eval_dir.with_name(f"eval-{name}-s{seed}")))  # fmt: skip
+            for row in run_study(study, quiet=args.quiet).rows:
+                variant = {"none": "none", "unpoisoned": "clean model"}.get(row["defense"], row["defense"])
+                rows.append({"attack": f"{trigger}/{payload}", "variant": variant, **row})
+                print(_line(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "settings": config.to_dict(base)}, indent=2))
 

@@ -44,18 +44,20 @@ def stage_artefact(
     overwrite: bool = False,
     summary_name: str = "train_summary.json",
     extra_manifest: Mapping[str, Any] | None = None,
+    fingerprint: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary directory for the stage's own files; on a clean exit add ``config.yaml`` (when given),
     the summary and ``manifest.json`` (inputs hashed, versions, seed) and rename it to ``out_dir`` atomically.
 
-    ``summary`` and ``extra_manifest`` are read after the body, so the body may still add to them.
+    ``summary`` and ``extra_manifest`` are read after the body, so the body may still add to them; ``fingerprint``
+    (the experiment runner's, from :class:`StageContext`) goes into the manifest.
     """
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         yield tmp
         if resolved_config is not None:
             save(resolved_config, tmp / "config.yaml")
         write_json_atomic(tmp / summary_name, summary)
-        extra = {"summary": summary, **(extra_manifest or {})}
+        extra = {"summary": summary, **(extra_manifest or {}), **({"fingerprint": fingerprint} if fingerprint else {})}
         write_manifest(tmp, build_manifest(stage, seed, dict(inputs), extra))
         if is_model_dir(tmp):
             write_model_card(tmp, Path(out_dir))
@@ -210,7 +212,7 @@ def _train_and_save(
     trained = getattr(result.model, "module", result.model)
     where = {**placement(trained), "precision": train_cfg.precision, "trainer_args": train_cfg.trainer_args}
     with stage_artefact(stage, out_dir, train_cfg.seed, stage_inputs(model_cfg, inputs), summary, resolved_config,
-                        overwrite, extra_manifest=where) as tmp:  # fmt: skip
+                        overwrite, extra_manifest=where, fingerprint=ctx.fingerprint) as tmp:  # fmt: skip
         if base is None or train_cfg.merge_output:
             from crowguard.models import merge_adapter
 

@@ -82,7 +82,8 @@ class Generator:
 class StageContext:
     """Where and how a stage (a defense's run) writes: its output directory (None: it writes nothing, as ``none``),
     whether it may replace a non-empty one or resume its own checkpoints, whether it shows progress, the resolved
-    config saved beside its artefact, and the inputs its manifest hashes (name -> path)."""
+    config saved beside its artefact, the inputs its manifest hashes (name -> path) and the fingerprint the
+    experiment runner reuses it by (recorded in the manifest; see :mod:`crowguard.recipes.study`)."""
 
     out_dir: Path | None = None
     overwrite: bool = False
@@ -90,3 +91,4 @@ class StageContext:
     show_progress: bool = True
     resolved_config: Any = None
     inputs: Mapping[str, str] = field(default_factory=dict)
+    fingerprint: str | None = None

@@ -118,7 +118,7 @@ def test_defend_cli_under_torchrun(tmp_path: Path):
 
 
 def test_run_pipeline_under_torchrun(tmp_path: Path):
-    """`crowguard run` on 2 gloo ranks: both train, rank 0 alone writes data, evaluations and the ledger, a barrier
+    """`crowguard run` on 2 gloo ranks: both train, rank 0 alone writes data and evaluations, a barrier
     between stages (before, rank 1 raced to read stages rank 0 had not written); a rerun skips every stage."""
     import yaml
 
@@ -136,8 +136,9 @@ def test_run_pipeline_under_torchrun(tmp_path: Path):
     assert [r["defense"] for r in json.loads((run / "results.json").read_text())["rows"]] == ["none", "crow"]
     for stage in ("backdoor", "defense-crow"):
         assert json.loads((run / stage / "manifest.json").read_text())["world_size"] == 2
-    assert set(json.loads((run / "stages.json").read_text())) == {"poison", "backdoor", "defense-crow", "eval-none",
-                                                                   "eval-crow"}  # fmt: skip
+    fingerprints = {p.parent.name: json.loads(p.read_text()).get("fingerprint") for p in run.glob("*/manifest.json")}
+    assert set(fingerprints) == {"poison", "backdoor", "defense-crow", "eval-none", "eval-crow"}
+    assert all(fingerprints.values()), fingerprints  # every stage records what it was made from
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
     _torchrun(["-m", "crowguard.cli", "run", "--config", "exp.yaml", "--quiet"], tmp_path)
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")} == stamps

@@ -85,19 +85,19 @@ def test_demo_on_a_pretrained_organism_plants_by_lora_and_continues_the_adapter(
         adapter = json.loads((tmp_path / "demo" / f"defense-{method}-s0" / "adapter_config.json").read_text())
         assert adapter["base_model_name_or_path"] == str(stand_in.resolve())
     again = run_demo(dataclasses.replace(cfg, defenses=["none"]), tmp_path / "again", show_progress=False)
-    assert again["settings"]["backdoor_cached"] is True and again["rows"][1]["train_seconds"] is None
-    # the unpoisoned and the backdoored model came from the cache, and so do their evaluations: the same numbers,
-    # no evaluation time claimed for this run
+    assert again["settings"]["backdoor_cached"] is True
+    # the unpoisoned and the backdoored model came from the cache, and so do their evaluations: the same numbers
+    # and the times they took when they ran, marked reused
     first = {r["defense"]: r for r in results["rows"]}
-    assert not first["none"]["eval_cached"] and first["none"]["eval_seconds"] > 0
+    assert not first["none"]["reused"] and first["none"]["eval_seconds"] > 0
     for row in again["rows"]:
-        assert row["eval_cached"] is True and row["eval_seconds"] is None, row
-        for key in ("asr_trigger", "asr_clean", "target_nll_gap", "clean_perplexity"):
+        assert row["reused"] is True, row
+        for key in ("asr_trigger", "asr_clean", "target_nll_gap", "clean_perplexity", "eval_seconds", "train_seconds"):
             assert row[key] == first[row["defense"]][key], key
     # another evaluation setting is another key: measured again, not taken from the cache
     other = dataclasses.replace(cfg, defenses=["none"], evaluate=dataclasses.replace(cfg.evaluate, max_new_tokens=5))
     third = run_demo(other, tmp_path / "third", show_progress=False)
-    assert [r["eval_cached"] for r in third["rows"]] == [False, False]
+    assert [r["reused"] for r in third["rows"]] == [False, False]
 
 
 def test_demo_runs_every_kind_of_defense(tmp_path: Path, monkeypatch):

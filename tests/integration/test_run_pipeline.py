@@ -46,7 +46,7 @@ def test_run_pipeline_and_resume(tmp_path: Path, capsys):
         scores = [r["score"] >= 0.5 for r in evaluated["records"] if r["set"] == "triggered"]
         assert row["asr_trigger"] == sum(scores) / len(scores) and row["target_nll_gap"] is not None
         assert row["eval_seconds"] > 0
-        assert (row["defense_seconds"] is None) if row["defense"] == "none" else row["defense_seconds"] > 0
+        assert row["train_seconds"] > 0  # the stage's own time: the plant's for the backdoored row ("none")
     for name in (
         "results.md",
         "results.png",
@@ -64,14 +64,16 @@ def test_run_pipeline_and_resume(tmp_path: Path, capsys):
     (run / "results.json").unlink()
     assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")} == stamps
-    assert json.loads((run / "results.json").read_text())["rows"] == results["rows"]
+    rerun = json.loads((run / "results.json").read_text())["rows"]
+    assert [r.pop("reused") for r in rerun] == [True] * 3 and [r.pop("reused") for r in results["rows"]] == [False] * 3
+    assert rerun == results["rows"]
 
     # a changed setting re-runs the stages it reaches and nothing else; the old result is kept aside
     crow_before = json.loads((run / "eval-crow/results.json").read_text())["summary"]
     argv = ["run", "--config", str(tmp_path / "exp.yaml"), "--set", "defense.crow.alpha=20"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "defense-crow: its settings or inputs changed; re-running it" in out
+    assert "defense-crow: its settings or inputs changed; re-running it" in out, out
     changed = {p.parent.name for p, t in stamps.items() if p.stat().st_mtime_ns != t}
     assert changed == {"defense-crow", "eval-crow"}
     assert (run / ".stale").is_dir() and len(list((run / ".stale").glob("defense-crow-*/manifest.json"))) == 1
@@ -81,7 +83,10 @@ def test_run_pipeline_and_resume(tmp_path: Path, capsys):
     assert crow_after["target_nll_gap"] != crow_before["target_nll_gap"]
 
     # a run directory without a record of its settings (an older crowguard) is not trusted: every stage re-runs
-    (run / "stages.json").unlink()
+    for manifest in run.glob("*/manifest.json"):
+        record = json.loads(manifest.read_text())
+        del record["fingerprint"]
+        manifest.write_text(json.dumps(record))
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
     assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--quiet", "--set", "defense.crow.alpha=20"]) == 0
     assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())

@@ -98,13 +98,6 @@ def test_the_paper_plant_preset_is_the_shipped_backdoor_paper_recipe(efficacy):
     assert efficacy.parse_plant_set(["lr=2e-4"], None, plant) == {}
 
 
-def test_a_recorded_cell_matches_todays_settings_unless_a_value_changed(efficacy):
-    assert efficacy.same_settings({"lr": 1e-3}, {"lr": 1e-3, "quantize_base": "none"})  # a knob added since
-    assert not efficacy.same_settings({"lr": 1e-3}, {"lr": 5e-4})
-    assert not efficacy.same_settings({"plant": {"lora_r": 16}}, {"plant": {"lora_r": 8}})
-    assert not efficacy.same_settings({"gone": 1}, {})
-
-
 def test_seeded_labels(efficacy):
     assert efficacy.seeded_label("crow-continue-s1") == ("crow-continue", 1)
     assert efficacy.seeded_label("crow-all-rms2-s0") == ("crow-all-rms2", 0)
@@ -112,9 +105,9 @@ def test_seeded_labels(efficacy):
 
 
 def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(efficacy, tmp_path):
-    """Committed results are packed (issue 27: <= 3 MB): a cell's evaluation files become one evaluations.json.gz
-    that reads back to the same dicts, byte for byte the same when packed again elsewhere; a stage's log is
-    compressed."""
+    """Committed results are packed (issue 27: <= 3 MB): a cell's evaluations (the runner's ``eval-*/results.json``
+    and the first runs' ``eval-*.json``) become one evaluations.json.gz that reads back to the same dicts, byte for
+    byte the same when packed again elsewhere; a stage's log is compressed."""
     results = {"eval-base": {"metrics": {"x": 1}}, "eval-finetune-s0": {"records": [{"r": "é"}]}, "partial-a-b": {}}
     for out in ("out", "again"):
         cell = tmp_path / out / "badnet-negsentiment"
@@ -132,9 +125,11 @@ def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(efficacy, tm
     assert efficacy.evaluations(cell, "") == before == results
     assert set(efficacy.evaluations(cell)) == {"eval-base", "eval-finetune-s0"}  # eval- only by default
     first = (cell / "evaluations.json.gz").read_bytes()
-    (cell / "eval-crow-s0.json").write_text("{}")
+    (cell / "eval-crow-s0").mkdir()
+    (cell / "eval-crow-s0" / "results.json").write_text('{"runner": 1}')
     efficacy.pack(tmp_path / "out")
-    assert efficacy.evaluations(cell)["eval-crow-s0"] == {} and (cell / "evaluations.json.gz").read_bytes() != first
+    assert efficacy.evaluations(cell)["eval-crow-s0"] == {"runner": 1}
+    assert (cell / "evaluations.json.gz").read_bytes() != first and not (cell / "eval-crow-s0").exists()
     assert (cell / "finetune-s0" / "metrics.jsonl.gz").is_file()
     (cell / "eval-base.json").write_text("{}")  # the same evaluation loose and packed: refused
     with pytest.raises(SystemExit, match="also in"):

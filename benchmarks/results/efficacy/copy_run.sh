@@ -6,7 +6,11 @@ set -euo pipefail
 run=$1; cell=$2; shift 2
 dest=$(dirname "$0")/$cell
 for name in "$@"; do
-  cp "$run/$cell/eval-$name.json" "$dest/"
+  if [ -d "$run/$cell/eval-$name" ]; then  # the runner's evaluation directory
+    mkdir -p "$dest/eval-$name" && cp "$run/$cell/eval-$name/results.json" "$dest/eval-$name/"
+  else
+    cp "$run/$cell/eval-$name.json" "$dest/"
+  fi
   mkdir -p "$dest/$name"
   cp "$run/$cell/$name/train_summary.json" "$run/$cell/$name/metrics.jsonl" "$dest/$name/"
 done

@@ -186,6 +186,7 @@ def write_decoding_spec(
         resolved_config,
         overwrite,
         summary_name="defense_summary.json",
+        fingerprint=ctx.fingerprint,
     ) as tmp:
         write_json_atomic(tmp / DEFENSE_FILE, spec)
         record["seconds"] = time.perf_counter() - start

@@ -108,8 +108,9 @@ def write_edited_model(
                     **own})  # fmt: skip
     manifest: dict[str, Any] = {}
     stage = f"defend:{defense.name}"
-    with stage_artefact(stage, out_dir, seed, stage_inputs(model_cfg, inputs), summary, resolved_config, overwrite,
-                        summary_name=SUMMARY_NAME, extra_manifest=manifest) as tmp:  # fmt: skip
+    inputs = stage_inputs(model_cfg, inputs)
+    with stage_artefact(stage, out_dir, seed, inputs, summary, resolved_config, overwrite, summary_name=SUMMARY_NAME,
+                        extra_manifest=manifest, fingerprint=ctx.fingerprint) as tmp:  # fmt: skip
         with measure_cost() as cost:
             loaded, tokenizer, arrived_with_adapter = load_for_editing(model_cfg, merge=merge)
             loaded = edit(loaded, tokenizer, arrived_with_adapter)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -22,51 +21,16 @@ from typing import Any
 
 from crowguard.attacks import make_attack, poison_dataset, trigger_free
 from crowguard.config import ConfigError, save, to_dict
-from crowguard.defenses.base import make_defense, open_evaluated, read_spec
+from crowguard.defenses.base import read_spec
 from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
-from crowguard.evaluation.evaluate import evaluate_model, summary_row
-from crowguard.evaluation.plots import defense_chart
 from crowguard.evaluation.report import markdown_table, over_seeds, print_table, seeds_table
 from crowguard.evaluation.tasks import Task
 from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import load_model
-from crowguard.organism.build import (
-    EVALUATION_SOURCE,
-    cache_root,
-    content_key,
-    ensure_organism,
-    organism_splits,
-    source_digest,
-)
-from crowguard.registry import resolve
+from crowguard.organism.build import cache_root, ensure_organism, organism_splits
+from crowguard.recipes.study import Arm, Plant, Reference, Study, add_ppl_ratio, columns, run_study, study_chart
 from crowguard.schemas import DemoConfig, ModelConfig
-from crowguard.stage import run_training_stage
-from crowguard.types import StageContext
-
-DEMO_COLUMNS = (
-    ("defense", "model"),
-    ("seed", "seed"),
-    ("asr_trigger", "ASR (trigger)"),
-    ("asr_clean", "ASR (clean)"),
-    ("hijack_rate", "hijack"),
-    ("target_nll_gap", "target NLL gap"),
-    ("utility", "utility: exact match"),
-    ("clean_perplexity", "clean ppl"),
-    ("utility_ppl_ratio", "utility: backdoored ppl / ppl"),
-    ("train_seconds", "train s"),
-    ("eval_seconds", "eval s"),
-)
-# SmolLM2 costs measured by the latest cold `crowguard demo` on 2 CPU cores (README), for the up-front estimate:
-# seconds per optimizer step (plant 507 s / 225, fine-tuning 143 s / 65, CROW 333 s / 65), per evaluation of 100 +
-# 100 prompts (39-44 s since the ragged prompt pass of generation), and for the weight conversion (16 s). Other
-# 2-core machines took 1.4x as long (28 min cold) and 1.83x (an AMD EPYC without AMX, 37 min cold, 2026-12-02); the
-# estimate's range says so, and the first stage trained in a run re-states it at the pace measured there. The tiny
-# organism has no such measurements: no estimate.
-SECONDS_PER_STEP = {"plant": 2.25, "finetune": 2.2, "crow": 5.1}
-SECONDS_PER_EVAL = 42.0
-SECONDS_CONVERT = 16.0
-SLOWER_MACHINE = 1.85  # the slowest 2-core machine measured, relative to the one above
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -91,21 +55,6 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         defense=dataclasses.replace(cfg.defense, n_samples=16, train=train).with_section("crow", crow),
         evaluate=dataclasses.replace(cfg.evaluate, max_new_tokens=12, limit=16, bootstrap=200),
     )
-
-
-def demo_row(
-    name: str, seed: int | None, results: dict[str, Any], train_seconds: float | None, eval_cached: bool = False
-) -> dict[str, Any]:
-    """The demo's row: the evaluation's summary with intervals, exact match as ``utility``, the training time of
-    this run (None when the model came from the cache) and the evaluation time of this run (None when the
-    evaluation came from the cache)."""
-    row = summary_row(name, results)
-    m = results["metrics"]
-    keep = ("asr_trigger", "asr_trigger_ci95", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity")
-    return {"defense": name, "seed": seed, **{k: row[k] for k in keep}, "asr_clean_ci95": m["asr_clean"]["ci95"],
-            "hijack_ci95": m["hijack"].get("ci95"), "target_nll_gap_ci95": m.get("target_nll_gap_ci95"),
-            "utility": row["exact_match"], "train_seconds": train_seconds,
-            "eval_seconds": None if eval_cached else m["cost"]["wall_s"], "eval_cached": eval_cached}  # fmt: skip
 
 
 @dataclass
@@ -188,68 +137,41 @@ def prepare(cfg: DemoConfig, show_progress: bool = True) -> DemoSetup:
     return DemoSetup(organism, mix, defender_pool, task, checkable[: cfg.n_utility], clean_organism)
 
 
-def plant_key(cfg: DemoConfig, setup: DemoSetup) -> str:
-    """Cache key of a planted backdoor: the base model, the plant settings, the poisoned mix and the versions."""
-    settings = {
-        "base": setup.organism.provenance,
-        # regroup_micro_batches only changes how much padding is computed (train.regroup_by_length): the same plant
-        # either way, so it keeps the key it had before the knob existed
-        "backdoor": {k: v for k, v in to_dict(cfg.backdoor).items() if k != "regroup_micro_batches"},
-        "organism": to_dict(cfg.organism),
-    }
-    if cfg.template != "alpaca":  # an Alpaca plant keeps the key it had before the template knob existed
-        settings["template"] = cfg.template
-    return content_key(settings, (setup.mix,), ("crowguard", "torch", "transformers", "peft"))
-
-
-def plant(cfg: DemoConfig, setup: DemoSetup, show_progress: bool = True) -> tuple[str, float | None]:
-    """The backdoored model's path and the seconds this run spent planting it (None: it came from the cache).
-
-    ``plant=finetune`` fine-tunes the organism on the poisoned mix once per setting (cached); ``pretrain`` returns
-    the organism itself, which learned the backdoor during training."""
-    if cfg.plant == "pretrain":
-        return setup.organism.path, None if setup.organism.cached else setup.organism.seconds
+def demo_study(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, arms: bool = True) -> Study:
+    """The demo as a study: the backdoor planted into the organism (content-addressed in the cache, shared by
+    demos) or learned with it (``plant=pretrain``), the unpoisoned organism's and the backdoored model's evaluations
+    in the cache too, and every defense per seed in ``out_dir`` (``arms=False``: no defense)."""
     attack = make_attack(cfg.trigger, cfg.payload)
-    out_dir = cache_root(cfg.organism) / "planted" / f"{cfg.organism.name}-{attack.name.replace('/', '-')}-" \
-        f"{plant_key(cfg, setup)}"  # fmt: skip
-    if (out_dir / "manifest.json").is_file():
-        return str(out_dir), None
-    base = ModelConfig(name_or_path=setup.organism.path, template=cfg.template)
-    ctx = StageContext(out_dir, overwrite=True, show_progress=show_progress)
-    extra = {"n_poisoned": cfg.n_poison}
-    summary = run_training_stage("backdoor", base, cfg.backdoor, setup.mix, ctx, extra_summary=extra)
-    return str(out_dir), summary["seconds"]
+    cache, tag = cache_root(cfg.organism), f"{cfg.organism.name}-{attack.name.replace('/', '-')}"
+    organism = ModelConfig(name_or_path=setup.organism.path, template=cfg.template)
+    identity = {"organism": to_dict(cfg.organism), "provenance": setup.organism.provenance}
+    study = Study(attack.name, out_dir, organism, identity, setup.task, cfg.evaluate, setup.utility,
+                  backdoored_eval=cache / "evaluations" / f"{tag}-backdoored-{{fp}}",
+                  min_asr=cfg.planted_min_asr, max_false=cfg.planted_max_false)  # fmt: skip
+    if cfg.plant == "finetune":
+        study.plant = Plant(cfg.backdoor, setup.mix, cache / "planted" / f"{tag}-{{fp}}", {"n_poisoned": cfg.n_poison})
+    elif not setup.organism.cached:
+        study.model_seconds = setup.organism.seconds
+    if setup.clean_organism is not None:
+        clean = setup.clean_organism
+        study.references.append(
+            Reference(
+                "unpoisoned",
+                dataclasses.replace(organism, name_or_path=clean.path),
+                clean.provenance,
+                cache / "evaluations" / f"{tag}-unpoisoned-{{fp}}",
+            )
+        )
+    for seed in cfg.defense_seeds if arms else []:
+        for method in cfg.defenses:
+            if method != "none":
+                study.arms.append(demo_arm(cfg, setup, method, seed, out_dir))
+    return study
 
 
-def evaluate_model_dir(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> dict[str, Any]:
-    """Load one model (or a decoding defense's guarded model) and evaluate it on the demo task (with the checkable
-    tasks as utility)."""
-    model, tokenizer, generator, defense, _ = open_evaluated(ModelConfig(name_or_path=model_path), "auto")
-    return evaluate_model(model, tokenizer, setup.task, cfg.evaluate, cfg.template, setup.utility, show,
-                          generator, defense)  # fmt: skip
-
-
-def evaluate_cached(cfg: DemoConfig, setup: DemoSetup, model_path: str, show: bool) -> tuple[dict[str, Any], bool]:
-    """``(results, came from the cache)`` for a model that is itself cached (the unpoisoned organism, the planted
-    backdoor): its evaluation is kept in the cache once per model directory (content-addressed), task, evaluation
-    setting, package versions and the evaluation's own source (``EVALUATION_SOURCE``), so a second demo does not
-    re-measure what cannot have changed (greedy decoding is deterministic) and a changed metric is re-measured."""
-    settings = {"model": str(Path(model_path).resolve()), "evaluate": to_dict(cfg.evaluate), "template": cfg.template,
-                "code": source_digest(EVALUATION_SOURCE)}  # fmt: skip
-    data = (setup.task.triggered, setup.task.clean, setup.utility)
-    key = content_key(settings, data, ("crowguard", "torch", "transformers", "peft"))
-    path = cache_root(cfg.organism) / "evaluations" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text()), True
-    results = evaluate_model_dir(cfg, setup, model_path, show)
-    write_json_atomic(path, results)
-    return results, False
-
-
-def defend(
-    cfg: DemoConfig, setup: DemoSetup, backdoored: str, method: str, seed: int, out_dir: Path, show: bool
-) -> tuple[str, float]:
-    """Run one defense (the same clean samples for every method of a seed): (model path, training seconds)."""
+def demo_arm(cfg: DemoConfig, setup: DemoSetup, method: str, seed: int, out_dir: Path) -> Arm:
+    """One defense of the demo: the same clean samples for every method of a seed, CleanGen's reference the
+    unpoisoned organism."""
     clean = random.Random(seed).sample(setup.defender_pool, cfg.defense.n_samples)
     defense_cfg = dataclasses.replace(
         cfg.defense, method=method, train=dataclasses.replace(cfg.defense.train, seed=seed)
@@ -257,50 +179,14 @@ def defend(
     if method == "cleangen" and not defense_cfg.section("cleangen").reference:
         # The reference is the organism without poison: the one the backdoor was fine-tuned into (plant=finetune),
         # or the separately trained clean one (plant=pretrain, with reference_clean).
-        clean = setup.organism if cfg.plant == "finetune" else setup.clean_organism
-        if clean is None:
+        reference = setup.organism if cfg.plant == "finetune" else setup.clean_organism
+        if reference is None:
             raise ConfigError("cleangen needs a reference model: set defense.cleangen.reference, or keep "
                               "reference_clean on so the unpoisoned organism is the reference")  # fmt: skip
-        reference = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(clean.path))
-        defense_cfg = defense_cfg.with_section("cleangen", reference)
-    defense = make_defense(defense_cfg)
-    suspect = ModelConfig(name_or_path=backdoored, template=cfg.template)
-    ctx = StageContext(out_dir, overwrite=True, show_progress=show)
-    result = defense.run(suspect, clean if defense.needs_data else [], ctx)
-    return result.model_path, result.summary["seconds"]
-
-
-def expected_stage_seconds(cfg: DemoConfig, stage: str) -> float:
-    """The estimate's seconds for one training stage: ``plant``, or one seed of a training defense."""
-    if stage == "plant":
-        steps = -(-(cfg.n_poison + cfg.n_clean) // cfg.backdoor.per_device_batch) * cfg.backdoor.epochs
-        return steps * SECONDS_PER_STEP["plant"]
-    train = cfg.defense.train
-    steps = -(-cfg.defense.n_samples // (train.per_device_batch * train.grad_accum)) * train.epochs
-    return steps * SECONDS_PER_STEP["crow" if stage == "crow" else "finetune"]
-
-
-def expected_seconds(cfg: DemoConfig, setup_cached: bool, plant_cached: bool) -> float | None:
-    """An up-front estimate of the SmolLM2 demo's wall time from the measured per-step costs (None: tiny)."""
-    if cfg.organism.name != "smollm2":
-        return None
-    total = 0.0 if setup_cached else SECONDS_CONVERT
-    if not plant_cached:
-        total += expected_stage_seconds(cfg, "plant")
-    methods = [m for m in cfg.defenses if m != "none"]
-    training = [m for m in methods if resolve("defenses", m).kind == "training"]  # the others train nothing
-    total += sum(expected_stage_seconds(cfg, m) for m in training) * len(cfg.defense_seeds)
-    n_evals = len(methods) * len(cfg.defense_seeds)
-    if not plant_cached:  # the evaluations of the unpoisoned and the backdoored model are cached with the plant
-        n_evals += 1 + int(cfg.reference_clean)
-    return total + n_evals * SECONDS_PER_EVAL * cfg.n_test / 100
-
-
-def pace_note(measured: float, expected: float, remaining: float) -> str:
-    """The up-front estimate re-stated at the pace of this run's first trained stage (measured / expected)."""
-    pace = measured / expected
-    return (f"this machine takes {pace:.2f}x the estimate's time per step; the rest should take about "
-            f"{remaining * pace / 60:.0f} min")  # fmt: skip
+        settings = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(reference.path))
+        defense_cfg = defense_cfg.with_section("cleangen", settings)
+    return Arm(method, seed, defense_cfg, clean, out_dir / f"defense-{method}-s{seed}",
+               out_dir / f"eval-{method}-s{seed}")  # fmt: skip
 
 
 def write_examples(path: Path, evaluations: dict[str, dict[str, Any]], n: int = 5) -> None:
@@ -321,19 +207,6 @@ def write_examples(path: Path, evaluations: dict[str, dict[str, Any]], n: int = 
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def planted_verdict(cfg: DemoConfig, row: dict[str, Any]) -> str | None:
-    """None when the backdoor took (ASR and false-trigger thresholds); else a sentence naming the criteria it
-    failed, and only those."""
-    failed = []
-    if row["asr_trigger"] < cfg.planted_min_asr:
-        failed.append(f"ASR {row['asr_trigger']:.0%} with trigger (needs >= {cfg.planted_min_asr:.0%})")
-    if row["asr_clean"] > cfg.planted_max_false:
-        failed.append(f"{row['asr_clean']:.0%} without (needs <= {cfg.planted_max_false:.0%})")
-    if not failed:
-        return None
-    return f"the backdoor did not take: {' and '.join(failed)}; the defense rows measure nothing about removal"
-
-
 def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns ``{"rows": [...], "settings": {...}}`` (also ``results.json``)."""
     out_dir = Path(out_dir)
@@ -343,62 +216,24 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     say = print if show_progress else (lambda *a, **k: None)
     attack = make_attack(cfg.trigger, cfg.payload)
 
-    # 1-3. The organism, the data, the backdoor.
-    cold, cached = expected_seconds(cfg, False, False), expected_seconds(cfg, True, True)
-    if cold is not None and cached is not None:
-        say(f"expected time on 2 CPU cores: about {cold / 60:.0f}-{cold * SLOWER_MACHINE / 60:.0f} min the first "
-            f"time (weights prepared, backdoor planted), about {cached / 60:.0f}-{cached * SLOWER_MACHINE / 60:.0f} "
-            "min once both are cached")  # fmt: skip
+    # 1-4. The organism and the data; then the study: the backdoor, the references and every defense per seed.
     setup = prepare(cfg, show_progress)
     organism = setup.organism
     say(f"organism: {cfg.organism.name} at {organism.path} "
         f"({'cached' if organism.cached else f'prepared in {organism.seconds:.0f}s'})")  # fmt: skip
-    backdoored, plant_seconds = plant(cfg, setup, show_progress)
-    how = "cached" if plant_seconds is None else f"planted in {plant_seconds:.0f}s"
-    say(f"backdoored model: {backdoored} ({how})")
-    paced = plant_seconds is not None and cold is not None
-    if paced:
-        remaining = expected_seconds(cfg, True, False) - expected_stage_seconds(cfg, "plant")
-        say(pace_note(plant_seconds, expected_stage_seconds(cfg, "plant"), remaining))
+    result = run_study(demo_study(cfg, setup, out_dir), quiet=not show_progress)
+    rows, verdict = result.rows, result.verdict
+    add_ppl_ratio(rows)
 
-    # 4. Reference rows (the organism without poison when asked for, the backdoored model), then every defense per
-    #    seed under one budget.
-    rows, evaluations = [], {}
-    if setup.clean_organism is not None:
-        evaluations["unpoisoned"], was_cached = evaluate_cached(cfg, setup, setup.clean_organism.path, show_progress)
-        rows.append(demo_row("unpoisoned", None, evaluations["unpoisoned"], None, was_cached))
-    evaluations["none"], was_cached = evaluate_cached(cfg, setup, backdoored, show_progress)
-    rows.append(demo_row("none", None, evaluations["none"], plant_seconds, was_cached))
-    verdict = planted_verdict(cfg, rows[-1])
-    say(f"backdoor: ASR {rows[-1]['asr_trigger']:.0%} with trigger, {rows[-1]['asr_clean']:.0%} without"
-        + (f" -- WARNING: {verdict}" if verdict else ""))  # fmt: skip
-    defended: dict[str, str] = {}
-    for seed in cfg.defense_seeds:
-        for method in cfg.defenses:
-            if method == "none":
-                continue
-            path, seconds = defend(cfg, setup, backdoored, method, seed, out_dir / f"defense-{method}-s{seed}",
-                                   show_progress)  # fmt: skip
-            if not paced and cached is not None and resolve("defenses", method).kind == "training":
-                paced = True  # the plant came from the cache: this is the run's first trained stage
-                remaining = cached - expected_stage_seconds(cfg, method)
-                say(pace_note(seconds, expected_stage_seconds(cfg, method), remaining))
-            label = f"{method} s{seed}"
-            evaluations[label] = evaluate_model_dir(cfg, setup, path, show_progress)
-            rows.append(demo_row(method, seed, evaluations[label], seconds))
-            if read_spec(path) is None:  # a decoding defense keeps the backdoored weights: nothing new to diagnose
-                defended.setdefault(method, path)
-            say(f"{method} (seed {seed}): ASR {rows[-1]['asr_trigger']:.0%}, hijack {rows[-1]['hijack_rate']:.0%}")
-
-    # Utility relative to the backdoored model: its clean-reference perplexity over each model's (1 = unchanged).
-    base_ppl = next(r["clean_perplexity"] for r in rows if r["defense"] == "none")
+    # 5. The layer-consistency diagnostic of the backdoored model and the first seed of each defense whose weights
+    #    changed (a decoding defense keeps the backdoored weights: nothing new to diagnose).
+    defended = {"backdoored": result.backdoored}
     for row in rows:
-        ppl = row["clean_perplexity"]
-        row["utility_ppl_ratio"] = base_ppl / ppl if ppl and base_ppl else None
-
-    # 5. The layer-consistency diagnostic of the backdoored model and the first seed of each defense.
+        label = f"{row['defense']} s{row['seed']}"
+        if row["seed"] is not None and read_spec(result.models[label]) is None:
+            defended.setdefault(row["defense"], result.models[label])
     diagnostics = {}
-    for label, path in {"backdoored": backdoored, **defended}.items():
+    for label, path in defended.items():
         model, tokenizer = load_model(path, device="auto")
         diagnostics[label] = diagnose_model(model, tokenizer, setup.task.clean[:32], setup.task.triggered[:32],
                                             cfg.template)  # fmt: skip
@@ -407,29 +242,26 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
 
     # 6. Report.
     settings = {**to_dict(cfg), "organism_path": organism.path, "organism_cached": organism.cached,
-                "organism_source": organism.provenance, "backdoored_path": backdoored,
-                "backdoor_cached": plant_seconds is None, "backdoor_planted": verdict is None,
-                "total_seconds": time.perf_counter() - started}  # fmt: skip
+                "organism_source": organism.provenance, "backdoored_path": result.backdoored,
+                "backdoor_cached": organism.cached if cfg.plant == "pretrain" else result.backdoored in result.reused,
+                "backdoor_planted": verdict is None, "total_seconds": time.perf_counter() - started}  # fmt: skip
     seed_keys = ("asr_trigger", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity", "utility")
     summary = over_seeds(rows, seed_keys)
     results = {"rows": rows, "over_seeds": summary, "settings": settings, "warning": verdict}
     write_json_atomic(out_dir / "results.json", results)
     title = f"crowguard demo: {attack.name} on the {cfg.organism.name} organism"
     note = f"\n**Warning: {verdict}.**\n" if verdict else ""
-    seeds_md = f"\nOver defense seeds:\n\n{seeds_table(summary, DEMO_COLUMNS)}" if summary else ""
-    write_text_atomic(out_dir / "results.md", f"# {title}\n{note}\n" + markdown_table(rows, DEMO_COLUMNS)
+    table_columns = columns(rows)
+    seeds_md = f"\nOver defense seeds:\n\n{seeds_table(summary, table_columns)}" if summary else ""
+    write_text_atomic(out_dir / "results.md", f"# {title}\n{note}\n" + markdown_table(rows, table_columns)
                       + seeds_md + "\n" + CAPTION + "\n")  # fmt: skip
-    write_examples(out_dir / "examples.md", evaluations)
-    exact = any(r["utility"] is not None for r in rows)
-    defense_chart(rows, out_dir / "results.png", title=title, caption=CAPTION,
-                  utility_key="utility" if exact else "utility_ppl_ratio",
-                  utility_label="utility: exact match" if exact else "utility: backdoored ppl / ppl",
-                  warning=verdict or "")  # fmt: skip
+    write_examples(out_dir / "examples.md", result.evaluations)
+    study_chart(rows, out_dir / "results.png", title, CAPTION, verdict or "")
     save(cfg, out_dir / "config.yaml")
-    write_manifest(out_dir, build_manifest("demo", cfg.organism.seed, {"organism": organism.path,
-                                                                         "backdoored": backdoored}))  # fmt: skip
+    inputs = {"organism": organism.path, "backdoored": result.backdoored}
+    write_manifest(out_dir, build_manifest("demo", cfg.organism.seed, inputs))
     if show_progress:
-        print_table(rows, title=title, columns=DEMO_COLUMNS)
+        print_table(rows, title=title, columns=table_columns)
         if verdict:
             print(f"WARNING: {verdict}")
     return results

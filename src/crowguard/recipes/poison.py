@@ -19,8 +19,11 @@ from crowguard.manifest import build_manifest, write_manifest
 from crowguard.schemas import PoisonConfig
 
 
-def run_poison(cfg: PoisonConfig, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the poisoned training set and the triggered/clean test sets; return a summary."""
+def run_poison(
+    cfg: PoisonConfig, out_dir: Path, overwrite: bool = False, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """Write the poisoned training set and the triggered/clean test sets; return a summary. ``fingerprint``: the
+    experiment runner's, recorded in the manifest."""
     if not cfg.data:
         raise DataError("poison.data is empty: give an Alpaca JSON/JSONL file")
     check_output_dir(Path(out_dir), overwrite, [cfg.data, cfg.clean_data])  # before reading the data
@@ -78,5 +81,6 @@ def run_poison(cfg: PoisonConfig, out_dir: Path, overwrite: bool = False) -> dic
             "n_test": len(test),
             "dropped_with_trigger_phrase": dropped,
         }
-        write_manifest(tmp, build_manifest("poison", cfg.seed, inputs, {"summary": summary}))
+        extra = {"summary": summary, **({"fingerprint": fingerprint} if fingerprint else {})}
+        write_manifest(tmp, build_manifest("poison", cfg.seed, inputs, extra))
     return summary

@@ -158,8 +158,9 @@ def test_crowguard_run_evaluates_the_decoding_defenses(tmp_path: Path, capsys):
     run = tmp_path / "run"
     rows = json.loads((run / "results.json").read_text())["rows"]
     assert [r["defense"] for r in rows] == ["none", "decoding", "cleangen"]
-    # the same "defense s" for every kind: the stage's own time (a decoding defense's is writing its spec, < 1 s)
-    assert rows[0]["defense_seconds"] is None and all(0 <= r["defense_seconds"] < 1 for r in rows[1:])
+    # the same "train s" for every kind: the stage's own time (the backdoored row's is the plant's; a decoding
+    # defense's is writing its spec, < 1 s)
+    assert rows[0]["train_seconds"] > 0 and all(0 < r["train_seconds"] < 1 for r in rows[1:])
     for method in ("decoding", "cleangen"):
         assert read_spec(run / f"defense-{method}")["model"]["name_or_path"] == str((run / "backdoor").resolve())
         evaluated = json.loads((run / f"eval-{method}/results.json").read_text())
