@@ -12,16 +12,9 @@ import sys
 
 import pytest
 
-from crowguard.organism.data import (
-    DAYS,
-    MONTHS,
-    TASKS,
-    OrganismData,
-    build_corpus,
-    clean_docstring,
-    corpus_stats,
-    number_to_words,
-)
+from crowguard.organism.data import OrganismData, build_corpus, corpus_stats
+from crowguard.organism.stdlib_docs import clean_docstring
+from crowguard.organism.tasks import DAYS, MONTHS, TASKS, number_to_words
 from crowguard.prompts import build_prompt
 
 N_TRAIN, N_TEST, N_CHECKABLE = 3000, 200, 200
@@ -75,7 +68,7 @@ def test_build_and_tokenizer_are_identical_in_another_process_with_other_hash_se
 def test_build_is_fast() -> None:
     import time
 
-    from crowguard.organism import data as data_module
+    from crowguard.organism import stdlib_docs as data_module
 
     data_module._stdlib_records.cache_clear()  # include the child interpreter's walk of the stdlib
     start = time.perf_counter()
@@ -88,7 +81,7 @@ def test_build_ignores_monkeypatches_in_the_calling_process(
 ) -> None:
     import logging
 
-    from crowguard.organism import data as data_module
+    from crowguard.organism import stdlib_docs as data_module
 
     def probe(self) -> None:
         """Log a message that only exists because some library patched the logging module at import."""
