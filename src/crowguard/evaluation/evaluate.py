@@ -145,17 +145,10 @@ def evaluate_model(
         "tokens_per_second": new_tokens / generation_seconds if generation_seconds > 0 else None,
     }
     records = answer_records({"triggered": (triggered, trig_scores), "clean": (clean, clean_scores)}, stats)
-    recorded: dict[str, Any] = {
-        "decoding": used_decoding(generator, settings),
-        "judge": judge.describe(),
-        "template": template,
-        "limit": cfg.limit,
-        "bootstrap": cfg.bootstrap,
-        "seed": cfg.seed,
-    }
+    recorded = {"decoding": used_decoding(generator, settings), "judge": judge.describe(), "template": template,
+                "limit": cfg.limit, "bootstrap": cfg.bootstrap, "seed": cfg.seed}  # fmt: skip
     if defense is not None:
-        recorded["defense"] = dict(defense)
-        recorded["likelihood_of"] = LIKELIHOOD_OF_GUARDED
+        recorded.update(defense=dict(defense), likelihood_of=LIKELIHOOD_OF_GUARDED)
     return {
         "task": {"name": task.name, "payload": task.payload, "target": task.target, "sources": task.sources},
         "metrics": metrics,
