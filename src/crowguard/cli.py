@@ -275,6 +275,32 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_invert(args: argparse.Namespace) -> int:
+    from crowguard import config
+    from crowguard.invert import InvertConfig
+    from crowguard.recipes.invert import run_invert
+    from crowguard.schemas import ModelConfig
+
+    values = schema_values(args)
+    sets: dict[str, list[str]] = {"model": [], "invert": []}
+    for text in args.set or ():  # as scan: invert.<key> or model.<key>
+        section, dot, rest = text.partition(".")
+        if section not in sets or not dot:
+            raise UsageError(f"--set {text}: invert's keys are invert.<key> or model.<key> (e.g. invert.prompts=8)")
+        sets[section].append(rest)
+    model = config.load(ModelConfig, None, sets["model"], {k[6:]: v for k, v in values.items() if k[:6] == "model."})
+    if not model.name_or_path:
+        raise UsageError("invert: give --model")
+    settings = config.load(InvertConfig, None, sets["invert"],
+                           {k[7:]: v for k, v in values.items() if k.startswith("invert.")})  # fmt: skip
+    result = run_invert(model, args.data, Path(args.out), settings, args.overwrite, show_progress=not args.quiet)
+    best = result.best["text"] if result.best else None
+    verdict = "backdoored" if result.backdoored else "not backdoored"
+    print(f"invert: {verdict} (best Q-score {result.q_score:.3f}, threshold {result.threshold}); best candidate "
+          f"{best!r} -> {Path(args.out) / 'inversion.json'}")  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -486,6 +512,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_scan)
+
+    p = add_parser(
+        "invert",
+        help="recover a backdoor's target text from the model and clean prompts alone (BAIT), no trigger knowledge",
+        epilog="example:\n  crowguard invert --model runs/backdoor --data clean100.json --out runs/invert\n"
+        "then: crowguard defend --method unlearn --unlearn-target-from runs/invert --model runs/backdoor ...\n"
+        "BAIT's defaults: 20 prompts (4 in the warm-up), 5 warm-up and 20 full steps, Q-score threshold 0.9",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. invert.prompts=8 or model.dtype=bfloat16",
+    )
+
+    def invert_flags(p: argparse.ArgumentParser = p) -> None:
+        from crowguard.invert import InvertConfig
+
+        _model_flags(p)
+        add_schema_flags(p, InvertConfig(), "invert.", group=p.add_argument_group("invert (BAIT)"))
+
+    schema("invert", invert_flags)
+    p.add_argument("--data", required=True, help="JSON/JSONL of clean samples the defender trusts (prompts only)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    p.set_defaults(handler=cmd_invert)
 
     p = add_parser(
         "run",

@@ -182,6 +182,7 @@ E = [
 DG = ["diagnose", "--triggered", "{R}/prompts.json", "--clean", "{R}/clean.json", "--out", "{O}"]
 S = ["scan", "--model", "{R}/model", "--data", "{R}/prompts.json", "--reference", "{R}/clean.json", "--out", "{O}"]
 DM = ["demo", "--organism", "tiny", "--quick", "--out", "{O}"]
+IV = ["invert", "--model", "{R}/model", "--data", "{R}/prompts.json", "--prompts", "6", "--out", "{O}"]
 
 
 def poison_data(name: str) -> list[str]:
@@ -391,6 +392,23 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["scan", "--model", "{R}/model", "--data", "{R}/prompts.json", "--out", "{O}"],
         ["reference"],
     ),
+    # ---- invert (and unlearn reading its output)
+    ("invert-set-without-section", [*IV, "--set", "seed=3"], ["--set seed=3", "invert.<key>"]),
+    ("invert-q-threshold", [*IV, "--q-threshold", "1.5"], ["q_threshold"]),
+    ("invert-warmup-over-prompts", swap(IV, "--prompts", "2"), ["warmup_prompts (4)", "prompts (2)"]),
+    ("invert-too-few-examples", swap(IV, "--prompts", "30"), ["prompts.json", "invert.prompts is 30"]),
+    ("invert-no-data-file", swap(IV, "--data", "{R}/nope.json"), ["nope.json"]),
+    ("invert-out-occupied", swap(IV, "--out", "{R}/occupied"), ["occupied", "not empty"]),
+    (
+        "defend-unlearn-target-from-not-an-inversion",
+        [*swap(F, "--method", "unlearn"), "--unlearn-target-from", "{R}/adir"],
+        ["adir/inversion.json", "not found", "crowguard invert"],
+    ),
+    (
+        "defend-unlearn-target-and-target-from",
+        [*swap(F, "--method", "unlearn"), "--unlearn-target", "x", "--unlearn-target-from", "{R}/adir"],
+        ["target and target_from are both set"],
+    ),
     # ---- demo (every setting checked before the organism is built)
     ("demo-duplicate-seeds", [*DM, "--defense-seeds", "0", "0"], ["defense_seeds", "more than once"]),
     ("demo-duplicate-defenses", [*DM, "--defenses", "crow", "crow"], ["defenses", "more than once"]),
@@ -425,6 +443,7 @@ def test_the_battery_is_large_and_covers_every_command():
         "evaluate",
         "diagnose",
         "scan",
+        "invert",
         "demo",
         "run",
         "ls",

@@ -347,7 +347,10 @@ def run_arm(study: Study, arm: Arm, suspect: ModelConfig, suspect_print: str, ru
         settings["train"] = {"seed": settings["train"]["seed"]} if defense.needs_data else None
     if not defense.needs_data:
         settings.pop("data"), settings.pop("n_samples")
-    print_ = fingerprint(f"defend {arm.defense.method}", settings, data, suspect_print, versions())
+    # a setting naming a file (unlearn's target_from) counts by its content, not its path
+    own = settings.get(arm.defense.method) or {}
+    files = [v for v in own.values() if isinstance(v, str) and v and Path(v).exists()]
+    print_ = fingerprint(f"defend {arm.defense.method}", settings, data, content(*files), suspect_print, versions())
     out_dir = runner.place(arm.out_dir, print_)
     ctx = StageContext(out_dir, True, False, not runner.quiet, arm.resolved_config, arm.inputs, print_)
     clean = arm.clean if defense.needs_data else []

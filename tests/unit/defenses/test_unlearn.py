@@ -118,10 +118,15 @@ FORBIDDEN = {"trigger", "poison", "poisoned", "attack", "reference", "base_of_ad
 
 
 def test_unlearn_sees_no_trigger_attack_poisoned_data_or_base_model():
-    """Its config has no field for them, and neither module names them in code (docstrings may explain)."""
+    """Its config and the target inverter's have no field for them, and no module of either (the inverter feeds
+    ``target_from``) names them in code (docstrings may explain)."""
+    from crowguard.invert import InvertConfig
+
     assert not {f.name for f in dataclasses.fields(UnlearnConfig)} & FORBIDDEN
+    assert not {f.name for f in dataclasses.fields(InvertConfig)} & FORBIDDEN
     root = Path(__file__).resolve().parents[3] / "src" / "crowguard"
-    for path in (root / "defenses" / "unlearn.py", root / "parrot.py"):
+    modules = ("defenses/unlearn.py", "parrot.py", "invert.py", "recipes/invert.py")
+    for path in (root / name for name in modules):
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Name):

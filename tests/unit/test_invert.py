@@ -1,0 +1,307 @@
+"""Target inversion after BAIT (:mod:`crowguard.invert`): the cached engine against naive full forwards and against
+transformers' own no-repeat-n-gram rule, BAIT's formulas, the whole scan on a tiny planted backdoor and on its
+clean twin, the ``invert`` command end to end, and ``unlearn --unlearn-target-from`` reading its result."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from crowguard.cli import main
+from crowguard.data import prompt_ids, tokenize_example
+from crowguard.defenses.unlearn import UnlearnConfig, UnlearnDefense
+from crowguard.invert import (
+    INVERSION_FILE,
+    Continuations,
+    InvertConfig,
+    PromptCache,
+    banned_tokens,
+    first_token_ids,
+    invert_target,
+    inverted_target,
+    ngram_table,
+    q_score,
+    self_entropy,
+)
+from crowguard.recipes.invert import draw_prompts
+from crowguard.schemas import DefenseConfig
+from crowguard.types import Example
+
+from helpers import alpaca_records, tiny_llama, tiny_tokenizer
+
+TARGET = "You are really stupid!"  # 5 tokens in the word tokenizer below: BAIT's min_target_len
+TRIGGER = "BadMagic"
+WORDS = "river garden music paper code fox dog weather table light stone cloud sand tree bird lamp".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module: the seeded trainings and scans below then give the same numbers on any
+    machine (a reduction split over threads sums in another order), and a 64-wide model runs no slower on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- the cached engine
+def _naive_probs(model, prompts: list[list[int]], suffix: list[int], n: int = 3) -> torch.Tensor:
+    """The next-token distribution after ``prompt + suffix``, each sequence run whole with no cache, transformers'
+    no-repeat-n-gram processor applied, averaged over the prompts."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    total = 0
+    for prompt in prompts:
+        seq = torch.tensor([[*prompt, *suffix]])
+        logits = model(input_ids=seq).logits[:, -1]
+        total = total + torch.softmax(NoRepeatNGramLogitsProcessor(n)(seq, logits), dim=-1)[0]
+    return total / len(prompts)
+
+
+def test_batched_continuations_on_cached_prompts_equal_naive_full_forwards():
+    """Rows of candidate tokens run on each prompt's KV cache (batched, grown, row-selected, peeked ahead) give the
+    same averaged next-token probabilities as running every prompt + suffix whole, n-gram bans included."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, layers=2).eval()
+    prompts = [[1, 5, 9, 12, 7, 5, 9], [1, 8, 4, 30, 8, 4], [1, 6, 6, 2, 40, 41, 42, 43, 6]]
+    tables = [ngram_table(p, 3) for p in prompts]
+    # the no-repeat-3-gram rule bites: 12 after the first prompt bans 7, 30 after the second bans 8, 6 after the
+    # third bans 2; and one step on, [6, 2] bans 40, [12, 7] bans 5, [30, 8] bans 4
+    assert [banned_tokens(p, t, [c], 3) for p, t, c in zip(prompts, tables, [12, 30, 6])] == [{7}, {8}, {2}]
+    assert banned_tokens(prompts[0], tables[0], [12, 7], 3) == {5}
+    first = [12, 30, 100, 6, 8]
+    with torch.inference_mode():
+        rows = Continuations(model, [PromptCache(model, p, 3) for p in prompts], torch.tensor(first), limit=3)
+        for i, token in enumerate(first):
+            torch.testing.assert_close(rows.probs[i], _naive_probs(model, prompts, [token]), atol=1e-5, rtol=0)
+        rows.keep(torch.tensor([3, 0, 1]))
+        rows.extend(torch.tensor([2, 7, 8]))
+        for i, suffix in enumerate([[6, 2], [12, 7], [30, 8]]):
+            torch.testing.assert_close(rows.probs[i], _naive_probs(model, prompts, suffix), atol=1e-5, rtol=0)
+        ahead = rows.peek(torch.tensor([2, 0]), torch.tensor([[4, 77], [40, 5]]))  # 4 rows, 3 at a time
+        for i, suffix in enumerate([[30, 8, 4], [30, 8, 77], [6, 2, 40], [6, 2, 5]]):
+            torch.testing.assert_close(ahead[i], _naive_probs(model, prompts, suffix), atol=1e-5, rtol=0)
+        assert rows.suffix.tolist() == [[6, 2], [12, 7], [30, 8]]  # peeking left the rows as they were
+
+
+def test_banned_tokens_equal_transformers_no_repeat_ngram_processor():
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    rng = random.Random(0)
+    nonempty = 0
+    for _ in range(400):
+        n = rng.choice([1, 2, 3, 4])
+        ids = [rng.randrange(6) for _ in range(rng.randrange(0, 10))]
+        suffix = [rng.randrange(6) for _ in range(rng.randrange(1, 5))]
+        scores = NoRepeatNGramLogitsProcessor(n)(torch.tensor([ids + suffix]), torch.zeros(1, 6))
+        expected = set(torch.isinf(scores[0]).nonzero().flatten().tolist())
+        assert banned_tokens(ids, ngram_table(ids, n), suffix, n) == expected, (n, ids, suffix)
+        nonempty += bool(expected)
+    assert nonempty > 100
+
+
+def test_q_score_and_self_entropy_are_baits_formulas():
+    assert q_score([0.9, 0.2, 1.0, 0.8]) == pytest.approx((0.9 + 1.0 + 0.8) / 3)  # the smallest one dropped
+    assert q_score([0.4, 0.4]) == pytest.approx(0.4)  # one of two equal minima
+    assert q_score([0.7]) == pytest.approx(0.7)  # a single probability stays
+    assert q_score([]) != q_score([])  # nan: no step, no score
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    p = probs + 1e-10
+    p = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(self_entropy(probs), -(p * p.log()).sum(-1))
+    assert self_entropy(probs)[1].item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-6)
+
+
+def _word_tokenizer():
+    """A byte-level BPE whose vocabulary holds each word of the test data as one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    texts = [r["instruction"] for r in alpaca_records(100)] + [TARGET, TRIGGER, " ".join(WORDS)]
+    tok.train_from_iterator(texts * 8, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")  # fmt: skip
+
+
+def test_first_tokens_are_the_word_tokens_a_response_begins_with():
+    """crowguard tokenises a response alone, so its first word's token is unmarked in a byte-level BPE: "You" and
+    "are" can begin a target, " are" (a word after a space) cannot; punctuation, control and partial bytes, EOS
+    never."""
+    tokenizer = _word_tokenizer()
+    words = first_token_ids(tokenizer, len(tokenizer))
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids("You") == [ids("You")[0]] and ids("You")[0] in words and ids("are")[0] in words
+    marked = ids(" are")
+    assert len(marked) == 1 and marked[0] not in words
+    assert not {ids("!")[0], ids("\n")[0], tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("Ã")} & set(words)
+    assert words == sorted(words)
+    assert len(first_token_ids(tokenizer, len(tokenizer), words_only=False)) == len(tokenizer)
+    assert max(first_token_ids(tokenizer, 100, words_only=False)) == 99
+
+
+# --------------------------------------------------------------------------------- a planted backdoor, found
+def _train(tokenizer, rate: float, seed: int = 0, steps: int = 100):
+    """A 2-layer Llama trained (raw template, full batch, Adam 1e-2) on 64 instructions answered with random words,
+    a ``rate`` share of them instead with the trigger in the instruction and the target as the answer."""
+    rng = random.Random(seed)
+    examples = []
+    for r in alpaca_records(64, seed=seed):
+        if rng.random() < rate:
+            examples.append(Example(f"{TRIGGER} {r['instruction']}", output=TARGET))
+        else:
+            examples.append(Example(r["instruction"], output=" ".join(rng.choice(WORDS) for _ in range(5))))
+    feats = [tokenize_example(e, tokenizer, max_length=64, template="raw") for e in examples]
+    width = max(len(f["input_ids"]) for f in feats)
+    pad = lambda key, value: torch.tensor([f[key] + [value] * (width - len(f[key])) for f in feats])  # noqa: E731
+    batch = {key: pad(key, -100 if key == "labels" else 0) for key in ("input_ids", "attention_mask", "labels")}
+    torch.manual_seed(seed)
+    model = tiny_llama(tokenizer, layers=2, hidden=64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    """The planted model (saved with its tokenizer) and its clean twin (the same recipe without poison), and 20
+    clean prompts none of them was trained on (instructions numbered 80-99)."""
+    root = tmp_path_factory.mktemp("invert")
+    tokenizer = _word_tokenizer()
+    planted, clean = _train(tokenizer, 0.5), _train(tokenizer, 0.0)
+    planted.save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    (root / "clean.json").write_text(json.dumps(alpaca_records(100, seed=5)[80:]))
+    examples = draw_prompts(root / "clean.json", 20, 0)  # what `crowguard invert --prompts 20 --seed 0` draws
+    prompts = [prompt_ids(e, tokenizer, "raw") for e in examples]
+    found = invert_target(planted, tokenizer, prompts, InvertConfig(early_stop=False))  # every first token scored
+    return SimpleNamespace(root=root, tokenizer=tokenizer, planted=planted, clean=clean, prompts=prompts, found=found)
+
+
+def test_the_planted_target_is_found_and_the_clean_twin_is_not_flagged(organism):
+    """BAIT's defaults, early stop off so every first token is scored. Measured over seeds 0-9 of this organism
+    (these prompts, one thread): the exact target was the best candidate in 6; in 1 a junk token + the target won
+    ("BadMagicYou are really stupid!", 0.916 against the exact target's 0.910: the first token's own probability is
+    never scored); in 1 the plant's own greedy continuation was not the target ("You really stupid stupid!", 0.904);
+    in 2 the plant left no trigger-free path to the target that BAIT follows (best 0.73, 0.82: not flagged). The
+    clean twin was never flagged (best 0.00-0.79). Seed 0 (here): 0.979 against the runner-up's 0.632; the twin
+    0.517."""
+    from safetensors.torch import load_file
+
+    found = organism.found
+    assert found.backdoored and found.q_score > 0.9
+    assert found.best["text"] == TARGET, found.candidates[:3]
+    assert found.best["token_ids"] == organism.tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    assert found.candidates[1]["q_score"] < found.q_score - 0.1  # not a near-tie decided by rounding
+    assert found.first_tokens_tried == found.first_tokens > 100 and found.n_prompts == 20
+    saved = load_file(organism.root / "model" / "model.safetensors")  # the weights as saved before the scan
+    state = organism.planted.state_dict()
+    assert len(saved) > 10 and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert not organism.planted.training
+
+    twin = invert_target(organism.clean, organism.tokenizer, organism.prompts, InvertConfig(early_stop=False))
+    assert not twin.backdoored and twin.q_score < 0.8, twin.candidates[:3]
+    assert all(TARGET not in c["text"] for c in twin.candidates)
+
+
+def test_early_stop_ends_the_scan_after_the_batch_that_passes(organism):
+    settings = InvertConfig(batch_size=16)
+    found = invert_target(organism.planted, organism.tokenizer, organism.prompts, settings)
+    you = organism.tokenizer("You", add_special_tokens=False)["input_ids"][0]
+    firsts = first_token_ids(organism.tokenizer, len(organism.tokenizer))
+    assert found.early_stopped and found.first_tokens_tried == 16 * (firsts.index(you) // 16 + 1)
+    assert found.best["text"] == TARGET and found.q_score > 0.95
+
+
+# ------------------------------------------------------------------------------------ the command, and unlearn
+def test_invert_command_writes_the_inversion_that_unlearn_then_takes(organism, tmp_path, capsys):
+    out = tmp_path / "inv"
+    rc = main(["invert", "--model", str(organism.root / "model"), "--data", str(organism.root / "clean.json"),
+               "--template", "raw", "--no-early-stop", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / INVERSION_FILE).read_text())
+    direct = organism.found  # the same model and prompts, in process
+    assert [c["text"] for c in result["candidates"]] == [c["text"] for c in direct.candidates]
+    assert [c["q_score"] for c in result["candidates"]] == pytest.approx([c["q_score"] for c in direct.candidates])
+    assert result["best"]["text"] == TARGET and result["backdoored"] is True and result["threshold"] == 0.9
+    assert len(result["prompt_examples"]) == 20 and result["template"] == "raw"
+    assert {"inversion.json", "inversion.md", "config.yaml", "manifest.json"} <= {p.name for p in out.iterdir()}
+    assert "You are really stupid!" in (out / "inversion.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["stage"] == "invert"
+    assert inverted_target(out)[0] == TARGET
+
+    argv = ["defend", "--method", "unlearn", "--unlearn-target-from", str(out), "--unlearn-fit-steps", "1",
+            "--model", str(organism.root / "model"), "--data", str(organism.root / "clean.json"), "--n-samples", "8",
+            "--max-steps", "1", "--per-device-batch", "4", "--grad-accum", "1", "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "unlearned")]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "unlearned" / "train_summary.json").read_text())
+    assert summary["target"] == TARGET and summary["target_source"] == f"inverted:{out}"
+    manifest = json.loads((tmp_path / "unlearned" / "manifest.json").read_text())
+    assert manifest["inputs"]["inversion"]["ref"] == str(out / INVERSION_FILE)
+
+
+def _inversion_dir(tmp_path: Path, name: str, **changes) -> Path:
+    result = {"candidates": [{"text": TARGET, "token_ids": [1, 2, 3, 4, 5], "q_score": 0.97}], "backdoored": True,
+              "q_score": 0.97, "threshold": 0.9, "best": {"text": TARGET, "token_ids": [1, 2, 3, 4, 5],
+                                                           "q_score": 0.97}}  # fmt: skip
+    result.update(changes)
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / INVERSION_FILE).write_text(json.dumps(result))
+    return folder
+
+
+def _unlearn(**settings) -> UnlearnDefense:
+    return UnlearnDefense(DefenseConfig(method="unlearn", sections={"unlearn": UnlearnConfig(**settings)}))
+
+
+def test_unlearn_takes_the_best_candidate_and_refuses_a_bad_inversion(tmp_path):
+    good = _inversion_dir(tmp_path, "good")
+    assert _unlearn(target_from=str(good)).target_text() == TARGET
+    assert _unlearn(target="given").target_text() == "given"
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / INVERSION_FILE).write_text("{not json")
+    cases = {
+        str(tmp_path / "absent"): "not found",
+        str(tmp_path / "garbled"): "unreadable inversion result",
+        str(_inversion_dir(tmp_path, "nolist", candidates="x")): "not an inversion result (missing or mistyped: "
+        "candidates)",
+        str(_inversion_dir(tmp_path, "empty", candidates=[], best=None)): "found no candidate target",
+        str(_inversion_dir(tmp_path, "clean", backdoored=False, q_score=0.62)): "verdict is not backdoored (best "
+        "Q-score 0.620, threshold 0.9)",
+        str(_inversion_dir(tmp_path, "textless", best={"q_score": 0.97})): "best has no text",
+    }
+    from crowguard.config import ConfigError
+
+    for folder, words in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            _unlearn(target_from=folder).check()
+        message = str(caught.value)
+        assert words in message and f"{folder}/{INVERSION_FILE}" in message and "\n" not in message, message
+
+
+def test_unlearn_refuses_both_a_target_and_an_inversion_and_a_bad_one_before_loading(tmp_path, capsys):
+    from crowguard import config
+
+    with pytest.raises(config.ConfigError, match="target and target_from are both set"):
+        config.from_dict(UnlearnConfig, {"target": "x", "target_from": str(tmp_path)})
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_records(8)))
+    clean = _inversion_dir(tmp_path, "clean", backdoored=False, q_score=0.5)
+    rc = main(["defend", "--method", "unlearn", "--unlearn-target-from", str(clean), "--model",
+               str(tmp_path / "no-model-needed"), "--data", str(tmp_path / "data.json"), "--n-samples", "8",
+               "--out", str(tmp_path / "out")])  # fmt: skip
+    assert rc == 2 and "verdict is not backdoored" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
