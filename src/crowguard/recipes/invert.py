@@ -58,9 +58,10 @@ def run_invert(
     settings: InvertConfig,
     overwrite: bool = False,
     show_progress: bool = True,
+    fingerprint: str | None = None,
 ) -> InvertResult:
     """Invert ``model_cfg``'s target with BAIT after ``settings.prompts`` clean samples of ``data_path``; write
-    ``out_dir`` and return the result."""
+    ``out_dir`` (its manifest records the experiment runner's ``fingerprint`` when given) and return the result."""
     if not model_cfg.name_or_path:
         raise DataError("model.name_or_path is empty: give --model (a local directory or Hub id)")
     check_output_dir(Path(out_dir), overwrite, [data_path, model_cfg.name_or_path, model_cfg.adapter])
@@ -84,7 +85,8 @@ def run_invert(
     resolved = {"model": to_dict(model_cfg), "data": str(data_path), "invert": to_dict(settings)}
     inputs = stage_inputs(model_cfg, {"data": str(data_path)})
     with stage_artefact("invert", Path(out_dir), settings.seed, inputs, record, resolved, overwrite,
-                        summary_name=INVERSION_FILE, extra_manifest=placement(model)) as tmp:  # fmt: skip
+                        summary_name=INVERSION_FILE, extra_manifest=placement(model),
+                        fingerprint=fingerprint) as tmp:  # fmt: skip
         write_text_atomic(tmp / "inversion.md", inversion_markdown(record, model_cfg.name_or_path))
     if show_progress:
         print(inversion_markdown(record, model_cfg.name_or_path))
