@@ -40,9 +40,14 @@ def knob(
     help: str = "",
     open_sections: Any = None,
     bounds: str | None = None,
+    neutral: Any = dataclasses.MISSING,
     **kwargs: Any,
 ) -> Any:
     """A dataclass field with a help string (shown by ``crowguard validate --explain``).
+
+    ``neutral``: the value that gives what crowguard gave before the knob existed (or ``SPEED_ONLY`` for a knob that
+    never changes a result); a field at its neutral value stays out of the experiment runner's fingerprints
+    (:func:`fingerprint_view`), so adding a knob does not invalidate every earlier stage.
 
     ``bounds`` is an interval a number must lie in, checked when a config is read: ``"(0, inf)"``, ``"[0, 1)"``,
     ``"[-1, inf)"`` (``inf`` is an open end; every float must be finite in any case).
@@ -54,6 +59,8 @@ def knob(
     if open_sections is not None:
         return dataclasses.field(default_factory=dict, metadata={"help": help, "open_sections": open_sections})
     meta = {"help": help, **({"bounds": _parse_bounds(bounds)} if bounds else {})}
+    if neutral is not dataclasses.MISSING:
+        meta["neutral"] = neutral
     # Mutable defaults (lists, dicts, nested configs at any depth) are deep-copied per instance: a shallow copy
     # (dataclasses.replace) left ExperimentConfig().defense.train one object shared by every config.
     if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
@@ -231,6 +238,29 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+SPEED_ONLY = object()  # knob(neutral=SPEED_ONLY): how fast, never what comes out
+
+
+def fingerprint_view(obj: Any) -> Any:
+    """:func:`to_dict` without the fields at their ``neutral`` value (and the speed-only ones): what a stage's
+    fingerprint hashes of its settings."""
+    if dataclasses.is_dataclass(obj):
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            neutral = f.metadata.get("neutral", dataclasses.MISSING)
+            if neutral is SPEED_ONLY or (neutral is not dataclasses.MISSING and value == neutral):
+                continue
+            if "open_sections" in f.metadata:
+                data.update({str(k): fingerprint_view(v) for k, v in value.items()})
+            else:
+                data[f.name] = fingerprint_view(value)
+        return data
+    if isinstance(obj, dict):
+        return {str(k): fingerprint_view(v) for k, v in obj.items()}
+    return to_dict(obj)
 
 
 def to_dict(obj: Any) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from crowguard.config import knob
+from crowguard.config import SPEED_ONLY, knob
 from crowguard.prompts import Template
 
 
@@ -85,6 +85,7 @@ class TrainConfig:
         True,
         "token mode only: within each optimizer step, put samples of similar length in the same micro-batch "
         "(longest first), so less padding is computed; the step's samples and loss stay the same (speed only)",
+        neutral=SPEED_ONLY,
     )
     finetune: Literal["lora", "full"] = knob("lora", "train a LoRA adapter or every weight")
     adapter_mode: Literal["continue", "merge", "full"] = knob(
@@ -101,14 +102,18 @@ class TrainConfig:
         "none",
         "QLoRA: load the frozen base in 4-bit NF4 with double quantization (bitsandbytes, CUDA GPUs only) and train "
         "LoRA on it; needs finetune lora, and a model that arrives with an adapter keeps it (adapter_mode continue)",
+        neutral="none",
     )
-    gradient_checkpointing: bool = knob(False, "trade compute for memory on large models")
+    gradient_checkpointing: bool = knob(False, "trade compute for memory on large models", neutral=SPEED_ONLY)
     save_steps: int = knob(
-        0, "checkpoint every N optimizer steps for --resume (0: no checkpoints, nothing to resume)", bounds="[0, inf)"
+        0,
+        "checkpoint every N optimizer steps for --resume (0: no checkpoints, nothing to resume)",
+        bounds="[0, inf)",
+        neutral=SPEED_ONLY,
     )
-    logging_steps: int = knob(1, "log losses every N optimizer steps", bounds="[1, inf)")
+    logging_steps: int = knob(1, "log losses every N optimizer steps", bounds="[1, inf)", neutral=SPEED_ONLY)
     seed: int = knob(0, "seed for initialisation, shuffling and dropout")
-    merge_output: bool = knob(False, "also save the adapter merged into the base as a full model")
+    merge_output: bool = knob(False, "also save the adapter merged into the base as a full model", neutral=False)
     trainer_args: dict[str, Any] = knob(
         {},
         "more transformers TrainingArguments, as in TRL (e.g. {report_to: tensorboard, logging_dir: runs/tb, "

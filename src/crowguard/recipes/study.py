@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import to_dict
+from crowguard.config import fingerprint_view
 from crowguard.data import examples_sha256
 from crowguard.defenses.base import make_defense, open_evaluated
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
@@ -126,8 +126,9 @@ class StudyResult:
 
 
 def fingerprint(*parts: Any) -> str:
-    """sha256 of settings (dataclasses, dicts, strings) and upstream fingerprints, order-independent within dicts."""
-    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    """sha256 of settings (dataclasses, as :func:`~crowguard.config.fingerprint_view`: knobs at their neutral value
+    left out), dicts, strings and upstream fingerprints, order-independent within dicts."""
+    plain = [fingerprint_view(p) if dataclasses.is_dataclass(p) else p for p in parts]
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -338,7 +339,7 @@ def run_arm(study: Study, arm: Arm, suspect: ModelConfig, suspect_print: str, ru
             evaluate: Callable[..., Any]) -> None:  # fmt: skip
     """One defense on the suspect model (reused by fingerprint), then its evaluation."""
     defense = make_defense(arm.defense)
-    settings = to_dict(arm.defense)
+    settings = fingerprint_view(arm.defense)
     for name in arm.defense.sections:  # another defense's knobs do not change this one's result
         if name != arm.defense.method:
             settings.pop(name)
