@@ -16,8 +16,10 @@ the smallest one dropped; the model is called backdoored when the best Q-score o
 
 Contract: ``invert_target(model, tokenizer, prompts, settings)`` reads output probabilities only (no gradient,
 weights untouched); ``prompts`` are templated prompt texts (tokenised as they are, no special tokens added) or
-token-id lists, each ending where the response begins. Each prompt's KV cache is computed once and every batch of
-candidate continuations runs on it. Departures from the reference code:
+token-id lists, each ending where the response begins. Each prompt's KV cache is computed once; the caches are
+stacked along the batch, so a step of a batch of candidate continuations is one forward over every (candidate,
+prompt) pair (on a CPU a forward of few rows costs its per-op overhead, so P forwards cost about P times one).
+Departures from the reference code:
 
 - the prompts are the caller's (``crowguard invert``: the defender's clean samples through crowguard's prompt
   builder, so a candidate is the first response token; the reference: Alpaca validation texts cut after
@@ -27,8 +29,9 @@ candidate continuations runs on it. Departures from the reference code:
   vocabulary string ``▁``/``Ġ`` then letters, the word starts after its prompt's trailing space). crowguard
   tokenises a response apart from its prompt, so a byte-level BPE response starts with an unmarked token (on
   SmolLM2's 49,152: 15,842 such tokens where the reference's rule gives 31,693, none of them ``You``);
-- each prompt runs alone, unpadded (the reference left-pads prompts shorter than ``max_prompt_tokens`` with pad
-  tokens it attends to; Alpaca prompts are never that short);
+- each prompt is scored as if run alone, unpadded: a shorter one is left-padded in the stacked cache, but its pad
+  slots are masked and its positions are its own (the reference left-pads prompts shorter than
+  ``max_prompt_tokens`` with pad tokens it attends to; Alpaca prompts are never that short);
 - next-token probabilities are the float32 softmax of the logits with generate's no-repeat-n-gram rule applied;
   other logits processors a model's generation config may add are not;
 - uncertainty inspections are counted per candidate (the reference indexes its counts by position in the
@@ -173,7 +176,8 @@ def banned_tokens(
 
 # ------------------------------------------------------------------------------------------ the cached engine
 class PromptCache:
-    """One prompt run once: its ids, its KV cache (batch 1; per layer keys and values) and its n-gram table."""
+    """One prompt run once: its ids, its KV cache (batch 1; per layer keys and values) and its n-gram table
+    (:class:`Continuations` stacks these)."""
 
     def __init__(self, model: Any, ids: Sequence[int], ngram: int) -> None:
         import torch
@@ -190,51 +194,80 @@ class PromptCache:
         model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, **{self.name: cache}, **keep)
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
 
-    def rows(self, count: int) -> Any:
-        """A fresh cache holding this prompt ``count`` times (the prompt's own is never touched)."""
-        from transformers import DynamicCache
-
-        return DynamicCache([(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in self.layers])
-
-    def probs(self, model: Any, cache: Any, suffix: Any) -> Any:
-        """Feed each row's last ``suffix`` token (suffix (R, S); ``cache`` holds the prompt and the rest, and grows
-        by it): the next-token probabilities (R, V), float32, n-gram repeats of prompt + suffix banned."""
-        import torch
-
-        logits = model(input_ids=suffix[:, -1:], use_cache=True, **{self.name: cache}).logits[:, -1].float()
-        rows, cols = [], []
-        if self.ngram > 0:
-            for row, tail in enumerate(suffix.tolist()):
-                for token in banned_tokens(self.ids, self.table, tail, self.ngram):
-                    rows.append(row)
-                    cols.append(token)
-        if rows:
-            logits = logits.clone()
-            logits[rows, cols] = float("-inf")
-        return torch.softmax(logits, dim=-1)
-
 
 class Continuations:
-    """R token rows continuing every prompt of a set: per prompt a KV cache of the prompt and each row's suffix,
-    and ``probs`` (R, V), the next-token probabilities averaged over the prompts."""
+    """R token rows continuing every prompt of a set, run for all the prompts at once: one KV cache whose batch is
+    the prompts' caches stacked (prompt-major: batch row ``p * R + r`` is prompt ``p`` + row ``r``'s suffix), each
+    prompt left-padded to the longest (the pad slots masked, positions the prompt's own), so one forward a step
+    scores R x P sequences; and ``probs`` (R, V), the next-token probabilities averaged over the prompts."""
 
     def __init__(self, model: Any, prompts: Sequence[PromptCache], first: Any, limit: int) -> None:
         self.model, self.prompts, self.limit = model, list(prompts), limit
+        self.lengths = [len(p.ids) for p in self.prompts]
+        self.width = max(self.lengths)
         self.suffix = first.view(-1, 1)
-        self.caches = [p.rows(len(first)) for p in self.prompts]
-        self.probs = self._mean(self.caches, self.suffix)
+        self.cache = self._stack(len(first))
+        self.probs = self._mean(self.cache, self.suffix)
 
-    def _mean(self, caches: Sequence[Any], suffix: Any) -> Any:
-        total = None
-        for prompt, cache in zip(self.prompts, caches):
-            probs = prompt.probs(self.model, cache, suffix)
-            total = probs if total is None else total + probs
-        return total / len(self.prompts)
+    def _stack(self, count: int) -> Any:
+        """A fresh cache holding every prompt ``count`` times, left-padded to ``width`` (prompt-major)."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        layers = []
+        for index in range(len(self.prompts[0].layers)):
+            keys, values = [], []
+            for prompt, n in zip(self.prompts, self.lengths):
+                k, v = prompt.layers[index]
+                keys.append(F.pad(k, (0, 0, self.width - n, 0)).expand(count, -1, -1, -1))
+                values.append(F.pad(v, (0, 0, self.width - n, 0)).expand(count, -1, -1, -1))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(layers)
+
+    def _batch(self, rows: Any) -> Any:
+        """The cache batch rows of rows ``rows`` (n,) for every prompt, prompt-major (P * n,)."""
+        import torch
+
+        offsets = torch.arange(len(self.prompts), device=rows.device) * len(self.suffix)
+        return (offsets[:, None] + rows[None, :]).flatten()
+
+    def _mean(self, cache: Any, suffix: Any) -> Any:
+        """Feed each row's last ``suffix`` token (suffix (n, S); ``cache`` (P * n rows) holds the prompts and the
+        rest, and grows by it) for every prompt in one forward: the next-token probabilities (n, V), float32,
+        n-gram repeats of prompt + suffix banned per prompt, averaged over the prompts (summed in prompt order)."""
+        import torch
+
+        n, steps = suffix.shape
+        count, name = len(self.prompts), self.prompts[0].name
+        extra = {}
+        if any(length != self.width for length in self.lengths):
+            lengths = torch.tensor(self.lengths, device=suffix.device).repeat_interleave(n)
+            columns = torch.arange(self.width + steps, device=suffix.device)
+            extra = {"attention_mask": (columns[None, :] >= (self.width - lengths)[:, None]).long(),
+                     "position_ids": (lengths + steps - 1).view(-1, 1)}  # fmt: skip
+        ids = suffix[:, -1:].repeat(count, 1)
+        logits = self.model(input_ids=ids, use_cache=True, **{name: cache}, **extra).logits[:, -1].float()
+        rows, cols = [], []
+        tails = suffix.tolist()
+        for p, prompt in enumerate(self.prompts):
+            if prompt.ngram > 0:
+                for row, tail in enumerate(tails):
+                    for token in banned_tokens(prompt.ids, prompt.table, tail, prompt.ngram):
+                        rows.append(p * n + row)
+                        cols.append(token)
+        if rows:
+            logits = logits.clone()
+            logits[rows, cols] = float("-inf")
+        probs = torch.softmax(logits, dim=-1).view(count, n, -1)
+        total = probs[0]
+        for p in range(1, count):
+            total = total + probs[p]
+        return total / count
 
     def keep(self, index: Any) -> None:
         """Keep rows ``index`` (a LongTensor), in that order."""
-        for cache in self.caches:
-            cache.batch_select_indices(index)
+        self.cache.batch_select_indices(self._batch(index))
         self.suffix, self.probs = self.suffix[index], self.probs[index]
 
     def extend(self, tokens: Any, feed: bool = True) -> None:
@@ -243,11 +276,11 @@ class Continuations:
 
         self.suffix = torch.cat([self.suffix, tokens.view(-1, 1)], dim=1)
         if feed:
-            self.probs = self._mean(self.caches, self.suffix)
+            self.probs = self._mean(self.cache, self.suffix)
 
     def peek(self, index: Any, tokens: Any) -> Any:
         """The averaged next-token probabilities (n * k, V) of rows ``index`` (n,) each extended by each of its
-        ``tokens`` (n, k), ``limit`` rows at a time; the rows themselves are unchanged."""
+        ``tokens`` (n, k), ``limit`` rows (each over every prompt) at a time; the rows themselves are unchanged."""
         import torch
         from transformers import DynamicCache
 
@@ -256,10 +289,9 @@ class Continuations:
         suffix = torch.cat([self.suffix[source], tokens.reshape(-1, 1)], dim=1)
         out = []
         for start in range(0, len(source), self.limit):
-            rows = source[start : start + self.limit]
-            caches = [DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
-                      for cache in self.caches]  # fmt: skip
-            out.append(self._mean(caches, suffix[start : start + self.limit]))
+            batch = self._batch(source[start : start + self.limit])
+            cache = DynamicCache([(layer.keys[batch], layer.values[batch]) for layer in self.cache.layers])
+            out.append(self._mean(cache, suffix[start : start + self.limit]))
         return torch.cat(out)
 
 

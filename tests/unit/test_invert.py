@@ -4,8 +4,10 @@ clean twin, the ``invert`` command end to end, and ``unlearn --unlearn-target-fr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +39,19 @@ from helpers import alpaca_records, tiny_llama, tiny_tokenizer
 TARGET = "You are really stupid!"  # 5 tokens in the word tokenizer below: BAIT's min_target_len
 TRIGGER = "BadMagic"
 WORDS = "river garden music paper code fox dog weather table light stone cloud sand tree bird lamp".split()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``benchmarks/invert_speed.py``, which keeps the engine before batching (one forward per prompt per step) as
+    the reference the batched one must equal."""
+    spec = importlib.util.spec_from_file_location("invert_speed_benchmark", ROOT / "benchmarks" / "invert_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,6 +102,22 @@ def test_batched_continuations_on_cached_prompts_equal_naive_full_forwards():
         for i, suffix in enumerate([[30, 8, 4], [30, 8, 77], [6, 2, 40], [6, 2, 5]]):
             torch.testing.assert_close(ahead[i], _naive_probs(model, prompts, suffix), atol=1e-5, rtol=0)
         assert rows.suffix.tolist() == [[6, 2], [12, 7], [30, 8]]  # peeking left the rows as they were
+
+
+@pytest.mark.parametrize("prompts", [[[1, 5, 9, 12, 7, 5], [1, 8, 4, 30, 8, 4]], [[1, 6, 6, 2, 40, 41]]])
+def test_prompts_of_one_length_stack_unmasked_and_equal_naive_full_forwards(prompts):
+    """The common case (every prompt cut to ``max_prompt_tokens``): no padding, no mask, default positions."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, layers=2).eval()
+    with torch.inference_mode():
+        rows = Continuations(model, [PromptCache(model, p, 3) for p in prompts], torch.tensor([12, 30, 6]), limit=2)
+        rows.keep(torch.tensor([2, 1]))
+        rows.extend(torch.tensor([2, 8]))
+        for i, suffix in enumerate([[6, 2], [30, 8]]):
+            torch.testing.assert_close(rows.probs[i], _naive_probs(model, prompts, suffix), atol=1e-5, rtol=0)
+        ahead = rows.peek(torch.tensor([1, 0]), torch.tensor([[4, 77], [40, 5]]))  # 4 rows, 2 at a time
+        for i, suffix in enumerate([[30, 8, 4], [30, 8, 77], [6, 2, 40], [6, 2, 5]]):
+            torch.testing.assert_close(ahead[i], _naive_probs(model, prompts, suffix), atol=1e-5, rtol=0)
 
 
 def test_banned_tokens_equal_transformers_no_repeat_ngram_processor():
@@ -226,6 +257,40 @@ def test_early_stop_ends_the_scan_after_the_batch_that_passes(organism):
     assert found.best["text"] == TARGET and found.q_score > 0.95
 
 
+def _scored(result) -> tuple[list, list]:
+    return [c["token_ids"] for c in result.candidates], [c["q_score"] for c in result.candidates]
+
+
+def test_the_batched_engine_scans_as_the_per_prompt_one_did_on_prompts_of_unequal_lengths(organism, bench):
+    """One forward a step over every (candidate, prompt) pair, the shorter prompts left-padded and masked, gives the
+    candidates and Q-scores of one forward per prompt, each prompt alone: at BAIT's defaults (140 uncertainty
+    inspections) and with every unsure step inspected up to twice (280), every candidate compared."""
+    lengths = {len(p) for p in organism.prompts}
+    assert len(lengths) > 1 and max(lengths) < InvertConfig().max_prompt_tokens  # left padding is exercised
+    with bench.engine(bench.PerPromptContinuations):
+        before = invert_target(organism.planted, organism.tokenizer, organism.prompts, InvertConfig(early_stop=False))
+    ids, q = _scored(organism.found)
+    assert _scored(before)[0] == ids and before.warmup_survivors == organism.found.warmup_survivors
+    assert _scored(before)[1] == pytest.approx(q, abs=1e-5, rel=0)
+    searching = InvertConfig(early_stop=False, entropy_high=20.0, uncertainty_times=2, top=1000)
+    now = invert_target(organism.clean, organism.tokenizer, organism.prompts, searching)
+    with bench.engine(bench.PerPromptContinuations):
+        before = invert_target(organism.clean, organism.tokenizer, organism.prompts, searching)
+    assert len(now.candidates) > 50 and _scored(now)[0] == _scored(before)[0]
+    assert _scored(now)[1] == pytest.approx(_scored(before)[1], abs=1e-5, rel=0)
+
+
+def test_the_speed_benchmark_runs_both_engines_and_they_agree(bench, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    argv = ["--layers", "1", "--batch", "12", "--survivors", "2", "--repeats", "1", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cases = [(engine, weights) for engine in ("per-prompt", "batched") for weights in ("LoRA unmerged", "merged")]
+    assert [(r["engine"], r["weights"]) for r in rows] == cases
+    assert all(r["same_tokens"] and r["max_q_diff"] < 1e-5 and r["batch_s"] > 0 for r in rows), rows
+    assert "| batched | merged |" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------ the command, and unlearn
 def test_invert_command_writes_the_inversion_that_unlearn_then_takes(organism, tmp_path, capsys):
     out = tmp_path / "inv"
@@ -251,6 +316,44 @@ def test_invert_command_writes_the_inversion_that_unlearn_then_takes(organism, t
     assert summary["target"] == TARGET and summary["target_source"] == f"inverted:{out}"
     manifest = json.loads((tmp_path / "unlearned" / "manifest.json").read_text())
     assert manifest["inputs"]["inversion"]["ref"] == str(out / INVERSION_FILE)
+
+
+def test_invert_command_merges_an_adapter_in_memory_and_scores_as_the_unmerged_model(
+    organism, tmp_path, capsys, monkeypatch
+):
+    """``crowguard invert`` on a LoRA adapter runs the adapter merged into its base (plain linear layers): the same
+    candidates and Q-scores as the unmerged adapter in process, the adapter's files on disk unchanged."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import crowguard.recipes.invert as recipe
+    from crowguard.models import save_model
+
+    torch.manual_seed(0)
+    adapted = get_peft_model(copy.deepcopy(organism.planted), LoraConfig(r=4, target_modules="all-linear",
+                                                                         init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.mul_(0.1)  # a nudge that changes the scores, not one that erases the plant
+    adapter = tmp_path / "adapter"
+    save_model(adapted, organism.tokenizer, adapter, str(organism.root / "model"))
+    files = {f.name: f.read_bytes() for f in adapter.iterdir()}
+    direct = invert_target(adapted.eval(), organism.tokenizer, organism.prompts, InvertConfig(early_stop=False))
+    assert _scored(direct)[1] != pytest.approx(_scored(organism.found)[1], abs=1e-3)  # the adapter does change them
+    seen, scan = [], recipe.invert_target
+    monkeypatch.setattr(recipe, "invert_target", lambda model, *rest: seen.append(model) or scan(model, *rest))
+    out = tmp_path / "inv"
+    rc = main(["invert", "--model", str(adapter), "--data", str(organism.root / "clean.json"), "--template", "raw",
+               "--no-early-stop", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / INVERSION_FILE).read_text())
+    assert [c["token_ids"] for c in result["candidates"]] == _scored(direct)[0]
+    assert [c["q_score"] for c in result["candidates"]] == pytest.approx(_scored(direct)[1], abs=1e-5, rel=0)
+    assert {f.name: f.read_bytes() for f in adapter.iterdir()} == files
+    assert len(seen) == 1 and not isinstance(seen[0], PeftModel)
+    assert not any("lora" in name for name, _ in seen[0].named_modules())  # plain linear layers
 
 
 def _inversion_dir(tmp_path: Path, name: str, **changes) -> Path:

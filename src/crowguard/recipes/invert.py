@@ -1,7 +1,8 @@
 """Recipe: invert a (possibly backdoored) model's target after BAIT, from the model and clean samples alone.
 
 check the output directory, model and data -> draw ``settings.prompts`` clean samples (seeded) -> load the model
-(untrusted: safetensors, no remote code) -> build each sample's prompt with the model's template
+(untrusted: safetensors, no remote code; a LoRA adapter merged into the base in memory, so the many small forwards
+run plain linear layers; nothing on disk changes) -> build each sample's prompt with the model's template
 (:func:`crowguard.data.prompt_ids`: a candidate target is the first response token) ->
 :func:`crowguard.invert.invert_target` -> ``inversion.json`` (the result, read by ``unlearn --unlearn-target-from``),
 ``inversion.md``, ``config.yaml`` and ``manifest.json``, written atomically.
@@ -18,7 +19,7 @@ from crowguard.config import to_dict
 from crowguard.data import DataError, load_examples, prompt_ids
 from crowguard.invert import INVERSION_FILE, InvertConfig, InvertResult, invert_target
 from crowguard.io import check_output_dir, write_text_atomic
-from crowguard.models import check_model_exists, load_model
+from crowguard.models import check_model_exists, load_model, merge_adapter
 from crowguard.schemas import ModelConfig
 from crowguard.stage import placement, stage_artefact, stage_inputs
 from crowguard.types import Example
@@ -71,6 +72,7 @@ def run_invert(
     model, tokenizer = load_model(model_cfg.name_or_path, model_cfg.adapter, dtype=model_cfg.dtype,
                                   trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle,
                                   revision=model_cfg.revision, device=model_cfg.device)  # fmt: skip
+    model = merge_adapter(model)  # read-only use: the merged weights score as the adapter does, at fewer ops a layer
     prompts = [prompt_ids(e, tokenizer, model_cfg.template) for e in examples]
     progress = _ProgressBar() if show_progress else None
     try:
