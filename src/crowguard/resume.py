@@ -24,8 +24,8 @@ class ResumeError(ConfigError):
     """``--resume`` cannot continue: no checkpoint, or the run would not be the one that was checkpointed."""
 
 
-# Settings that do not change what is trained (how often to log or checkpoint) may differ on resume.
-RESUME_FREE_KEYS = ("save_steps", "logging_steps", "regroup_micro_batches")
+# Settings that do not change what is trained (how often to log or checkpoint, how fast) may differ on resume.
+RESUME_FREE_KEYS = ("save_steps", "logging_steps", "regroup_micro_batches", "compile")
 SETTINGS_FILE = "run_settings.json"
 
 

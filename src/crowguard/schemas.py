@@ -97,7 +97,24 @@ class TrainConfig:
     lora_alpha: int = knob(16, "LoRA alpha", bounds="(0, inf)")
     lora_dropout: float = knob(0.0, "LoRA dropout", bounds="[0, 1)")
     lora_targets: str = knob("all-linear", "LoRA target modules (peft syntax; all-linear = every decoder linear)")
-    precision: Literal["fp32", "bf16", "fp16"] = knob("fp32", "fp32 on CPU; bf16/fp16 autocast on GPU")
+    precision: Literal["fp32", "bf16", "fp16"] = knob(
+        "fp32",
+        "fp32, or autocast: bf16 (a GPU, or a CPU: worth it where it has AVX512-bf16 or AMX; benchmarks/cpu_speed.py) "
+        "or fp16 (CUDA GPUs only)",
+    )
+    base_dtype: Literal["model", "bfloat16"] = knob(
+        "model",
+        "finetune lora only: the frozen base weights' dtype while training: model (as loaded, model.dtype) or "
+        "bfloat16 (cast for the run, the loaded weights put back afterwards; the adapter stays float32, activations "
+        "become bfloat16: not the float32 maths); a speed lever on CPUs with AVX512-bf16 or AMX",
+        neutral="model",
+    )
+    compile: Literal["off", "layers"] = knob(
+        "off",
+        "layers: torch.compile (inductor) each repeated decoder block for the run (regional compilation: one "
+        "block's graph serves every layer; float32 maths unchanged); the first steps pay the compile time",
+        neutral="off",
+    )
     quantize_base: Literal["none", "4bit"] = knob(
         "none",
         "QLoRA: load the frozen base in 4-bit NF4 with double quantization (bitsandbytes, CUDA GPUs only) and train "
@@ -133,6 +150,12 @@ class TrainConfig:
         if self.quantize_base == "4bit" and (self.finetune == "full" or self.adapter_mode == "full"):
             raise ValueError("quantize_base 4bit (QLoRA) trains LoRA only: 4-bit weights cannot be fine-tuned; set "
                              "finetune lora and adapter_mode continue or merge")  # fmt: skip
+        if self.base_dtype != "model" and (self.finetune == "full" or self.adapter_mode == "full"
+                                           or self.quantize_base != "none"):  # fmt: skip
+            raise ValueError(f"base_dtype {self.base_dtype} casts the frozen base under a LoRA adapter: it needs "
+                             "finetune lora, adapter_mode continue or merge and quantize_base none")  # fmt: skip
+        if self.compile != "off" and self.trainer_args.get("torch_compile"):
+            raise ValueError("compile layers and trainer_args.torch_compile would both compile the model; choose one")
         if self.quantize_base == "4bit" and self.merge_output:
             raise ValueError("merge_output with quantize_base 4bit would merge the adapter into rounded 4-bit "
                              "weights; merge it into the full-precision base afterwards instead")  # fmt: skip
@@ -275,6 +298,12 @@ class EvalConfig:
         "hf backend, static cache: prompts per prompt pass, each group padded to its own longest before one decoding "
         "batch (fastest on CPU; on a GPU a value >= batch_size runs the prompt pass in one go)",
     )
+    compile_decode: bool = knob(
+        False,
+        "hf backend, static cache: torch.compile (inductor) the model's forward for the decoding steps, as "
+        "transformers does on a GPU by itself (the prompt pass stays eager); the first batches pay the compile time",
+        neutral=False,
+    )
     vllm_memory: float = knob(
         0.5, "vllm: fraction of the GPU memory vLLM may take (the transformers copy needs the rest)"
     )
@@ -292,6 +321,9 @@ class EvalConfig:
             raise ValueError("the llm judge and MT-Bench need judge_url and judge_model (OpenAI-compatible endpoint)")
         if min(self.max_new_tokens, self.batch_size, self.score_batch_size, self.prefill_batch) <= 0:
             raise ValueError("max_new_tokens, batch_size, score_batch_size and prefill_batch must be positive")
+        if self.compile_decode and (self.kv_cache != "static" or self.backend != "hf"):
+            raise ValueError("compile_decode compiles decoding over the static key/value cache: it needs kv_cache "
+                             "static and backend hf")  # fmt: skip
         if not 0.0 < self.vllm_memory < 1.0:
             raise ValueError(f"vllm_memory must be within (0, 1), got {self.vllm_memory}")
 

@@ -210,7 +210,8 @@ def _train_and_save(
         return summary  # under torchrun only the main process writes the artefact
     base = _output_base(model_cfg, train_cfg)
     trained = getattr(result.model, "module", result.model)
-    where = {**placement(trained), "precision": train_cfg.precision, "trainer_args": train_cfg.trainer_args}
+    where = {**placement(trained), "precision": train_cfg.precision, "base_dtype": train_cfg.base_dtype,
+             "compile": train_cfg.compile, "trainer_args": train_cfg.trainer_args}  # fmt: skip
     with stage_artefact(stage, out_dir, train_cfg.seed, stage_inputs(model_cfg, inputs), summary, resolved_config,
                         overwrite, extra_manifest=where, fingerprint=ctx.fingerprint) as tmp:  # fmt: skip
         if base is None or train_cfg.merge_output:

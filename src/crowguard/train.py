@@ -28,6 +28,7 @@ from crowguard.io import write_json_atomic
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
 from crowguard.resume import SETTINGS_FILE, check_resume, run_settings, set_aside_stale_work, truncate_metrics
 from crowguard.schemas import TrainConfig
+from crowguard.speed import training_levers
 from crowguard.train_callbacks import (
     FiniteGuard,
     MetricsFileCallback,
@@ -362,14 +363,18 @@ def train(
     description: str = "train",
     identity: Any = None,
     objective: Objective | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Fine-tune ``model`` on ``examples`` (prompt masked) with optional CROW regularisation, or a defense's own
     ``objective`` instead.
 
-    ``model`` must already be prepared (:func:`prepare_for_training`). Checkpoints (every ``cfg.save_steps``),
+    ``model`` must already be prepared (:func:`prepare_for_training`). ``cfg.base_dtype`` and ``cfg.compile`` hold
+    for the run only (:func:`crowguard.speed.training_levers`): the model returned has its loaded dtype and runs
+    eagerly. Checkpoints (every ``cfg.save_steps``),
     ``metrics.jsonl`` and the run's settings go to ``work_dir``; with ``resume`` the newest checkpoint there is
     continued, but only when the settings, the tokenised data and ``identity`` (the caller's name for the model)
-    are the checkpointed run's (:class:`ResumeError` otherwise).
+    are the checkpointed run's (:class:`ResumeError` otherwise). ``callbacks`` are more ``TrainerCallback``s (a
+    benchmark's step probe).
     """
     features = tokenize_examples(examples, tokenizer, cfg.max_length, template)
     if not any(any(label != IGNORE_INDEX for label in f["labels"]) for f in features):
@@ -388,15 +393,16 @@ def train(
         write_json_atomic(work_dir / SETTINGS_FILE, settings)
     else:
         truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
-    callbacks: list[TrainerCallback] = [
+    trainer_callbacks: list[TrainerCallback] = [
         FiniteGuard(cfg.precision != "fp16"),
         MetricsFileCallback(work_dir / "metrics.jsonl"),
+        *callbacks,
     ]
     if show_progress:
-        callbacks.append(ProgressBarCallback(description))
+        trainer_callbacks.append(ProgressBarCallback(description))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if objective is not None:
-        callbacks += objective.callbacks(checkpoint)
+        trainer_callbacks += objective.callbacks(checkpoint)
         collator = objective.collate(collator)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -405,7 +411,7 @@ def train(
         args=training_arguments(cfg, work_dir),
         train_dataset=TokenizedDataset(features),
         data_collator=collator,
-        callbacks=callbacks,
+        callbacks=trainer_callbacks,
         crow=crow,
         loss_average=cfg.loss_average,
         # regrouping re-deals the collator's three tensors; an objective's own fields are not among them
@@ -417,20 +423,25 @@ def train(
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace the raw log prints
     start = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer_compiles = bool(cfg.trainer_args.get("torch_compile"))
+        with training_levers(model, cfg.compile, cfg.base_dtype, trainer_compiles):  # undone when training ends
+            output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         tokenizer.padding_side = padding_side
-    seconds = time.perf_counter() - start
+    return _result(trainer, model, output.global_step, time.perf_counter() - start)
+
+
+def _result(trainer: CrowTrainer, model: Any, steps: int, seconds: float) -> TrainResult:
+    """What a finished run produced; a final loss that is not finite is an error (nothing gets saved)."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     final = losses[-1] if losses else None
     if final is not None and not math.isfinite(final):
         raise TrainingDivergedError(f"training diverged: final loss {final}; nothing was saved")
     return TrainResult(
         model=trainer.model,
-        steps=output.global_step,
+        steps=steps,
         seconds=seconds,
         final_loss=final,
         log_history=list(trainer.state.log_history),
-        trainable_parameters=trainable,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )

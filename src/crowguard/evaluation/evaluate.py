@@ -107,6 +107,7 @@ def evaluate_model(
         seed=cfg.seed,
         kv_cache=cfg.kv_cache,
         prefill_batch=cfg.prefill_batch,
+        compile_decode=cfg.compile_decode,
     )
     judge = make_judge(cfg, task.payload, task.target)
     stats: dict[str, list[dict[str, Any]]] = {}  # per set, the defense's numbers for each answer (if it has any)

@@ -53,6 +53,7 @@ class DecodingSettings:
     seed: int = 0  # sampling seed; sampled output also depends on batch composition (hf backend)
     kv_cache: KvCache = "static"  # hf backend: "static" preallocates each batch's key/value cache (see generate_ids)
     prefill_batch: int = 8  # hf backend, static cache: prompts per prompt forward pass (see generate_ids)
+    compile_decode: bool = False  # hf backend, static cache: the decoding steps torch.compile'd (see generate_ids)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,6 +66,8 @@ class DecodingSettings:
             raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.kv_cache not in ("static", "dynamic"):
             raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {self.kv_cache!r}")
+        if self.compile_decode and self.kv_cache != "static":
+            raise ValueError("compile_decode needs kv_cache 'static' (a dynamic cache cannot be compiled)")
         if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
 
@@ -156,7 +159,9 @@ def generate_ids(
     (38% of a decoding step of SmolLM2-135M at batch 32 on CPU, profiled in a hand-written loop), a cost that grows
     with the batch, so larger batches stopped paying. Outputs are the same tokens (masked slots add nothing).
     transformers would compile the forward pass for a static cache on a GPU, recompiling for each batch's shape;
-    ``disable_compile`` keeps evaluation eager and predictable on every device.
+    ``disable_compile`` keeps evaluation eager and predictable on every device unless ``settings.compile_decode``
+    asks for the compiled decoding steps on any device (:func:`crowguard.speed.decode_compile_config`: the prompt
+    pass stays eager; the first batch compiles, a batch of another shape once more as a dynamic graph).
 
     With the static cache, a batch's prompts are run through the model ``settings.prefill_batch`` at a time, each
     group padded only to its own longest prompt, and their keys and values are written left-padded into the batch's
@@ -177,18 +182,7 @@ def generate_ids(
         raise ValueError("an empty prompt cannot be decoded (there is nothing to condition on)")
     stop_ids = [int(t) for t in stop_ids]
     pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)
-    generation_kwargs: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
-        "min_new_tokens": settings.min_new_tokens,
-        "do_sample": settings.do_sample,
-        "num_beams": 1,
-        "repetition_penalty": 1.0,
-        "pad_token_id": pad_id,
-        "eos_token_id": stop_ids,  # explicit, so the checkpoint's config cannot add others; [] = never stop early
-        "disable_compile": True,
-    }
-    if settings.do_sample:  # greedy ignores these; passing them anyway would only make transformers warn
-        generation_kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    generation_kwargs = _generation_kwargs(settings, stop_ids, pad_id)
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
@@ -222,6 +216,27 @@ def generate_ids(
     finally:
         model.train(was_training)
     return results
+
+
+def _generation_kwargs(settings: DecodingSettings, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+    """``model.generate``'s arguments for ``settings``, every default that could change an evaluation explicit."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens,
+        "do_sample": settings.do_sample,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "pad_token_id": pad_id,
+        "eos_token_id": stop_ids,  # explicit, so the checkpoint's config cannot add others; [] = never stop early
+        "disable_compile": not settings.compile_decode,
+    }
+    if settings.compile_decode:
+        from crowguard.speed import decode_compile_config
+
+        kwargs["compile_config"] = decode_compile_config()
+    if settings.do_sample:  # greedy ignores these; passing them anyway would only make transformers warn
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return kwargs
 
 
 def _base_model(model: Any) -> Any:

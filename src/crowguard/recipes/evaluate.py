@@ -130,7 +130,8 @@ def run_evaluate(
             inputs["guarded_model"] = target.name_or_path
             if target.adapter:
                 inputs["guarded_adapter"] = target.adapter
-        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, where))
+        speed = {"compile_decode": cfg.evaluate.compile_decode}  # results.json has it in settings.decoding too
+        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, {**where, **speed}))
     # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
     # or a user's own directory is left untouched).
     if not cfg.model.adapter and Path(cfg.model.name_or_path).is_dir():

@@ -247,6 +247,7 @@ def test_settings_are_recorded_and_validated():
         "seed": 0,
         "kv_cache": "static",
         "prefill_batch": 8,
+        "compile_decode": False,
     }
     assert json.loads(json.dumps(record)) == record
     for bad in (
@@ -255,6 +256,7 @@ def test_settings_are_recorded_and_validated():
         {"backend": "tgi"},
         {"kv_cache": "paged"},
         {"do_sample": True, "top_p": 0.0},
+        {"compile_decode": True, "kv_cache": "dynamic"},
     ):
         with pytest.raises(ValueError):
             DecodingSettings(**bad)

@@ -1,0 +1,61 @@
+"""``benchmarks/cpu_speed.py`` on its tiny random Llama: the rows, the equality checks and the lever parsing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("cpu_speed_benchmark", ROOT / "benchmarks" / "cpu_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve names through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_a_tiny_run_measures_today_and_each_lever_and_checks_equality(bench, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    argv = ["--model", "tiny", "--workloads", "plant,generate", "--levers", "bf16base,merge", "--steps", "3",
+            "--warmup", "1", "--new-tokens", "2", "--keep-compile-cache", "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = {(r["workload"], r["lever"]): r for r in json.loads(out.read_text())["rows"]}
+    # bf16base is a training lever, merge a decoding one: each appears only where it applies
+    assert set(rows) == {("plant", "base"), ("plant", "bf16base"), ("generate x2", "base"), ("generate x2", "merge")}
+    plant, cast = rows["plant", "base"], rows["plant", "bf16base"]
+    assert len(plant["per_step_s"]) == 3 and len(plant["losses"]) == 3 and plant["median_ms"] > 0
+    assert plant["max_rel_loss_diff"] == 0 and plant["equal"] and plant["speedup"] == 1
+    assert cast["kind"] == "bf16" and 0 < cast["max_rel_loss_diff"] < 1e-2 and "equal" not in cast
+    merged = rows["generate x2", "merge"]
+    assert merged["kind"] == "fp32" and merged["identical_outputs"] == 200 and merged["equal"]
+    assert all(len(ids) == 2 for ids in merged["outputs"])
+    table = capsys.readouterr().out
+    assert "| plant | bf16base | this one |" in table and "200/200 identical" in table
+
+
+def test_levers_are_parsed_checked_and_placed(bench):
+    from crowguard.schemas import TrainConfig
+
+    assert bench.atoms_of("base") == [] and bench.atoms_of("compile+bf16base") == ["compile", "bf16base"]
+    assert bench.applies("compile", "generate") and bench.applies("compile", "crow")
+    assert not bench.applies("bf16base", "generate") and not bench.applies("merge", "plant")
+    assert bench.applies("malloc", "plant") and bench.applies("omp_passive+merge", "generate")
+    env, missing = bench.lever_env("malloc+omp_passive")
+    assert missing is None and env["OMP_WAIT_POLICY"] == "PASSIVE" and "MALLOC_TRIM_THRESHOLD_" in env
+    assert bench.lever_env("compile") == ({}, None)
+    if bench.preloaded("libjemalloc.so") is None:
+        assert "not installed" in bench.lever_env("jemalloc")[1]
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny", "--levers", "compile+turbo"])
+    cfg = bench.lever_train_config(TrainConfig(), "compile+bf16", 5)
+    assert (cfg.compile, cfg.precision, cfg.max_steps, cfg.logging_steps) == ("layers", "bf16", 5, 1)
+    with pytest.raises(ValueError, match="choose one"):
+        bench.lever_train_config(TrainConfig(), "compile+trainer_compile", 5)

@@ -1,0 +1,233 @@
+"""The speed levers of issue 28 (``crowguard.speed``: ``train.compile``, ``train.base_dtype``, ``train.precision``
+bf16 on a CPU, ``evaluate.compile_decode``) on tiny random Llamas, through the training engine and ``generate_ids``.
+
+Each lever must give the plain path's numbers (the float32 levers: losses within 1e-4 relative, greedy tokens
+identical; the bfloat16 ones: within the tolerance stated at the test) and must be seen to act (graphs compiled,
+weights cast), so a knob that silently did nothing would fail here. Benchmarks of their speed:
+``benchmarks/cpu_speed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crowguard.defenses.crow import CrowConfig
+from crowguard.schemas import EvalConfig, ModelConfig, TrainConfig
+from crowguard.speed import compiled_blocks, frozen_base_dtype, repeated_blocks
+from crowguard.stage import run_training_stage
+from crowguard.train import prepare_for_training, train
+from crowguard.types import Example, StageContext
+
+from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
+
+CROW = CrowConfig(alpha=5.5, epsilon=0.1, layers="all")
+FP32_RTOL = 1e-4  # the issue's bar for float32 levers
+# bfloat16 levers: bfloat16 keeps 8 bits of mantissa (a rounding of up to 2e-3 relative per stored activation or
+# weight); on these near-uniform random models the first 3 losses move by about 1e-4, and the bound leaves room for
+# a factor of 100 of that. Whether bfloat16 still removes a backdoor is the efficacy study's question, not this one.
+BF16_RTOL = 1e-2
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"lr": 1e-2, "epochs": 1, "per_device_batch": 2, "grad_accum": 2, "warmup_ratio": 0.0,
+            "scheduler": "constant", "max_length": 96, "seed": 0, "lora_r": 4, "lora_alpha": 8}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _examples(n: int = 8) -> list[Example]:
+    return [Example(r["instruction"], r["input"], r["output"]) for r in alpaca_records(n)]
+
+
+def _equal_length_examples(tokenizer, n: int = 8) -> list[Example]:
+    """Examples whose prompts and responses tokenise to the same lengths: every batch has one shape, so float sums
+    run in one order per pass (unequal shapes may flip the sign of a near-zero FGSM gradient entry, which moves
+    CROW's loss by more than rounding)."""
+    out: list[Example] = []
+    lengths: tuple[int, int] | None = None
+    for record in alpaca_records(400):
+        example = Example(record["instruction"], output=record["output"])
+        pair = len(tokenizer(record["instruction"])["input_ids"]), len(tokenizer(record["output"])["input_ids"])
+        if lengths is None or pair == lengths:
+            lengths = pair
+            out.append(example)
+        if len(out) == n:
+            return out
+    raise AssertionError("could not find equal-length examples")
+
+
+def _losses(tmp_path: Path, cfg: TrainConfig, examples, crow=CROW, layers: int = 3) -> tuple[list[float], object]:
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=layers), cfg)
+    result = train(model, tokenizer, examples, cfg, tmp_path, crow=crow, show_progress=False)
+    return [h["loss"] for h in result.log_history if "loss" in h], result.model
+
+
+def _max_relative(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_repeated_blocks_are_the_decoder_layers_under_peft_and_without_a_list():
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg())
+    blocks = repeated_blocks(model)
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 3
+
+    class NoList(torch.nn.Module):  # no _no_split_modules, no ModuleList: nothing to compile
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    assert repeated_blocks(NoList()) == []
+    stack = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)]))
+    assert len(repeated_blocks(stack)) == 3  # the fallback: the longest list of same-class children
+
+
+@pytest.mark.slow  # inductor compiles 2 forward and 2 backward graphs with gcc: 30-80 s on 2 loaded cores
+def test_compile_layers_gives_the_eager_losses_and_is_undone(tmp_path: Path):
+    """``train.compile: layers``, CROW through the engine on equal-length batches: the losses of 3 steps (2 x 2
+    micro-batches each) within 1e-4 relative of the eager run (measured: equal to the last digit), graphs were
+    compiled, and the blocks run eagerly once training ends."""
+    tokenizer = tiny_tokenizer()
+    examples = _equal_length_examples(tokenizer, 12)
+    eager, _ = _losses(tmp_path / "eager", _cfg(max_steps=3), examples)
+    graphs = _unique_graphs()
+    compiled, model = _losses(tmp_path / "compiled", _cfg(max_steps=3, compile="layers"), examples)
+    assert _unique_graphs() > graphs, "train.compile layers compiled nothing"
+    assert len(eager) == 3 and _max_relative(eager, compiled) < FP32_RTOL, (eager, compiled)
+    assert all(block._compiled_call_impl is None for block in repeated_blocks(model))
+
+
+def test_compiled_blocks_raise_for_a_model_without_blocks_and_change_nothing_when_off():
+    from crowguard.config import ConfigError
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with pytest.raises(ConfigError, match="no repeated decoder block"), compiled_blocks(plain):
+        pass
+    with compiled_blocks(plain, enabled=False) as blocks:
+        assert blocks == []
+
+
+def test_bf16_base_trains_the_float32_adapter_near_the_float32_losses_and_restores_the_base(tmp_path: Path):
+    """``train.base_dtype: bfloat16``: during the run every frozen weight is bfloat16 and every LoRA weight float32;
+    the losses of 3 CROW steps stay within BF16_RTOL of the float32 run (measured: 1.2e-4) but are not the float32
+    numbers (the cast happened); afterwards the base is the loaded float32 tensors, bit for bit."""
+    from transformers import TrainerCallback
+
+    seen: dict[str, set] = {"frozen": set(), "lora": set()}
+
+    class Dtypes(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            for param in model.parameters():
+                seen["lora" if param.requires_grad else "frozen"].add(param.dtype)
+
+    examples = _examples(12)
+    plain, _ = _losses(tmp_path / "fp32", _cfg(max_steps=3), examples)
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=3), _cfg())
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    result = train(model, tokenizer, examples, _cfg(max_steps=3, base_dtype="bfloat16"), tmp_path / "bf16",
+                   crow=CROW, show_progress=False, callbacks=[Dtypes()])  # fmt: skip
+    cast = [h["loss"] for h in result.log_history if "loss" in h]
+    assert seen == {"frozen": {torch.bfloat16}, "lora": {torch.float32}}, seen
+    assert 0 < _max_relative(plain, cast) < BF16_RTOL, (plain, cast)
+    after = dict(result.model.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], v) for n, v in base_before.items())
+
+
+def test_bf16_autocast_on_the_cpu_stays_near_the_float32_losses(tmp_path: Path):
+    """``train.precision: bf16`` on a CPU (accelerate's CPU autocast): 3 CROW steps within BF16_RTOL of float32
+    (measured: 1.1e-4) and not equal to them (autocast ran); the weights stay float32."""
+    examples = _examples(12)
+    plain, _ = _losses(tmp_path / "fp32", _cfg(max_steps=3), examples)
+    autocast, model = _losses(tmp_path / "bf16", _cfg(max_steps=3, precision="bf16"), examples)
+    assert 0 < _max_relative(plain, autocast) < BF16_RTOL, (plain, autocast)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_donated_buffers_are_off_while_any_compiled_training_runs_and_restored_after():
+    """A compiled graph that donates its buffers refuses CROW's second backward through the clean pass (measured:
+    ``trainer_args: {torch_compile: true}`` with CROW failed with "non-empty donated buffers" before)."""
+    import torch._functorch.config as functorch_config
+
+    from crowguard.speed import training_levers
+
+    model = torch.nn.Linear(2, 2)
+    before = functorch_config.donated_buffer
+    for trainer_compiles, inside in ((True, False), (False, before)):
+        with training_levers(model, trainer_compiles=trainer_compiles):
+            assert functorch_config.donated_buffer is inside
+        assert functorch_config.donated_buffer is before
+
+
+def test_frozen_base_dtype_leaves_trainable_weights_and_buffers_alone():
+    tokenizer = tiny_tokenizer()
+    model = prepare_for_training(tiny_llama(tokenizer, layers=2), _cfg())
+    buffers = {n: b.dtype for n, b in model.named_buffers()}
+    with frozen_base_dtype(model, "bfloat16") as cast:
+        assert cast > 0
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        assert {n: b.dtype for n, b in model.named_buffers()} == buffers
+        inner = model.get_base_model()
+        assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
+    with frozen_base_dtype(model, "model") as cast:
+        assert cast == 0
+
+
+def test_the_stage_manifest_records_the_levers(tmp_path: Path):
+    path = save_tiny_model(tmp_path / "base", layers=2)
+    cfg = _cfg(max_steps=1, base_dtype="bfloat16")
+    run_training_stage("backdoor", ModelConfig(name_or_path=str(path)), cfg, _examples(4),
+                       StageContext(tmp_path / "out", show_progress=False))  # fmt: skip
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert (manifest["base_dtype"], manifest["compile"], manifest["precision"]) == ("bfloat16", "off", "fp32")
+    assert manifest["dtype"] == "torch.float32"  # the saved adapter's model: the loaded base, restored
+
+
+def test_lever_settings_that_cannot_work_are_refused():
+    from crowguard.evaluation.generate import DecodingSettings
+
+    with pytest.raises(ValueError, match="finetune lora"):
+        _cfg(base_dtype="bfloat16", finetune="full").validate()
+    with pytest.raises(ValueError, match="finetune lora"):
+        _cfg(base_dtype="bfloat16", adapter_mode="full").validate()
+    with pytest.raises(ValueError, match="choose one"):
+        _cfg(compile="layers", trainer_args={"torch_compile": True}).validate()
+    with pytest.raises(ValueError, match="kv_cache static"):
+        EvalConfig(compile_decode=True, kv_cache="dynamic").validate()
+    with pytest.raises(ValueError, match="kv_cache 'static'"):
+        DecodingSettings(compile_decode=True, kv_cache="dynamic")
+    _cfg(base_dtype="bfloat16", compile="layers").validate()  # both together are fine
+    EvalConfig(compile_decode=True).validate()
+
+
+def test_compiled_decoding_gives_the_eager_tokens():
+    """``evaluate.compile_decode``: greedy tokens of a batch decoded with the compiled step (the ragged prompt pass
+    then 12 steps over the static cache) are the eager ones, prompt for prompt, and a graph was compiled."""
+    import random
+
+    from crowguard.evaluation.generate import DecodingSettings, generate_ids
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, layers=2).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(3, 30))] for _ in range(8)]
+    settings = DecodingSettings(max_new_tokens=12, min_new_tokens=12, batch_size=8, prefill_batch=4)
+    eager = generate_ids(model, prompts, settings, [tokenizer.eos_token_id], tokenizer.pad_token_id, False)
+    graphs = _unique_graphs()
+    compiled_settings = DecodingSettings(**{**settings.to_dict(), "compile_decode": True})
+    compiled = generate_ids(model, prompts, compiled_settings, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                            False)  # fmt: skip
+    assert _unique_graphs() > graphs, "compile_decode compiled nothing"
+    assert compiled == eager
+    assert all(len(ids) == 12 for ids in eager)
