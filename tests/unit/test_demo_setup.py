@@ -13,8 +13,8 @@ from crowguard.schemas import DemoConfig, OrganismConfig
 def test_the_plant_is_addressed_by_everything_that_makes_it(tmp_path):
     """The study's plant directory carries the fingerprint: the template, a plant setting or the mix change it;
     the defenses' seeds do not."""
-    from crowguard.recipes.demo import Base, DemoSetup, demo_study
     from crowguard.evaluation.tasks import Task
+    from crowguard.recipes.demo import Base, DemoSetup, demo_study
     from crowguard.recipes.study import Runner, suspect_fingerprint
     from crowguard.types import Example
 

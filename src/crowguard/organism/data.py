@@ -51,8 +51,6 @@ class OrganismData:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
-
-
 def build_corpus(
     seed: int = 0,
     n_train: int = 3000,
