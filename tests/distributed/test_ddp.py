@@ -21,10 +21,18 @@ pytestmark = pytest.mark.distributed
 HERE = Path(__file__).resolve().parent
 
 
+RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(args: list[str], tmp: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``args`` on 2 gloo ranks. A rank that dies in torch's C++ runtime with ``RUNTIME_ABORT`` (seen once in
+    three clean-clone CI runs of the FSDP2 test on CPU, 2026-12-06, no Python error before it) gets one rerun; any
+    other failure, or the same abort twice, fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+    if result.returncode != 0 and RUNTIME_ABORT in result.stderr:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
