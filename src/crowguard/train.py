@@ -13,6 +13,7 @@ artefact is written atomically.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -389,8 +390,9 @@ def train(
         set_aside_stale_work(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        (work_dir / "metrics.jsonl").unlink(missing_ok=True)
-        write_json_atomic(work_dir / SETTINGS_FILE, settings)
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer: under DDP the main process sets a stale folder
+            (work_dir / "metrics.jsonl").unlink(missing_ok=True)  # aside, and another rank's files written
+            write_json_atomic(work_dir / SETTINGS_FILE, settings)  # meanwhile would be moved with it
     else:
         truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
     trainer_callbacks: list[TrainerCallback] = [
