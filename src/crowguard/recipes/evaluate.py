@@ -121,17 +121,13 @@ def run_evaluate(
     results["settings"]["placement"] = where
     row = summary_row(label or cfg.model.name_or_path, results)
     results["summary"] = row
-    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        write_json_atomic(tmp / "results.json", results)
-        write_text_atomic(tmp / "results.md", f"# Evaluation: {task.name}\n\n" + markdown_table([row]))
-        save(cfg, tmp / "config.yaml")
-        inputs = {**stage_inputs(cfg.model), **task.sources}
-        if spec is not None:
-            inputs["guarded_model"] = target.name_or_path
-            if target.adapter:
-                inputs["guarded_adapter"] = target.adapter
-        speed = {"compile_decode": cfg.evaluate.compile_decode}  # results.json has it in settings.decoding too
-        write_manifest(tmp, build_manifest("evaluate", cfg.evaluate.seed, inputs, {**where, **speed}))
+    inputs = {**stage_inputs(cfg.model), **task.sources}
+    if spec is not None:
+        inputs["guarded_model"] = target.name_or_path
+        if target.adapter:
+            inputs["guarded_adapter"] = target.adapter
+    speed = {"compile_decode": cfg.evaluate.compile_decode}  # results.json has it in settings.decoding too
+    write_evaluation(Path(out_dir), results, task.name, inputs, cfg.evaluate.seed, overwrite, {**where, **speed}, cfg)
     # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
     # or a user's own directory is left untouched).
     if not cfg.model.adapter and Path(cfg.model.name_or_path).is_dir():
@@ -141,6 +137,20 @@ def run_evaluate(
     if show_progress:
         print_table([row], title=task.name)
     return results
+
+
+def write_evaluation(
+    out_dir: Path, results: dict[str, Any], task_name: str, inputs: dict[str, str], seed: int, overwrite: bool,
+    extra_manifest: dict[str, Any], resolved_config: Any = None,
+) -> None:  # fmt: skip
+    """An evaluation's directory, atomically: ``results.json`` (with its ``summary`` row), ``results.md``,
+    ``config.yaml`` (when given) and ``manifest.json`` (``inputs`` hashed, ``extra_manifest`` added)."""
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_json_atomic(tmp / "results.json", results)
+        write_text_atomic(tmp / "results.md", f"# Evaluation: {task_name}\n\n" + markdown_table([results["summary"]]))
+        if resolved_config is not None:
+            save(resolved_config, tmp / "config.yaml")
+        write_manifest(tmp, build_manifest("evaluate", seed, inputs, extra_manifest))
 
 
 @contextmanager

@@ -28,11 +28,11 @@ from crowguard.config import fingerprint_view
 from crowguard.data import examples_sha256
 from crowguard.defenses.base import make_defense, open_evaluated
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
-from crowguard.evaluation.report import markdown_table
 from crowguard.evaluation.tasks import Task
-from crowguard.io import atomic_output_dir, sha256_path, write_json_atomic, write_text_atomic
-from crowguard.manifest import build_manifest, write_manifest
+from crowguard.io import sha256_path
+from crowguard.manifest import package_versions
 from crowguard.organism.build import EVALUATION_SOURCE, source_digest
+from crowguard.recipes.evaluate import write_evaluation
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, TrainConfig
 from crowguard.stage import placement, run_training_stage
 from crowguard.types import Example, StageContext
@@ -151,16 +151,10 @@ def content(*refs: str | None) -> list[str | None]:
     return out
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
-    return found
+def versions() -> dict[str, str | None]:
+    """The versions of the packages that change a stage's result (``manifest.package_versions``)."""
+    installed = package_versions()
+    return {name: installed.get(name) for name in PACKAGES}
 
 
 class Ranks:
@@ -246,13 +240,9 @@ def evaluate_into(model: ModelConfig, study: Study, out_dir: Path, label: str, p
                              generator, defense)  # fmt: skip
     results["settings"]["placement"] = placement(loaded)
     results["summary"] = summary_row(label, results)
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        write_json_atomic(tmp / "results.json", results)
-        table = markdown_table([results["summary"]])
-        write_text_atomic(tmp / "results.md", f"# Evaluation: {study.task.name}\n\n{table}")
-        inputs = {"model": model.name_or_path, **({"adapter": model.adapter} if model.adapter else {})}
-        write_manifest(tmp, build_manifest("evaluate", study.evaluate.seed, {**inputs, **study.task.sources},
-                                           {"fingerprint": print_}))  # fmt: skip
+    inputs = {"model": model.name_or_path, **({"adapter": model.adapter} if model.adapter else {})}
+    write_evaluation(out_dir, results, study.task.name, {**inputs, **study.task.sources}, study.evaluate.seed,
+                     overwrite=True, extra_manifest={"fingerprint": print_})  # fmt: skip
 
 
 def study_row(label: str, seed: int | None, results: dict[str, Any], train_seconds: float | None,
