@@ -4,13 +4,14 @@ same settings, data and model) and that a fresh run starts from an empty work di
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from crowguard.config import ConfigError, to_dict
-from crowguard.io import write_text_atomic
+from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.schemas import TrainConfig
 
 
@@ -54,7 +55,6 @@ def set_aside_stale_work(work_dir: Path) -> Path | None:
     """A fresh run starts from an empty work directory: an earlier run's leftovers (a killed run's checkpoints,
     which checkpoint rotation and a later ``--resume`` would mix with this run's) are renamed to
     ``<work_dir>.stale-<time>`` with a warning, not deleted. Only the main process renames; returns the new path."""
-    import os
     import warnings
 
     work_dir = Path(work_dir)
@@ -62,8 +62,22 @@ def set_aside_stale_work(work_dir: Path) -> Path | None:
         return None
     aside = work_dir.with_name(f"{work_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     work_dir.rename(aside)
-    warnings.warn(f"{work_dir} held an earlier run's files (not resumed): moved them to {aside}", stacklevel=3)
+    warnings.warn(f"{work_dir} held an earlier run's files (not resumed): moved them to {aside}", stacklevel=4)
     return aside
+
+
+def start_fresh(work_dir: Path, settings: dict[str, Any]) -> None:
+    """A fresh run's work directory: under DDP only the main process sets an earlier run's leftovers aside
+    (:func:`set_aside_stale_work`), clears ``metrics.jsonl`` and records ``settings``, so no other rank's file is
+    written into a folder that is being moved; every rank gets the directory."""
+    work_dir = Path(work_dir)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        set_aside_stale_work(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (work_dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json_atomic(work_dir / SETTINGS_FILE, settings)
 
 
 def check_resume(work_dir: Path, settings: dict[str, Any]) -> str:

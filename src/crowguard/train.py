@@ -13,7 +13,6 @@ artefact is written atomically.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from crowguard.config import ConfigError
 from crowguard.data import IGNORE_INDEX, tokenize_examples
-from crowguard.io import write_json_atomic
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
-from crowguard.resume import SETTINGS_FILE, check_resume, run_settings, set_aside_stale_work, truncate_metrics
+from crowguard.resume import check_resume, run_settings, start_fresh, truncate_metrics
 from crowguard.schemas import TrainConfig
 from crowguard.speed import training_levers
 from crowguard.train_callbacks import (
@@ -387,12 +385,7 @@ def train(
         features = objective.prepare(features, examples, tokenizer, template)
     checkpoint = check_resume(work_dir, settings) if resume else None
     if checkpoint is None:
-        set_aside_stale_work(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        if int(os.environ.get("RANK", "0")) == 0:  # one writer: under DDP the main process sets a stale folder
-            (work_dir / "metrics.jsonl").unlink(missing_ok=True)  # aside, and another rank's files written
-            write_json_atomic(work_dir / SETTINGS_FILE, settings)  # meanwhile would be moved with it
+        start_fresh(work_dir, settings)
     else:
         truncate_metrics(work_dir / "metrics.jsonl", int(Path(checkpoint).name.split("-")[-1]))
     trainer_callbacks: list[TrainerCallback] = [
