@@ -34,6 +34,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_out_args(p: argparse.ArgumentParser, quiet: str | None = None) -> None:
+    """``--out`` (required), ``--overwrite`` and, with its help text, ``--quiet``."""
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    if quiet is not None:
+        p.add_argument("--quiet", action="store_true", help=quiet)
+
+
 def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     out_help = "output directory (must be empty or absent)"
     if not out_required:  # defend --method none writes nothing
@@ -117,8 +125,7 @@ def _poison(add_parser: Callable[..., Any], schema: Callable[..., None], handler
     )
     _add_config_args(p)
     schema("poison", lambda p=p: add_schema_flags(p, experiment().poison, "poison."))
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_out_args(p)
     p.set_defaults(handler=handlers["poison"])
 
 
@@ -167,9 +174,7 @@ def _evaluate(add_parser: Callable[..., Any], schema: Callable[..., None], handl
     _add_config_args(p)
     schema("evaluate", lambda p=p: _model_flags(p))
     schema("evaluate", lambda p=p: add_schema_flags(p, experiment().evaluate, "evaluate."))
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    _add_out_args(p, "no progress bars or table")
     p.set_defaults(handler=handlers["evaluate"])
 
 
@@ -225,8 +230,7 @@ def _diagnose(add_parser: Callable[..., Any], schema: Callable[..., None], handl
     p.add_argument("--payload", help="with --paper-data: which task (default negsentiment)")
     p.add_argument("--limit", type=int, default=50, help="prompts of each set (default 50)")
     p.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "raw"], help="prompt template")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_out_args(p)
     p.set_defaults(handler=handlers["diagnose"])
 
 
@@ -252,9 +256,7 @@ def _scan(add_parser: Callable[..., Any], schema: Callable[..., None], handlers:
         add_schema_flags(p, ScanConfig(), "scan.", group=p.add_argument_group("scan"))
 
     schema("scan", scan_flags)
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_out_args(p, "no progress bars")
     p.set_defaults(handler=handlers["scan"])
 
 
@@ -282,9 +284,7 @@ def _invert(add_parser: Callable[..., Any], schema: Callable[..., None], handler
 
     schema("invert", invert_flags)
     p.add_argument("--data", required=True, help="JSON/JSONL of clean samples the defender trusts (prompts only)")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    _add_out_args(p, "no progress bar or table")
     p.set_defaults(handler=handlers["invert"])
 
 
