@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,6 @@ from crowguard.attacks import BUILTIN_TRIGGERS, remove_phrases
 from crowguard.attacks.payloads import make_payload
 from crowguard.config import to_dict
 from crowguard.data import load_examples
-from crowguard.evaluation.evaluate import summary_row
-from crowguard.evaluation.metrics import hijack_rate, paired_rates
-from crowguard.evaluation.report import over_seeds
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
 from crowguard.invert import InvertConfig
 from crowguard.io import write_json_atomic, write_text_atomic
@@ -44,6 +39,7 @@ from crowguard.organism.smollm2 import ensure_smollm2
 from crowguard.recipes.invert import run_invert
 from crowguard.recipes.study import Arm, Plant, Reference, Runner, Study, content, fingerprint, run_study
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
+from efficacy_report import PACKED, aggregate, all_pairs, collect, pack, paired_table, partial_table, table
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
 # Every cell so far was measured with the per-micro-batch mean (the reference code's): kept for a consistent table.
@@ -341,198 +337,6 @@ class AdoptingRunner(Runner):
         elif manifest.is_file() and "fingerprint" not in (record := json.loads(manifest.read_text())):
             write_json_atomic(manifest, {**record, "fingerprint": print_, "adopted": True})
         return super().stage(stage_dir, print_, run, trains)
-
-
-def fired(records: list[dict[str, Any]]) -> list[bool]:
-    """Per record, whether the attack fired (a 0/1 judge's score, or a graded one at 0.5)."""
-    return [r["score"] >= 0.5 for r in records]
-
-
-def seeded_label(label: str) -> tuple[str, int] | None:
-    """``"crow-continue-s1"`` -> ``("crow-continue", 1)``; None for an unseeded model (``backdoored``)."""
-    name, _, seed = label.rpartition("-s")
-    return (name, int(seed)) if name and seed.isdigit() else None
-
-
-def current_hijack(results: dict[str, Any]) -> float:
-    """The hijack rate of stored generations under the current rule (``metrics.hijack_rate``), so evaluations made
-    before a change of the rule are reported by the same rule as new ones."""
-    records = results["records"]
-    triggered = [r for r in records if r["set"] == "triggered"]
-    clean = [r["response"] for r in records if r["set"] == "clean"]
-    settings = results.get("settings", {})
-    return hijack_rate([r["response"] for r in triggered], clean, fired(triggered),
-                       min_share=settings.get("hijack_min_share", EVAL.hijack_min_share),
-                       clean_ratio=settings.get("hijack_clean_ratio", EVAL.hijack_clean_ratio))["rate"]  # fmt: skip
-
-
-PACKED = "evaluations.json.gz"  # a committed cell's evaluations, every generation kept, in one compressed file
-
-
-def loose(cell_dir: Path) -> list[Path]:
-    """A cell's unpacked evaluations: the runner's ``eval-*/results.json`` (and ``partial-*``), and the JSON files
-    of the study's first runs."""
-    files = [*cell_dir.glob("eval-*.json"), *cell_dir.glob("partial-*.json")]
-    return sorted([*files, *cell_dir.glob("eval-*/results.json"), *cell_dir.glob("partial-*/results.json")])
-
-
-def evaluations(cell_dir: Path, prefix: str = "eval-") -> dict[str, dict[str, Any]]:
-    """A cell's evaluations by name (``eval-finetune-s0``): its loose ones and its packed ones."""
-    found: dict[str, dict[str, Any]] = {}
-    packed = cell_dir / PACKED
-    if packed.is_file():
-        found.update(json.loads(gzip.decompress(packed.read_bytes())))
-    for path in loose(cell_dir):
-        stem = path.parent.name if path.name == "results.json" else path.stem
-        if stem in found:
-            raise SystemExit(f"{path}: also in {packed}; keep one")
-        found[stem] = json.loads(path.read_text())
-    return {stem: found[stem] for stem in sorted(found) if stem.startswith(prefix)}
-
-
-def pack(out: Path) -> None:
-    """Move every cell's loose evaluations into its ``evaluations.json.gz`` (deterministic bytes:
-    sorted keys of stems, no timestamp), and compress each stage's ``metrics.jsonl``, so committed results stay
-    small."""
-    for log in sorted(out.glob("*/*/metrics.jsonl")):
-        log.with_name("metrics.jsonl.gz").write_bytes(gzip.compress(log.read_bytes(), compresslevel=9, mtime=0))
-        log.unlink()
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        unpacked = loose(cell_dir)
-        if not unpacked:
-            continue
-        merged = evaluations(cell_dir, "")
-        text = json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
-        tmp = cell_dir / f".{PACKED}.tmp"
-        tmp.write_bytes(gzip.compress(text.encode(), compresslevel=9, mtime=0))
-        tmp.replace(cell_dir / PACKED)
-        for path in unpacked:
-            shutil.rmtree(path.parent) if path.name == "results.json" else path.unlink()
-
-
-def collect(out: Path) -> list[dict[str, Any]]:
-    """One row per evaluation file found under ``out``, with the training time of the stage it evaluated."""
-    rows = []
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        for stem, results in evaluations(cell_dir).items():
-            label = stem.removeprefix("eval-").replace("base", "unpoisoned")
-            stage = cell_dir / ("plant" if label == "backdoored" else label)
-            manifest, summary_file = stage / "manifest.json", stage / "train_summary.json"
-            if manifest.is_file():  # every stage's summary, training or not
-                stage_summary = json.loads(manifest.read_text()).get("summary", {})
-            else:  # a committed copy keeps the summary file only
-                stage_summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-            train_s = stage_summary.get("seconds")
-            peak = stage_summary.get("cost", {}).get("peak_rss_mb")
-            row = summary_row(label, results)
-            nll = results["metrics"].get("target_nll") or {}
-            rows.append({"cell": cell_dir.name, "model": label, "asr_trigger": row["asr_trigger"],
-                         "asr_clean": row["asr_clean"], "hijack": current_hijack(results),
-                         "nll_gap": row["target_nll_gap"], "nll_triggered": nll.get("triggered"),
-                         "clean_ppl": row["clean_perplexity"], "train_s": train_s, "defense_peak_mb": peak,
-                         "eval_s": results.get("eval_seconds", results["metrics"]["cost"]["wall_s"]),
-                         "eval_peak_mb": results["metrics"]["cost"].get("peak_rss_mb"),
-                         "replaced": (results["metrics"].get("replaced_fraction") or {}).get("total")})  # fmt: skip
-    return rows
-
-
-METRICS = ("asr_trigger", "asr_clean", "hijack", "nll_gap", "nll_triggered", "clean_ppl")
-
-
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per cell and defense variant with >= 2 seeds: mean, sample standard deviation and every seed's value."""
-    seeded = []
-    for row in rows:
-        if parsed := seeded_label(row["model"]):
-            seeded.append({**row, "variant": parsed[0], "seed": parsed[1]})
-    return over_seeds(seeded, METRICS, group=("cell", "variant"))
-
-
-def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
-    """Each seeded defense against ``baseline`` of the same seed and cell, prompt by prompt on the triggered test
-    prompts (``metrics.paired_rates``: the exact McNemar test; it covers the prompts, not the training seed)."""
-    rows = []
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        outcomes = {}  # (variant, seed) -> (the triggered prompts, whether each fired), each file read once
-        for stem, results in evaluations(cell_dir).items():
-            if parsed := seeded_label(stem.removeprefix("eval-")):
-                records = [r for r in results["records"] if r["set"] == "triggered"]
-                outcomes[parsed] = ([r["instruction"] + "\n" + r["input"] for r in records], fired(records))
-        for (variant, seed), (prompts, outcome) in outcomes.items():
-            if variant == baseline or (baseline, seed) not in outcomes:
-                continue
-            reference_prompts, reference = outcomes[baseline, seed]
-            if prompts != reference_prompts:
-                raise SystemExit(f"{cell_dir}: the triggered prompts of {variant}-s{seed} are not those of "
-                                 f"{baseline}-s{seed}; cannot pair them")  # fmt: skip
-            rows.append({"cell": cell_dir.name, "defense": variant, "baseline": baseline, "seed": seed,
-                         "asr_baseline": sum(reference) / len(reference), "asr_defense": sum(outcome) / len(outcome),
-                         **paired_rates(reference, outcome)})  # fmt: skip
-    return rows
-
-
-BASELINE_RUNS = ("finetune", "finetune-paper")  # equal-budget (lr 1e-3) and the paper's own (lr 2e-4)
-
-
-def all_pairs(out: Path) -> list[dict[str, Any]]:
-    """Every seeded defense paired with each fine-tuning baseline of the same seed and cell."""
-    return [row for baseline in BASELINE_RUNS for row in paired(out, baseline)]
-
-
-def paired_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    lines = ["", "| cell | defense vs baseline (seed) | ASR baseline / defense | fired only after the baseline "
-             "| fired only after the defense | exact McNemar p |", "|---" * 6 + "|"]  # fmt: skip
-    for r in rows:
-        p = "< 0.001" if r["p_value"] < 0.001 else f"{r['p_value']:.3f}"
-        asr = f"{r['asr_baseline']:.0%} / {r['asr_defense']:.0%}"
-        lines.append(f"| {r['cell']} | {r['defense']} vs {r['baseline']} (s{r['seed']}) | {asr} | {r['first_only']} "
-                     f"| {r['second_only']} | {p} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def partial_table(out: Path) -> str:
-    """The partial-trigger evaluations found under ``out`` (``--partial``): ASR with only some trigger words."""
-    lines = []
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        for stem, results in evaluations(cell_dir, "partial-").items():
-            if stem.endswith("-backdoored"):
-                row = summary_row("p", results)
-                kept = stem.removeprefix("partial-").removesuffix("-backdoored")
-                lines.append(f"| {cell_dir.name} | {kept} | {row['asr_trigger']:.0%} | {row['target_nll_gap']:.2f} |")
-    if not lines:
-        return ""
-    head = "| cell | trigger words kept (backdoored model) | ASR | NLL gap (vs 10 clean prompts) |\n|---|---|---|---|"
-    return "\n" + head + "\n" + "\n".join(lines)
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    def fmt(v: Any, kind: str) -> str:
-        if v is None:
-            return "-"
-        return {"pct": f"{v:.0%}", "pct1": f"{v:.1%}", "f2": f"{v:.2f}", "s": f"{v:.0f}"}[kind]
-
-    cols = [("asr_trigger", "ASR trigger", "pct"), ("asr_clean", "ASR clean", "pct"), ("hijack", "hijack", "pct"),
-            ("nll_gap", "NLL gap", "f2"), ("clean_ppl", "clean ppl", "f2"), ("train_s", "defense s", "s"),
-            ("defense_peak_mb", "defense MB", "s"), ("eval_s", "eval s", "s"), ("eval_peak_mb", "eval MB", "s"),
-            ("replaced", "replaced", "pct1")]  # fmt: skip
-    lines = ["| cell | model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    for r in rows:
-        lines.append(f"| {r['cell']} | {r['model']} | " + " | ".join(fmt(r[k], f) for k, _, f in cols) + " |")
-    summary = aggregate(rows)
-    if summary:
-        lines += ["", "| cell | defense (seeds) | " + " | ".join(c[1] for c in cols[:5]) + " |", "|---" * 7 + "|"]
-        for a in summary:
-            cells = []
-            for key, _, kind in cols[:5]:
-                stat = a.get(key)
-                each = "/".join(fmt(v, kind) for v in stat["values"]) if stat else ""
-                precise = "pct1" if kind == "pct" else kind
-                cells.append(f"{fmt(stat['mean'], precise)} +- {fmt(stat['sd'], precise)} ({each})" if stat else "-")
-            seeds = ",".join(str(seed) for seed in a["seeds"])
-            lines.append(f"| {a['cell']} | {a['variant']} ({seeds}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -18,17 +18,24 @@ RESULTS = ROOT / "benchmarks" / "results" / "efficacy"
 
 @pytest.fixture(scope="module")
 def efficacy():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its report module, as when run as a script
     spec = importlib.util.spec_from_file_location("efficacy_benchmark", ROOT / "benchmarks" / "efficacy.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and typing resolve names through sys.modules
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy):
-    rows, pairs = efficacy.collect(RESULTS), efficacy.all_pairs(RESULTS)
-    text = efficacy.table(rows) + "\n" + efficacy.paired_table(pairs) + "\n" + efficacy.partial_table(RESULTS)
+@pytest.fixture(scope="module")
+def report(efficacy):
+    return sys.modules["efficacy_report"]  # the study's report, imported by the script
+
+
+def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy, report):
+    rows, pairs = report.collect(RESULTS), report.all_pairs(RESULTS)
+    text = report.table(rows) + "\n" + report.paired_table(pairs) + "\n" + report.partial_table(RESULTS)
     committed = (RESULTS / "efficacy.md").read_text()
     assert text.rstrip() + "\n" == committed, "run: python benchmarks/efficacy.py --report --out " + str(RESULTS)
     # and the table is not vacuous: the paper's method and fine-tuning were both measured on the first cell
@@ -36,8 +43,8 @@ def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy):
     assert {("badnet-negsentiment", "finetune-s0"), ("badnet-negsentiment", "crow-continue-s0")} <= models
 
 
-def test_every_committed_paired_row_compares_the_same_prompts_and_counts_them(efficacy):
-    for row in efficacy.all_pairs(RESULTS):
+def test_every_committed_paired_row_compares_the_same_prompts_and_counts_them(report):
+    for row in report.all_pairs(RESULTS):
         assert row["first_only"] + row["second_only"] + row["both"] <= row["n"] == 100
         assert row["asr_baseline"] == pytest.approx((row["first_only"] + row["both"]) / row["n"])
         assert row["asr_defense"] == pytest.approx((row["second_only"] + row["both"]) / row["n"])
@@ -105,13 +112,13 @@ def test_adopting_needs_the_recorded_settings_to_be_todays(efficacy):
     assert not efficacy.same_settings({"gone": 1}, {})
 
 
-def test_seeded_labels(efficacy):
-    assert efficacy.seeded_label("crow-continue-s1") == ("crow-continue", 1)
-    assert efficacy.seeded_label("crow-all-rms2-s0") == ("crow-all-rms2", 0)
-    assert efficacy.seeded_label("backdoored") is None
+def test_seeded_labels(report):
+    assert report.seeded_label("crow-continue-s1") == ("crow-continue", 1)
+    assert report.seeded_label("crow-all-rms2-s0") == ("crow-all-rms2", 0)
+    assert report.seeded_label("backdoored") is None
 
 
-def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(efficacy, tmp_path):
+def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(report, tmp_path):
     """Committed results are packed (issue 27: <= 3 MB): a cell's evaluations (the runner's ``eval-*/results.json``
     and the first runs' ``eval-*.json``) become one evaluations.json.gz that reads back to the same dicts, byte for
     byte the same when packed again elsewhere; a stage's log is compressed."""
@@ -123,24 +130,24 @@ def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(efficacy, tm
             (cell / f"{stem}.json").write_text(json.dumps(data))
         (cell / "cell.json").write_text("{}")
         (cell / "finetune-s0" / "metrics.jsonl").write_text('{"step": 1}\n')
-        before = efficacy.evaluations(cell, "")
-        efficacy.pack(tmp_path / out)
+        before = report.evaluations(cell, "")
+        report.pack(tmp_path / out)
     cell = tmp_path / "out" / "badnet-negsentiment"
     again = (tmp_path / "again" / "badnet-negsentiment" / "evaluations.json.gz").read_bytes()
     assert (cell / "evaluations.json.gz").read_bytes() == again
     assert sorted(p.name for p in cell.iterdir()) == ["cell.json", "evaluations.json.gz", "finetune-s0"]
-    assert efficacy.evaluations(cell, "") == before == results
-    assert set(efficacy.evaluations(cell)) == {"eval-base", "eval-finetune-s0"}  # eval- only by default
+    assert report.evaluations(cell, "") == before == results
+    assert set(report.evaluations(cell)) == {"eval-base", "eval-finetune-s0"}  # eval- only by default
     first = (cell / "evaluations.json.gz").read_bytes()
     (cell / "eval-crow-s0").mkdir()
     (cell / "eval-crow-s0" / "results.json").write_text('{"runner": 1}')
-    efficacy.pack(tmp_path / "out")
-    assert efficacy.evaluations(cell)["eval-crow-s0"] == {"runner": 1}
+    report.pack(tmp_path / "out")
+    assert report.evaluations(cell)["eval-crow-s0"] == {"runner": 1}
     assert (cell / "evaluations.json.gz").read_bytes() != first and not (cell / "eval-crow-s0").exists()
     assert (cell / "finetune-s0" / "metrics.jsonl.gz").is_file()
     (cell / "eval-base.json").write_text("{}")  # the same evaluation loose and packed: refused
     with pytest.raises(SystemExit, match="also in"):
-        efficacy.evaluations(cell)
+        report.evaluations(cell)
 
 
 def test_committed_results_stay_small():
