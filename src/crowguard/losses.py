@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -258,72 +258,24 @@ def crow_loss(
     num_tokens: int | Tensor | None = None,
     steps: int = 1,
 ) -> tuple[Tensor, dict[str, float]]:
-    """CROW objective ``L = L_LM + alpha * L_cons(hidden states at e + delta)`` with two forwards (one FGSM step).
+    """CROW objective ``L = L_LM + alpha * L_cons(hidden states at e + delta)``: a clean forward, one FGSM step
+    ``delta = eps * sign(d L_cons / d e)`` on the input embeddings ``e`` (``steps > 1``: PGD, see `perturbation`),
+    then a forward at ``e + delta``. ``input_ids``/``attention_mask``/``labels``: (B, T), labels -100 off the answer.
 
-    1. ``e = embed(input_ids)``, detached and requiring grad; one clean forward gives the LM loss (from its logits)
-       and the clean consistency loss.
-    2. ``delta = eps * sign(d L_cons / d e)`` via ``torch.autograd.grad`` (no ``.backward()``, no ``zero_grad()``).
-    3. A second forward on ``e + delta`` gives ``L_adv``, the consistency loss of the perturbed pass.
+    ``epsilon`` is per embedding dimension (``epsilon_mode="absolute"``, paper 0.1) or in units of the RMS of the
+    real-token embeddings (``"rms"``). ``num_items``/``num_tokens``: None for per-batch means, else a whole step's
+    label and real-token counts (`count_loss_tokens`). The model may be wrapped (peft, DDP, FSDP, ZeRO-3): a hook on
+    the embedding module swaps its output, so the lookup runs inside the wrapper. ``alpha == 0`` is plain SFT.
 
-    ``steps > 1`` replaces step 2 by PGD (Madry et al. 2018, not the paper's method): ``steps`` signed steps of
-    ``2.5 * eps / steps`` from ``delta = 0``, the first from the clean pass's gradient, each projected back onto the
-    L-inf ball of radius ``eps`` (:func:`pgd_step`), one extra forward per extra step, so the perturbation can stay
-    adversarial where one signed step no longer is. ``steps == 1`` is exactly the paper's FGSM step.
-
-    ``alpha == 0`` runs only the clean forward and returns the LM loss; ``epsilon == 0`` makes the perturbed pass the
-    clean one, so it is not run again. The model may be a plain Hugging Face causal LM, a peft ``PeftModel`` or a
-    wrapper (DDP, FSDP, DeepSpeed: ``.module``). Both forwards take ``input_ids`` through ``model`` itself, and a
-    forward hook on the token-embedding module swaps its output for ``e`` or ``e + delta``, so the lookup runs inside
-    the wrapper's forward (where FSDP/ZeRO-3 gather the sharded embedding matrix) and the wrapper's hooks run.
-
-    Args:
-        model: causal LM whose forward accepts ``input_ids``, ``attention_mask`` and ``output_hidden_states``.
-        input_ids: (B, T) token ids.
-        attention_mask: (B, T) 1 for real tokens, 0 for padding (None: no padding).
-        labels: (B, T) with -100 on prompt and padding.
-        alpha: weight of the adversarial consistency term (paper: 5.5).
-        epsilon: FGSM step; per embedding dimension when ``epsilon_mode="absolute"`` (paper: 0.1), or in units of
-            the RMS of the batch's real-token embeddings when ``epsilon_mode="rms"`` (scale-free across models).
-        layers: hidden-state pairs; see `resolve_layer_pairs`.
-        epsilon_mode: "absolute" or "rms".
-        num_items, num_tokens: None (default) for per-batch means; otherwise the denominators of a token-weighted
-            mean over a whole optimizer step (its label tokens and its real tokens; see `count_loss_tokens`): the
-            LM and the adversarial consistency sums are divided by them. The FGSM direction is a sign, so it does
-            not depend on either.
-        steps: perturbation steps: 1 (the paper's FGSM) or more (PGD, above).
-
-    Returns:
-        ``(loss, parts)``: the scalar loss to backpropagate, and floats ``lm_loss``, ``consistency_loss`` (clean
-        pass), ``consistency_adv`` (perturbed pass; absent when alpha == 0, where it is not computed), all three
-        this batch's own means whatever the denominators, and ``epsilon_effective`` (the per-dimension step used).
+    Returns ``(loss, parts)``: parts are this batch's ``lm_loss``, ``consistency_loss`` (clean pass),
+    ``consistency_adv`` (perturbed; absent when alpha == 0) and ``epsilon_effective``.
     """
-    if epsilon_mode not in ("absolute", "rms"):
-        raise ValueError(f'epsilon_mode must be "absolute" or "rms", got {epsilon_mode!r}')
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-
+    _check_crow_args(alpha, epsilon, epsilon_mode, steps)
+    if alpha == 0:
+        return _sft_loss(model, input_ids, attention_mask, labels, epsilon, layers, epsilon_mode, num_items)
     embedding = input_embeddings(model)
     forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
-    if alpha == 0:
-        # Plain SFT: the embeddings stay in the graph so a trainable embedding matrix learns as in any fine-tuning.
-        clean = model(input_ids=input_ids, **forward_kwargs)
-        lm, lm_mean = _lm_losses(clean.logits, labels, num_items)
-        embeds = clean.hidden_states[0]
-        eps = _effective_epsilon(embeds, attention_mask, epsilon, epsilon_mode)
-        try:  # only logged here; a model too shallow for CROW's pairs (fine-tuning a 2-layer model) logs none
-            with torch.no_grad():
-                consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
-        except LayerPairsError:
-            return lm, _parts(lm_loss=lm_mean, epsilon_effective=eps)
-        return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
-
-    # Both forwards take input_ids through the (possibly wrapped: DDP, FSDP, ZeRO-3) model itself; a forward hook on
-    # the embedding module keeps e (clean pass; a leaf unless the embedding matrix trains) or swaps in the constant
-    # e + delta (perturbed pass), so the lookup runs where the wrapper gathers sharded weights, never outside it.
+    # The hook keeps e (clean pass; a leaf unless the embedding matrix trains) or swaps in the constant e + delta.
     with _EmbeddingOverride(embedding, requires_grad=epsilon > 0) as override:
         clean = model(input_ids=input_ids, **forward_kwargs)
         embeds = override.clean
@@ -334,24 +286,16 @@ def crow_loss(
             adversarial_mean = consistency
         else:
             # Only hidden states are needed from the perturbed passes: skip the (B, T, V) logits where allowed.
-            skip_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-            if steps == 1:
-                # retain_graph: the LM loss (and the caller's backward) still needs the clean graph.
-                delta = fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
-            else:
-                step_size = 2.5 * eps / steps
-                (grad,) = torch.autograd.grad(consistency, embeds, retain_graph=True)
-                delta = pgd_step(torch.zeros_like(embeds), grad, step_size, eps, attention_mask)
-                for _ in range(steps - 1):
-                    probe = (embeds.detach() + delta).requires_grad_(True)
-                    override.replacement = probe
-                    hidden = model(input_ids=input_ids, **forward_kwargs, **skip_logits).hidden_states
-                    (grad,) = torch.autograd.grad(layer_consistency_loss(hidden, attention_mask, layers), probe)
-                    delta = pgd_step(delta, grad, step_size, eps, attention_mask)
+            forward_kwargs.update({"logits_to_keep": 1} if accepts_logits_to_keep(model) else {})
+
+            def consistency_at(probe: Tensor) -> Tensor:
+                override.replacement = probe
+                hidden = model(input_ids=input_ids, **forward_kwargs).hidden_states
+                return layer_consistency_loss(hidden, attention_mask, layers)
+
+            delta = perturbation(consistency, embeds, eps, steps, attention_mask, consistency_at)
             # delta is a constant; e + delta needs no gradient, so the second graph skips the input-gradient work.
-            override.replacement = embeds.detach() + delta
-            perturbed = model(input_ids=input_ids, **forward_kwargs, **skip_logits)
-            adversarial_mean = layer_consistency_loss(perturbed.hidden_states, attention_mask, layers)
+            adversarial_mean = consistency_at(embeds.detach() + delta)
     if num_tokens is None:
         adversarial = adversarial_mean
     else:  # the same per-token sum over a step-wide denominator (the mean times this batch's share of the step)
@@ -361,6 +305,65 @@ def crow_loss(
         lm_loss=lm_mean, consistency_loss=consistency, consistency_adv=adversarial_mean, epsilon_effective=eps
     )
     return loss, parts
+
+
+def perturbation(
+    consistency: Tensor,
+    embeds: Tensor,
+    eps: float,
+    steps: int,
+    attention_mask: Tensor | None,
+    consistency_at: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The (B, T, D) perturbation of ``embeds``: ``steps == 1`` is the paper's FGSM step from the clean pass's
+    ``consistency``; ``steps > 1`` is PGD (Madry et al. 2018, not the paper's): signed steps of ``2.5 eps / steps``
+    from 0, each projected onto the L-inf ball of radius ``eps`` (`pgd_step`), ``consistency_at(e + delta)`` giving
+    the next gradient (one forward per extra step). The clean graph is retained for the LM loss's backward."""
+    if steps == 1:
+        return fgsm_perturbation(consistency, embeds, eps, retain_graph=True, attention_mask=attention_mask)
+    step_size = 2.5 * eps / steps
+    (grad,) = torch.autograd.grad(consistency, embeds, retain_graph=True)
+    delta = pgd_step(torch.zeros_like(embeds), grad, step_size, eps, attention_mask)
+    for _ in range(steps - 1):
+        probe = (embeds.detach() + delta).requires_grad_(True)
+        (grad,) = torch.autograd.grad(consistency_at(probe), probe)
+        delta = pgd_step(delta, grad, step_size, eps, attention_mask)
+    return delta
+
+
+def _check_crow_args(alpha: float, epsilon: float, epsilon_mode: str, steps: int) -> None:
+    if epsilon_mode not in ("absolute", "rms"):
+        raise ValueError(f'epsilon_mode must be "absolute" or "rms", got {epsilon_mode!r}')
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def _sft_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    epsilon: float,
+    layers: LayerSpec,
+    epsilon_mode: EpsilonMode,
+    num_items: int | Tensor | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """``crow_loss`` at alpha 0: plain SFT, the embeddings in the graph (a trainable embedding matrix learns), the
+    clean consistency only logged (none for a model too shallow for CROW's pairs)."""
+    forward_kwargs = {"attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
+    clean = model(input_ids=input_ids, **forward_kwargs)
+    lm, lm_mean = _lm_losses(clean.logits, labels, num_items)
+    eps = _effective_epsilon(clean.hidden_states[0], attention_mask, epsilon, epsilon_mode)
+    try:
+        with torch.no_grad():
+            consistency = layer_consistency_loss(clean.hidden_states, attention_mask, layers)
+    except LayerPairsError:
+        return lm, _parts(lm_loss=lm_mean, epsilon_effective=eps)
+    return lm, _parts(lm_loss=lm_mean, consistency_loss=consistency, epsilon_effective=eps)
 
 
 def _lm_losses(logits: Tensor, labels: Tensor, num_items: int | Tensor | None) -> tuple[Tensor, Tensor]:
