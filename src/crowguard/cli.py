@@ -235,15 +235,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if not model.name_or_path:
         raise UsageError("scan: give --model")
     cfg = config.load(ScanConfig, None, sets["scan"], {k[5:]: v for k, v in values.items() if k.startswith("scan.")})
-    labels = (cfg.triggered, cfg.clean) if cfg.triggered else None
-    result = run_scan(
-        model.name_or_path, model.adapter, cfg.data or None, cfg.reference, Path(args.out), template=model.template,
-        n_reference=cfg.n_reference, method=cfg.method, limit=cfg.limit, batch_size=cfg.batch_size,
-        overwrite=args.overwrite, labels_from=labels, features=cfg.features, onion=cfg.onion,
-        onion_max_words=cfg.onion_max_words, fpr=cfg.fpr, alpha=cfg.alpha, dtype=model.dtype, device=model.device,
-        trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle, revision=model.revision,
-        show_progress=not args.quiet,
-    )  # fmt: skip
+    result = run_scan(model, cfg, Path(args.out), overwrite=args.overwrite, show_progress=not args.quiet)
     metrics = result.get("metrics")
     if metrics:
         primary = metrics["scores"][cfg.method]

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import ConfigError, suggest
+from crowguard.config import ConfigError, suggest, to_dict
 from crowguard.data import DataError, load_examples
 from crowguard.evaluation import scan
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import check_model_exists, load_model
+from crowguard.schemas import ModelConfig, ScanConfig
 from crowguard.types import Example
 
 MIN_REFERENCE = 3
@@ -77,102 +78,54 @@ def scan_markdown(result: dict[str, Any], top: int = 10) -> str:
 
 
 def run_scan(
-    model_path: str,
-    adapter: str | None,
-    data_path: str | Path | None,
-    reference_path: str | Path,
+    model_cfg: ModelConfig,
+    cfg: ScanConfig,
     out_dir: Path,
-    *,
-    template: str = "alpaca",
-    n_reference: int = 100,
-    method: str = "mean_abs_z",
-    limit: int = 0,
-    batch_size: int = 16,
     overwrite: bool = False,
-    labels_from: tuple[str | Path, str | Path] | None = None,
-    features: str = "both",
-    onion: bool = False,
-    onion_max_words: int = 32,
-    fpr: float = 0.05,
-    alpha: float = 0.05,
-    dtype: str = "float32",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    revision: str | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Score the prompts of ``data_path`` and/or of ``labels_from = (triggered, clean)`` against the clean profile of
-    ``reference_path``'s prompts; returns what ``scores.json`` holds.
-
-    ``limit`` keeps the first prompts of each scanned file (0: all); ``n_reference`` the first reference prompts
-    not among the scanned ones (0: all). ``method``: ``mean_abs_z`` (default), ``max_abs_z`` or ``mahalanobis``
-    (:func:`crowguard.evaluation.scan.consistency_score`); ``features``: ``both``, ``last`` or ``mean``. Every
-    prompt gets its score, its rank (1 = most suspicious), a p-value against the reference (flagged when <=
-    ``alpha``), its text's perplexity and, with ``onion``, ONION's score (one forward per word, at most
-    ``onion_max_words``). With labels the metrics of every score are computed on triggered (positive) vs clean.
-    """
-    _check_choice("method", method, scan.METHODS)
-    _check_choice("features", features, scan.FEATURES)
-    if data_path is None and labels_from is None:
+    """Score the prompts of ``cfg.data`` and/or of ``cfg.triggered``/``cfg.clean`` against the clean profile of
+    ``cfg.reference``'s prompts (those not scanned, the first ``n_reference``); write ``out_dir`` and return what
+    ``scores.json`` holds: per prompt its score, rank (1 = most suspicious), p-value against the reference
+    (flagged at ``alpha``), perplexity and, with ``onion``, ONION's score; with labels, every score's AUROC/TPR."""
+    _check_choice("method", cfg.method, scan.METHODS)
+    _check_choice("features", cfg.features, scan.FEATURES)
+    if not cfg.data and not cfg.triggered:
         raise DataError("nothing to scan: give --data, or --triggered and --clean")
-    scanned = [data_path, reference_path, model_path, adapter, *(labels_from or ())]
-    check_output_dir(Path(out_dir), overwrite, scanned)  # before any model is loaded
-    check_model_exists(model_path, adapter, revision)
-    sets: list[tuple[str, int | None, str | Path]] = []
-    if data_path is not None:
-        sets.append(("data", None, data_path))
-    if labels_from is not None:
-        sets += [("triggered", 1, labels_from[0]), ("clean", 0, labels_from[1])]
+    sets = [("data", None, cfg.data)] if cfg.data else []
+    if cfg.triggered:
+        sets += [("triggered", 1, cfg.triggered), ("clean", 0, cfg.clean)]
+    inputs = [model_cfg.name_or_path, model_cfg.adapter, cfg.reference, *(path for _, _, path in sets)]
+    check_output_dir(Path(out_dir), overwrite, inputs)  # before any model is loaded
+    check_model_exists(model_cfg.name_or_path, model_cfg.adapter, model_cfg.revision)
     scanned: list[tuple[str, int | None, Example]] = []
     for source, label, path in sets:
         examples = load_examples(path, require_output=False)
-        scanned += [(source, label, e) for e in (examples[:limit] if limit > 0 else examples)]
+        scanned += [(source, label, e) for e in (examples[: cfg.limit] if cfg.limit > 0 else examples)]
     examples = [e for _, _, e in scanned]
-    reference, excluded = reference_prompts(load_examples(reference_path, require_output=False), examples,
-                                            n_reference)  # fmt: skip
-
-    model, tokenizer = load_model(model_path, adapter, dtype=dtype, trust_remote_code=trust_remote_code,
-                                  allow_pickle=allow_pickle, revision=revision, device=device)  # fmt: skip
+    reference, excluded = reference_prompts(load_examples(cfg.reference, require_output=False), examples,
+                                            cfg.n_reference)  # fmt: skip
+    model, tokenizer = load_model(model_cfg.name_or_path, model_cfg.adapter, dtype=model_cfg.dtype,
+                                  trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle,
+                                  revision=model_cfg.revision, device=model_cfg.device)  # fmt: skip
     placement = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     start = time.perf_counter()
-    ref_profiles = scan.layer_profiles(model, tokenizer, reference, template, batch_size)
-    profiles = scan.layer_profiles(model, tokenizer, examples, template, batch_size)
-    fit = scan.fit_reference(ref_profiles, features)  # type: ignore[arg-type]
+    ref_profiles = scan.layer_profiles(model, tokenizer, reference, model_cfg.template, cfg.batch_size)
+    profiles = scan.layer_profiles(model, tokenizer, examples, model_cfg.template, cfg.batch_size)
+    fit = scan.fit_reference(ref_profiles, cfg.features)
     all_scores = {m: scan.consistency_score(profiles, fit, m) for m in scan.METHODS}  # type: ignore[arg-type]
-    scores = all_scores[method]
-    p_values = scan.reference_p_values(scores, ref_profiles, method, features)  # type: ignore[arg-type]
-    perplexity = scan.prompt_perplexity(model, tokenizer, examples, batch_size)
-    baselines = {"perplexity": perplexity}
-    if onion:
-        baselines["onion"] = scan.onion_scores(model, tokenizer, examples, batch_size, onion_max_words)
+    p_values = scan.reference_p_values(all_scores[cfg.method], ref_profiles, cfg.method, cfg.features)
+    baselines = {"perplexity": scan.prompt_perplexity(model, tokenizer, examples, cfg.batch_size)}
+    if cfg.onion:
+        baselines["onion"] = scan.onion_scores(model, tokenizer, examples, cfg.batch_size, cfg.onion_max_words)
     seconds = time.perf_counter() - start
 
-    ranks = scan.competition_ranks(scores)
-    records = []
-    for i, (source, label, e) in enumerate(scanned):
-        rec = {"instruction": e.instruction, "input": e.input, "source": source, "label": label,
-               "score": float(scores[i]), "rank": ranks[i], "p_value": float(p_values[i]),
-               "flagged": bool(p_values[i] <= alpha), "perplexity": float(perplexity[i])}  # fmt: skip
-        if onion:
-            rec["onion"] = float(baselines["onion"][i])
-        rec["scores"] = {m: float(all_scores[m][i]) for m in scan.METHODS}
-        records.append(rec)
-
-    metrics = None
-    if labels_from is not None:
-        pos = [i for i, (_, label, _) in enumerate(scanned) if label == 1]
-        neg = [i for i, (_, label, _) in enumerate(scanned) if label == 0]
-        named = {**all_scores, **baselines}
-        metrics = {"n_triggered": len(pos), "n_clean": len(neg), "positive": "triggered",
-                   "scores": {name: scan.detection_metrics(values[pos], values[neg], fpr)
-                              for name, values in named.items()}}  # fmt: skip
-    settings = {"model": model_path, "adapter": adapter, "data": str(data_path) if data_path else None,
-                "reference": str(reference_path),
-                "labels_from": [str(p) for p in labels_from] if labels_from else None, "template": template,
-                "n_reference": n_reference, "method": method, "features": features, "limit": limit,
-                "batch_size": batch_size, "onion": onion, "onion_max_words": onion_max_words, "fpr": fpr,
-                "alpha": alpha, "placement": placement}  # fmt: skip
+    records = _records(scanned, all_scores, cfg.method, p_values, baselines, cfg.alpha)
+    metrics = _metrics(scanned, {**all_scores, **baselines}, cfg.fpr) if cfg.triggered else None
+    settings = {"model": model_cfg.name_or_path, "adapter": model_cfg.adapter, "data": cfg.data or None,
+                "reference": cfg.reference, "labels_from": [cfg.triggered, cfg.clean] if cfg.triggered else None,
+                "template": model_cfg.template, **{k: v for k, v in to_dict(cfg).items() if k not in _FILES},
+                "placement": placement}  # fmt: skip
     result = {"settings": settings,
               "reference": {"n": fit.n, "n_excluded": excluded, "shrinkage": fit.shrinkage,
                             "n_pairs": int(ref_profiles.shape[1])},
@@ -181,12 +134,45 @@ def run_scan(
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         write_json_atomic(tmp / "scores.json", result)
         write_text_atomic(tmp / "scan.md", scan_markdown(result))
-        inputs = {"model": model_path, "reference": str(reference_path)}
-        if adapter:
-            inputs["adapter"] = adapter
-        for source, _, path in sets:
-            inputs[source] = str(path)
-        write_manifest(tmp, build_manifest("scan", None, inputs, {"placement": placement}))
+        named = {"model": model_cfg.name_or_path, "reference": cfg.reference}
+        named |= {"adapter": model_cfg.adapter} if model_cfg.adapter else {}
+        named |= {source: path for source, _, path in sets}
+        write_manifest(tmp, build_manifest("scan", None, named, {"placement": placement}))
     if show_progress:
         print(scan_markdown(result, top=5))
     return result
+
+
+_FILES = ("data", "reference", "triggered", "clean")  # recorded as paths above, not as knobs
+
+
+def _records(
+    scanned: list[tuple[str, int | None, Example]],
+    all_scores: dict[str, Any],
+    method: str,
+    p_values: Any,
+    baselines: dict[str, Any],
+    alpha: float,
+) -> list[dict[str, Any]]:
+    """One record per scanned prompt: its text, source, label, primary score, rank, p-value, flag and baselines."""
+    scores = all_scores[method]
+    ranks = scan.competition_ranks(scores)
+    records = []
+    for i, (source, label, e) in enumerate(scanned):
+        rec = {"instruction": e.instruction, "input": e.input, "source": source, "label": label,
+               "score": float(scores[i]), "rank": ranks[i], "p_value": float(p_values[i]),
+               "flagged": bool(p_values[i] <= alpha), "perplexity": float(baselines["perplexity"][i])}  # fmt: skip
+        if "onion" in baselines:
+            rec["onion"] = float(baselines["onion"][i])
+        rec["scores"] = {m: float(all_scores[m][i]) for m in scan.METHODS}
+        records.append(rec)
+    return records
+
+
+def _metrics(scanned: list[tuple[str, int | None, Example]], named: dict[str, Any], fpr: float) -> dict[str, Any]:
+    """Every score's detection metrics, triggered (label 1) as the positives against clean (label 0)."""
+    pos = [i for i, (_, label, _) in enumerate(scanned) if label == 1]
+    neg = [i for i, (_, label, _) in enumerate(scanned) if label == 0]
+    return {"n_triggered": len(pos), "n_clean": len(neg), "positive": "triggered",
+            "scores": {name: scan.detection_metrics(values[pos], values[neg], fpr)
+                       for name, values in named.items()}}  # fmt: skip

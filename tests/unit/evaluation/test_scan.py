@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from crowguard.data import prompt_ids
 from crowguard.evaluation import scan
+from crowguard.schemas import ModelConfig, ScanConfig
 from crowguard.types import Example
 
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
@@ -233,8 +234,10 @@ def test_run_scan_writes_scores_and_report_and_is_order_free(scan_files):
 
     root, model_dir, ref, clean, trig = scan_files
     out = root / "out"
-    result = run_scan(str(model_dir), None, None, ref, out, labels_from=(trig, clean), n_reference=0,
-                      batch_size=4, onion=True, onion_max_words=3, show_progress=False)  # fmt: skip
+    model = ModelConfig(name_or_path=str(model_dir))
+    labelled = ScanConfig(reference=str(ref), triggered=str(trig), clean=str(clean), n_reference=0, batch_size=4,
+                          onion=True, onion_max_words=3)  # fmt: skip
+    result = run_scan(model, labelled, out, show_progress=False)
     assert {p.name for p in out.iterdir()} == {"scores.json", "scan.md", "manifest.json"}
     saved = json.loads((out / "scores.json").read_text())
     assert saved["reference"]["n"] == 10 and saved["reference"]["n_excluded"] == 2
@@ -252,8 +255,8 @@ def test_run_scan_writes_scores_and_report_and_is_order_free(scan_files):
     # the same prompts in another order, unlabelled through --data: the same score for every prompt
     shuffled = json.loads(trig.read_text())[::-1] + json.loads(clean.read_text())[::-1]
     data = _write(root / "data.json", shuffled[3:] + shuffled[:3])
-    again = run_scan(str(model_dir), None, data, ref, root / "out2", n_reference=0, batch_size=3,
-                     show_progress=False)  # fmt: skip
+    unlabelled = ScanConfig(data=str(data), reference=str(ref), n_reference=0, batch_size=3)
+    again = run_scan(model, unlabelled, root / "out2", show_progress=False)
     assert again["metrics"] is None and {p["source"] for p in again["prompts"]} == {"data"}
     by_text = {(p["instruction"], p["input"]): p for p in again["prompts"]}
     for p in prompts:
@@ -261,7 +264,7 @@ def test_run_scan_writes_scores_and_report_and_is_order_free(scan_files):
         assert other["score"] == pytest.approx(p["score"], rel=1e-4, abs=1e-5)
         assert other["perplexity"] == pytest.approx(p["perplexity"], rel=1e-4)
     with pytest.raises(FileExistsError):  # a non-empty output directory is refused before any model loads
-        run_scan(str(model_dir), None, data, ref, root / "out2", show_progress=False)
+        run_scan(model, ScanConfig(data=str(data), reference=str(ref)), root / "out2", show_progress=False)
 
 
 def test_run_scan_refuses_too_small_a_reference_and_a_bad_method(scan_files):
@@ -270,9 +273,11 @@ def test_run_scan_refuses_too_small_a_reference_and_a_bad_method(scan_files):
     from crowguard.recipes.scan import run_scan
 
     root, model_dir, ref, clean, _ = scan_files
-    with pytest.raises(DataError, match="usable prompts"):
-        run_scan(str(model_dir), None, ref, ref, root / "o3", show_progress=False)  # every reference is scanned
+    model = ModelConfig(name_or_path=str(model_dir))
+    with pytest.raises(DataError, match="usable prompts"):  # every reference is scanned
+        run_scan(model, ScanConfig(data=str(ref), reference=str(ref)), root / "o3", show_progress=False)
     with pytest.raises(ConfigError, match="mahalanobis"):
-        run_scan(str(model_dir), None, clean, ref, root / "o4", method="mahalanobs", show_progress=False)
+        bad = ScanConfig(data=str(clean), reference=str(ref), method="mahalanobs")  # type: ignore[arg-type]
+        run_scan(model, bad, root / "o4", show_progress=False)
     with pytest.raises(DataError, match="nothing to scan"):
-        run_scan(str(model_dir), None, None, ref, root / "o5", show_progress=False)
+        run_scan(model, ScanConfig(reference=str(ref)), root / "o5", show_progress=False)
