@@ -220,22 +220,7 @@ def grade(
     """
     if prompts is None or isinstance(prompts, (str, os.PathLike)):
         prompts = load_judge_prompts(prompts)
-    by_id = {q["question_id"]: q for q in questions}
-    references = references or {}
-    jobs: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    for answer in answers:
-        question = by_id.get(answer["question_id"])
-        if question is None:
-            raise ValueError(f"answer to unknown question_id {answer['question_id']!r}")
-        turns = _answer_turns(answer)
-        reference = references.get(question["question_id"], question.get("reference"))
-        for turn in range(1, len(question["turns"]) + 1):
-            if turn > len(turns):
-                reason = answer.get("skipped") or "not answered"
-                skipped.append({"question_id": question["question_id"], "turn": turn, "reason": reason})
-                continue
-            jobs.append(_judge_job(question, turns, turn, reference, prompts))
+    jobs, skipped = _grading_jobs(answers, questions, references or {}, prompts)
 
     def judge(job: dict[str, Any]) -> dict[str, Any]:
         messages = [
@@ -259,15 +244,7 @@ def grade(
 
     if not jobs:
         raise ValueError("nothing to grade: no answered turns")
-    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        futures = [pool.submit(judge, job) for job in jobs]
-        try:
-            judgments = [future.result() for future in futures]
-        except BaseException:
-            for future in futures:  # one failure fails the grading: spend no more judge calls on it
-                future.cancel()
-            raise
-
+    judgments = _run_all(judge, jobs, max_workers)
     per_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for judgment in judgments:
         per_category[judgment["category"]].append(judgment)
@@ -287,6 +264,43 @@ def grade(
             "max_tokens": max_tokens,
         },
     }
+
+
+def _grading_jobs(
+    answers: Sequence[dict[str, Any]],
+    questions: Sequence[dict[str, Any]],
+    references: Mapping[Any, Sequence[str]],
+    prompts: Mapping[str, dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One judge job per answered turn, and the turns not answered (with the answer's reason)."""
+    by_id = {q["question_id"]: q for q in questions}
+    jobs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for answer in answers:
+        question = by_id.get(answer["question_id"])
+        if question is None:
+            raise ValueError(f"answer to unknown question_id {answer['question_id']!r}")
+        turns = _answer_turns(answer)
+        reference = references.get(question["question_id"], question.get("reference"))
+        for turn in range(1, len(question["turns"]) + 1):
+            if turn > len(turns):
+                reason = answer.get("skipped") or "not answered"
+                skipped.append({"question_id": question["question_id"], "turn": turn, "reason": reason})
+                continue
+            jobs.append(_judge_job(question, turns, turn, reference, prompts))
+    return jobs, skipped
+
+
+def _run_all(judge: Any, jobs: list[dict[str, Any]], max_workers: int) -> list[dict[str, Any]]:
+    """``judge`` over ``jobs`` on a thread pool, in order; the first failure cancels what has not started."""
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        futures = [pool.submit(judge, job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # one failure fails the grading: spend no more judge calls on it
+                future.cancel()
+            raise
 
 
 def parse_rating(reply: str) -> float | None:
