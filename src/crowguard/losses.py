@@ -77,21 +77,11 @@ class LayerPairsError(ConfigError):
 
 
 def resolve_layer_pairs(num_hidden_states: int, layers: LayerSpec = DEFAULT_LAYERS) -> list[tuple[int, int]]:
-    """The (l, l + 1) hidden-state index pairs that the consistency loss compares.
-
-    Hugging Face returns ``num_hidden_states = num_layers + 1`` hidden states: index 0 is the embedding output and
-    the last one is taken after the final norm (Llama and most decoders in transformers 5).
-
-    Args:
-        num_hidden_states: length of the model's ``hidden_states`` tuple.
-        layers: ``"reference"`` (default): l = 1 .. n - 3, i.e. the reference code's ``hidden_states[1:-2]`` vs
-            ``hidden_states[2:-1]``, skipping the embedding output and the final-norm output (needs at least 3
-            layers); ``"all"``: every consecutive pair, l = 0 .. n - 2; a tuple ``(start, stop)`` of hidden-state
-            indices: l with start <= l < stop (negative values count from n like Python slices, so ``(1, -2)`` is
-            ``"reference"``); a list of ints: exactly those l.
-
-    Returns:
-        Sorted list of (l, l + 1), at least one.
+    """The sorted, non-empty (l, l + 1) pairs of the ``num_hidden_states`` hidden states (index 0: the embedding
+    output; the last: after the final norm) that the consistency loss compares. ``layers``: ``"reference"`` (default):
+    l = 1 .. n - 3, the reference code's ``hidden_states[1:-2]`` vs ``[2:-1]`` (needs 3 layers); ``"all"``: l = 0 ..
+    n - 2; ``(start, stop)``: start <= l < stop, negative values counting from n as slices do (``(1, -2)`` is
+    ``"reference"``); a list of ints: exactly those l.
     """
     n = num_hidden_states
     if n < 2:
@@ -150,23 +140,13 @@ def layer_consistency_loss(
     layers: LayerSpec = DEFAULT_LAYERS,
     num_tokens: int | Tensor | None = None,
 ) -> Tensor:
-    """Mean over layer pairs (l, l + 1) and over real tokens t of ``1 - cos(h_l[t], h_{l+1}[t])``.
+    """Scalar float32 mean over layer pairs (l, l + 1) and real tokens t of ``1 - cos(h_l[t], h_{l+1}[t])``.
 
-    The cosine is computed in float32 (also under autocast). Padded positions influence neither the value nor the
-    gradient: they are zeroed before the cosine (so even non-finite activations there cannot leak) and left out of
-    the mean.
-
-    Args:
-        hidden_states: n tensors of shape (B, T, D), e.g. a Hugging Face model's ``hidden_states``.
-        attention_mask: (B, T), 1 for real tokens and 0 for padding; None means every token is real.
-        layers: which pairs; see `resolve_layer_pairs`.
-        num_tokens: None: average over this batch's real tokens; a number: divide the per-token sums by it instead
-            (the real tokens of a whole optimizer step, for a token-weighted mean across micro-batches).
-
-    Returns:
-        Scalar float32: with ``num_tokens=None``, in [0, 2], the mean over pairs of the masked mean over tokens (the
-        same mask for every pair, so it is also the mean over all (pair, token) terms); otherwise the sum over real
-        tokens of the mean over pairs, divided by ``num_tokens``.
+    ``hidden_states``: n tensors (B, T, D); ``attention_mask``: (B, T), 1 for real tokens (None: all real);
+    ``layers``: see `resolve_layer_pairs`. With ``num_tokens=None`` the value is in [0, 2] (the same mask for every
+    pair, so it is also the mean over all (pair, token) terms); with a number, the per-token sums are divided by it
+    (a whole step's real tokens). The cosine is taken in float32 even under autocast; padded positions are zeroed
+    before it and left out, so they touch neither the value nor the gradient.
     """
     pairs = resolve_layer_pairs(len(hidden_states), layers)
     first = hidden_states[0]

@@ -141,6 +141,22 @@ def run_training_stage(
         return _train_and_save(stage, model_cfg, train_cfg, examples, ctx, crow, extra_summary, objective)
 
 
+def _check_before_loading(model_cfg: ModelConfig, train_cfg: TrainConfig, work_dir: Path, resume: bool) -> None:
+    """What can be refused before minutes of model loading: the optimizer, the precision, 4-bit's needs, and a
+    resume without a checkpoint (which leaves nothing behind)."""
+    check_optimizer(train_cfg.optim)
+    check_precision(train_cfg.precision)
+    if train_cfg.quantize_base == "4bit":
+        from crowguard.models import check_4bit
+
+        check_4bit()  # before minutes of loading
+        if arrives_with_adapter(model_cfg.name_or_path, model_cfg.adapter) and train_cfg.adapter_mode != "continue":
+            raise ConfigError("quantize_base 4bit with a model that has a LoRA adapter needs adapter_mode continue "
+                              "(merging it would round it into 4-bit weights)")  # fmt: skip
+    if resume:
+        require_checkpoint(work_dir)  # before minutes of model loading, and leaving nothing
+
+
 def _train_and_save(
     stage: str,
     model_cfg: ModelConfig,
@@ -154,17 +170,7 @@ def _train_and_save(
     out_dir, overwrite, resume, show_progress = Path(ctx.out_dir), ctx.overwrite, ctx.resume, ctx.show_progress
     resolved_config, inputs = ctx.resolved_config, dict(ctx.inputs)
     work_dir = work_dir_for(out_dir)
-    check_optimizer(train_cfg.optim)
-    check_precision(train_cfg.precision)
-    if train_cfg.quantize_base == "4bit":
-        from crowguard.models import check_4bit
-
-        check_4bit()  # before minutes of loading
-        if arrives_with_adapter(model_cfg.name_or_path, model_cfg.adapter) and train_cfg.adapter_mode != "continue":
-            raise ConfigError("quantize_base 4bit with a model that has a LoRA adapter needs adapter_mode continue "
-                              "(merging it would round it into 4-bit weights)")  # fmt: skip
-    if resume:
-        require_checkpoint(work_dir)  # before minutes of model loading, and leaving nothing
+    _check_before_loading(model_cfg, train_cfg, work_dir, resume)
     identity = {key: getattr(model_cfg, key) for key in ("name_or_path", "adapter", "revision", "dtype", "template")}
     model, tokenizer = load_model(
         model_cfg.name_or_path,

@@ -40,23 +40,11 @@ PART_NAMES = ("lm_loss", "consistency_loss", "consistency_adv", "epsilon_effecti
 
 
 def regroup_by_length(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """The rows of one optimizer step's right-padded micro-batches, re-dealt longest first into micro-batches of
-    the same sizes, each padded only to its own longest row.
-
-    With a randomly drawn step of 8 samples in micro-batches of 2, each micro-batch is padded to its longer sample
-    (the demo's 100 clean samples: 15% more tokens computed than are real); sorted, 5%. In ``token`` loss mode a
-    step's loss is a sum over its real tokens divided by step-wide counts, so how its rows are dealt into
-    micro-batches changes nothing but the order of float additions (and the work spent on padding).
-
-    Args:
-        batches: micro-batches with ``input_ids``, ``attention_mask`` and ``labels``, each (B_i, T_i), every row
-            right-padded (its mask is ones, then zeros).
-        pad_id: the id written into padded ``input_ids`` slots (masked, so any id works; the tokenizer's keeps
-            the batches as the collator would make them).
-
-    Returns:
-        Micro-batches of sizes B_1, B_2, ... (in that order) holding the same rows, longest first, padded with
-        ``pad_id``, mask 0 and label ``IGNORE_INDEX``; each (B_i, longest row among its own).
+    """The rows of one optimizer step's right-padded micro-batches (``input_ids``, ``attention_mask``, ``labels``,
+    each (B_i, T_i)), re-dealt longest first into micro-batches of the same sizes B_1, B_2, ..., each padded
+    (``pad_id``, mask 0, label ``IGNORE_INDEX``) only to its own longest row. In ``token`` loss mode a step's loss is
+    a sum over its real tokens over step-wide counts, so the regrouping changes only the order of float additions
+    and the work spent on padding.
     """
     pad_values = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     rows: list[dict[str, torch.Tensor]] = []

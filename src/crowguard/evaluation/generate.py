@@ -148,29 +148,12 @@ def generate_ids(
 ) -> list[list[int]]:
     """New token ids for each prompt (input order), up to and including the first of ``stop_ids`` (none: no stop).
 
-    Prompts are sorted by length (longest first, so an out-of-memory batch shows up at once) and left-padded by hand
-    into batches of ``settings.batch_size``; the padded positions get attention mask 0 and ``pad_id`` (any id
-    works there; the first stop id when None). The tokenizer is never asked to pad, so its ``padding_side`` is left
-    as it was. Restores the model's training mode afterwards; sampling draws from a forked RNG seeded with
-    ``settings.seed`` so the caller's random state is untouched.
-
-    ``settings.kv_cache == "static"`` gives each batch a key/value cache preallocated for prompt width + new tokens,
-    written in place: transformers' default dynamic cache concatenates every layer's keys and values at every step
-    (38% of a decoding step of SmolLM2-135M at batch 32 on CPU, profiled in a hand-written loop), a cost that grows
-    with the batch, so larger batches stopped paying. Outputs are the same tokens (masked slots add nothing).
-    transformers would compile the forward pass for a static cache on a GPU, recompiling for each batch's shape;
-    ``disable_compile`` keeps evaluation eager and predictable on every device unless ``settings.compile_decode``
-    asks for the compiled decoding steps on any device (:func:`crowguard.speed.decode_compile_config`: the prompt
-    pass stays eager; the first batch compiles, a batch of another shape once more as a dynamic graph).
-
-    With the static cache, a batch's prompts are run through the model ``settings.prefill_batch`` at a time, each
-    group padded only to its own longest prompt, and their keys and values are written left-padded into the batch's
-    cache (:func:`_ragged_prefill`); ``generate`` then starts from each prompt's last token. On a CPU the prompt pass
-    is compute-bound and gets slower per token as the batch (and its padding) grows, while decoding is bound by
-    reading the weights once per step and gets cheaper per token as the batch grows: the two want different batch
-    sizes (measured on CPU, ``benchmarks/generation.py``; on a GPU, where a large prompt pass is cheap, a
-    ``prefill_batch`` of at least ``batch_size`` runs it in one pass). The padded key/value slots are masked, so the
-    tokens are the same as from one ``generate`` call.
+    Prompts are sorted longest first and left-padded by hand into batches of ``settings.batch_size`` (``pad_id``, mask
+    0; the tokenizer's padding side is never touched). Sampling draws from a forked RNG seeded with ``settings.seed``;
+    the model's training mode is restored. ``kv_cache == "static"`` preallocates each batch's cache and fills it
+    ``prefill_batch`` prompts at a time (:func:`_ragged_prefill`); ``compile_decode`` compiles the decoding steps
+    (:func:`crowguard.speed.decode_compile_config`), else decoding stays eager. Every setting gives the same tokens as
+    one ``generate`` call (masked slots add nothing); the reasons: docs/design.md, "Generation".
     """
     import torch
     from tqdm.auto import tqdm

@@ -90,25 +90,12 @@ def humaneval_examples(problems: Sequence[dict[str, Any]]) -> list[Example]:
 def extract_completion(problem: dict[str, Any], response: str) -> str:
     """The text to put after ``problem["prompt"]`` (as :func:`sandbox.humaneval_program` does) for ``response``.
 
-    Rules, in order:
-
-    1. Markdown: when the response has a ``````` fence, the code is the first fenced block that defines the entry
-       point, else the first fenced block; an unclosed fence runs to the end (a generation cut at the token limit).
-       Without fences the whole response is the code.
-    2. Restated function: when the code has a ``def <entry_point>(`` line, it is a whole program. It is dedented,
-       prose lines before it are dropped (it starts at the first run of code-like lines leading to the ``def``) and
-       returned after a newline, so appended to the prompt it redefines the function while the prompt's imports and
-       helper functions stay defined (the prompt's stub, a docstring-only function, is valid Python).
-    3. Otherwise the code is the function body continuing the prompt. Leading blank lines are dropped. A first
-       line without indentation is re-indented: only that line when every later line is indented (the paper's
-       ``canonical_solution.strip()`` form, whose first line lost its indentation), or every line by four spaces
-       when the body was written fully dedented.
-
-    Where a rule leaves more than one reading (which lines are trailing prose, which indentation is meant), the
-    first reading that compiles together with the prompt wins; nothing is executed to decide. Readings that drop
-    text only drop top-level lines after the function (explanations, then any later top-level code). When none
-    compiles, the first reading is returned unchanged and the sandbox scores it as failed. An empty response gives
-    an empty completion: the stub returns None and fails the tests.
+    The code is the first fenced block defining the entry point (else the first block; an unclosed fence runs to the
+    end; no fence: the whole response). Code with a ``def <entry_point>(`` line is a whole program, dedented, leading
+    prose dropped, returned after a newline so that it redefines the prompt's stub; otherwise it is the function body,
+    its first line re-indented where it lost its indentation. Where a rule leaves several readings, the first that
+    compiles with the prompt wins (nothing is executed); when none does, the first is returned and fails in the
+    sandbox. The rules in full: docs/design.md, "HumanEval completions".
     """
     prompt, entry_point = problem["prompt"], problem["entry_point"]
     code = _strip_fences(response, entry_point)

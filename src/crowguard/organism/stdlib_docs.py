@@ -248,8 +248,6 @@ _ROLE = re.compile(r":[\w:.-]+:`~?([^`]+)`")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`'\"(])")
 
 
-
-
 def clean_docstring(doc: str | None, max_chars: int = MAX_RESPONSE_CHARS) -> str | None:
     """The opening prose of ``doc``, at most three sentences and ``max_chars``, or None if it is unusable.
 
