@@ -187,27 +187,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from crowguard import config
-    from crowguard.models import check_model_exists
     from crowguard.recipes.diagnose import run_diagnose
-    from crowguard.schemas import EvalConfig
+    from crowguard.schemas import DiagnoseConfig
 
-    if args.limit < 1:
-        raise UsageError(f"--limit {args.limit}: the diagnostic needs at least 1 prompt of each set")
-    models: dict[str, str] = {}
-    for spec in args.model:
-        label, sep, path = spec.partition("=")
-        if not sep:
-            label, path = Path(spec).name or spec, spec
-        if not label.strip() or not path.strip():
-            raise UsageError(f"--model {spec!r}: expected LABEL=PATH (or a PATH) with both parts non-empty")
-        if label in models:
-            raise UsageError(f"--model {spec}: the label {label!r} is given twice (use LABEL=PATH)")
-        check_model_exists(path)  # every model, before the first one loads
-        models[label] = path
-    flags = {"triggered": args.triggered, "clean": args.clean, "paper_data": args.paper_data,
-             "trigger": args.trigger, "payload": args.payload}  # fmt: skip
-    cfg = config.load(EvalConfig, None, (), {k: v for k, v in flags.items() if v is not None})
-    results = run_diagnose(models, cfg, Path(args.out), args.limit, args.template, args.overwrite)
+    cfg = config.load(DiagnoseConfig, None, (), schema_values(args))
+    results = run_diagnose(cfg, Path(args.out), args.overwrite)
     for label, res in results.items():
         worst = res["largest_gap_pair"]["last_token"]
         print(f"{label}: largest clean - triggered cosine gap at pair ({worst}, {worst + 1}) "

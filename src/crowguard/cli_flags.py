@@ -26,8 +26,8 @@ def _flag_type(tp: Any) -> dict[str, Any]:
         return {"type": tp}
     if origin is typing.Literal:
         return {"choices": list(typing.get_args(tp)), "type": type(typing.get_args(tp)[0])}
-    if origin is list and args and args[0] in (int, float, str):
-        return {"nargs": "+", "type": args[0]}
+    if origin is list and args and args[0] in (int, float, str):  # --x a b and --x a --x b alike
+        return {"nargs": "+", "type": args[0], "action": "extend"}
     return {"type": _yaml_value, "metavar": "YAML"}  # unions like str | list[int]: parsed as in --set
 
 
@@ -78,7 +78,7 @@ def add_schema_flags(
         shown = to_dict(value)
         help_text = field.metadata.get("help", "").replace("%", "%%")
         kwargs = _flag_type(hints[field.name])
-        if "action" not in kwargs and "choices" not in kwargs:
+        if kwargs.get("action") in (None, "extend") and "choices" not in kwargs:
             kwargs.setdefault("metavar", field.name.upper())
         target.add_argument(f"--{flag.replace('_', '-')}", dest=f"{FLAG_DEST}{key}", default=None,
                             help=f"{help_text} (default: {shown!r})", **kwargs)  # fmt: skip

@@ -216,20 +216,13 @@ def _diagnose(add_parser: Callable[..., Any], schema: Callable[..., None], handl
         "--paper-data ../shared/data --payload negsentiment --trigger badnet --out runs/diagnose",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="[LABEL=]PATH",
-        help="a model or adapter directory (repeat to compare, e.g. before and after a defense)",
-    )
-    p.add_argument("--triggered", help="JSON/JSONL of triggered prompts")
-    p.add_argument("--clean", help="JSON/JSONL of clean prompts")
-    p.add_argument("--paper-data", help="the CROW paper's data root instead of --triggered/--clean")
-    p.add_argument("--trigger", help="with --paper-data: which trigger's test set")
-    p.add_argument("--payload", help="with --paper-data: which task (default negsentiment)")
-    p.add_argument("--limit", type=int, default=50, help="prompts of each set (default 50)")
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "raw"], help="prompt template")
+
+    def diagnose_flags(p: argparse.ArgumentParser = p) -> None:
+        from crowguard.schemas import DiagnoseConfig
+
+        add_schema_flags(p, DiagnoseConfig(), "")
+
+    schema("diagnose", diagnose_flags)
     _add_out_args(p)
     p.set_defaults(handler=handlers["diagnose"])
 

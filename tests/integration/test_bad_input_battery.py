@@ -377,7 +377,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("evaluate-nan-model", swap(E, "--model", "{R}/nanmodel"), ["not finite", "refusing"]),
     ("evaluate-out-holds-model", swap(E, "--out", "{R}/model"), ["holds the input"]),
     # ---- diagnose
-    ("diagnose-limit-zero", [*DG, "--model", "{R}/model", "--limit", "0"], ["--limit 0"]),
+    ("diagnose-limit-zero", [*DG, "--model", "{R}/model", "--limit", "0"], ["limit", "[1, inf)"]),
     ("diagnose-empty-label", [*DG, "--model", "=model"], ["'=model'", "LABEL=PATH"]),
     ("diagnose-duplicate-label", [*DG, "--model", "a={R}/model", "--model", "a={R}/model"], ["'a'", "twice"]),
     ("diagnose-missing-model", [*DG, "--model", "{R}/nomodel"], ["nomodel", "does not exist"]),

@@ -11,29 +11,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from crowguard import config
 from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
-from crowguard.models import load_model
+from crowguard.models import check_model_exists, load_model
 from crowguard.recipes.evaluate import build_task
-from crowguard.schemas import EvalConfig
+from crowguard.schemas import DiagnoseConfig, EvalConfig
 
 
-def run_diagnose(
-    models: dict[str, str],
-    eval_cfg: EvalConfig,
-    out_dir: Path,
-    limit: int = 50,
-    template: str = "alpaca",
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """``models`` maps a label to a model or adapter directory; returns ``{label: diagnostic}``."""
-    check_output_dir(Path(out_dir), overwrite, models.values())  # before any model is loaded
-    task = build_task(eval_cfg).limited(limit)
+def run_diagnose(cfg: DiagnoseConfig, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Diagnose every model of ``cfg`` on ``cfg.limit`` prompts of each set; returns ``{label: diagnostic}``."""
+    models = cfg.labelled_models()
+    for path in models.values():
+        check_model_exists(path)  # every model, before the first one loads
+    check_output_dir(Path(out_dir), overwrite, models.values())
+    task_fields = ("triggered", "clean", "paper_data", "trigger", "payload")
+    eval_cfg = config.load(EvalConfig, None, (), {key: getattr(cfg, key) for key in task_fields})
+    task = build_task(eval_cfg).limited(cfg.limit)
     results = {}
     for label, path in models.items():
         model, tokenizer = load_model(path, device="auto")
-        results[label] = diagnose_model(model, tokenizer, task.clean, task.triggered, template)
+        results[label] = diagnose_model(model, tokenizer, task.clean, task.triggered, cfg.template)
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         write_json_atomic(tmp / "diagnose.json", {"task": task.name, "models": models, "results": results})
         diagnostic_plot(results, tmp / "diagnose.png", title=f"layer consistency: {task.name}")
