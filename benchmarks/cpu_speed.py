@@ -1,53 +1,19 @@
 """CPU speed levers (issue 28): today's path and each lever side by side in one run, at the demo's shapes.
 
-Workloads, each through crowguard's own code with the demo's settings (preset ``demo/smollm2``):
-
-- ``plant``: the backdoor plant, plain SFT of a new LoRA (r 16, alpha 32, all linear layers), batch 8 x 1, at most
-  96 tokens, lr 1e-3, on the demo's mix of built-in corpus examples (1 in 5 poisoned, badnet -> negsentiment).
-- ``finetune``: the equal-budget fine-tuning defense (CROW's loss with alpha 0), batch 2 x 4, 96 tokens, lr 1e-3,
-  continuing an r 16 adapter as the demo continues the planted one, on 100 clean corpus examples.
-- ``crow``: the CROW defense, the same with ``crowguard.losses.crow_loss`` at the paper's alpha 5.5, epsilon 0.1,
-  reference layer pairs (the presets ``defenses/crow`` and ``demo/smollm2``).
-- ``generate``: greedy decoding of 200 prompts (100 corpus test prompts, clean and triggered) with exactly 16 and 32
-  new tokens through ``crowguard.evaluation.generate.generate_ids`` in batches of 100 (the demo's), static cache,
-  prompt pass 8 at a time, on the model the demo evaluates (the base with an unmerged r 16 LoRA adapter).
-
-Training runs go through the engine (``crowguard.train.train``) for ``--steps`` optimizer steps each; a step's time
-runs from the end of the one before (data loading, logging and the optimizer included), and the median leaves out
-the first ``--warmup`` steps and every step in which dynamo compiled a graph (a compiled block recompiles for a
-micro-batch without padding, say, several steps in). Levers are ``+``-joined atoms (``compile+bf16base``); an
-atom that does not apply to a workload drops the row:
-
-- ``compile``: training ``train.compile: layers`` (regional torch.compile, float32); generation
-  ``evaluate.compile_decode`` (compiled decoding steps, float32).
-- ``bf16``: training ``train.precision: bf16`` (autocast); generation: the weights in bfloat16 (``model.dtype``).
-- ``bf16base``: training ``train.base_dtype: bfloat16`` (the frozen base in bfloat16 under the float32 adapter).
-- ``trainer_compile``: training ``train.trainer_args: {torch_compile: true}`` (the Trainer compiles the whole model).
-- ``length_sorted``: training, the Trainer's length-grouped sampler (``train.trainer_args``): less padding, but
-  other examples share a step, so not an equality lever (its losses are reported, not judged).
-- ``merge``: generation with the adapter merged into the base first (float32; rounding differs).
-- environment atoms, acting only when a process starts, so those rows come from a child process of this script
-  with the variables set, beside a child without them (the ``base (fresh process)`` row, their reference):
-  ``malloc`` (glibc: large blocks up to 32 MiB from the heap, memory not returned), ``nommap`` (glibc: no mmap at
-  all, memory not returned), ``omp_passive`` / ``omp_active`` (``OMP_WAIT_POLICY``; torch's CPU wheel uses GNU
-  OpenMP, which ignores ``KMP_BLOCKTIME``), ``jemalloc`` / ``tcmalloc`` (``LD_PRELOAD``, where ``ldconfig -p``
-  lists the library; skipped with the reason otherwise).
-
-Reported per row: ms/step (median), real tokens/s (a step's mean real tokens / its median time; generation: new
-tokens / the second pass's wall time), peak RSS (the process's high-water mark during that run, reset through
-``/proc/self/clear_refs`` before it; in parentheses its rise over the RSS held when the run began, which includes
-the loaded model and memory the allocator kept from earlier runs), compile s (the time of the warm-up steps and of
-the steps that compiled above the median, minus today's warm-up excess; generation: first pass minus second, minus
-today's), the speed-up over today's median, and the equality check: the largest relative difference of the step
-losses over the first 10 steps against today's (float32 levers must stay under 1e-4), or how many prompts decode to
-exactly today's tokens. Inductor compiles into a fresh cache directory per process unless ``--keep-compile-cache``,
-so a compile time is a cold one. Run it alone: on 2 cores a second heavy process makes every timing meaningless.
+Workloads, through crowguard's own code with the demo's settings (preset ``demo/smollm2``): ``plant`` (plain SFT of
+a new LoRA r 16, batch 8 x 1, 96 tokens), ``finetune`` and ``crow`` (the defenses, batch 2 x 4, continuing an r 16
+adapter; CROW at the paper's alpha 5.5, epsilon 0.1) through the training engine for ``--steps`` steps, and
+``generate`` (greedy decoding of 200 prompts with 16 and 32 new tokens, batch 100, static cache). A lever is
+``+``-joined atoms (``compile+bf16base``); an atom that does not apply to a workload drops the row. Environment
+atoms (allocator, OpenMP) run in a child process beside a fresh child without them. Each row: ms/step (median,
+warm-up and compiling steps left out), tokens/s, peak RSS, compile s, speed-up over today, and the equality check
+(first 10 step losses within 1e-4 relative for float32 levers, or identical greedy tokens). The atoms, their knobs
+and the measurements: docs/benchmarks.md. Run it alone: a second heavy process on 2 cores voids every timing.
 
     python benchmarks/cpu_speed.py                                # SmolLM2, every workload and lever (hours)
     python benchmarks/cpu_speed.py --model tiny --steps 4         # a random 4-layer Llama: a smoke run only
     python benchmarks/cpu_speed.py --workloads crow --levers compile,bf16base,compile+bf16base --steps 12
     python benchmarks/cpu_speed.py --workloads generate --new-tokens 16 --levers merge,compile,compile+merge
-    python benchmarks/cpu_speed.py --levers malloc,omp_passive --json benchmarks/results/cpu-speed.json
 """
 
 from __future__ import annotations
@@ -67,69 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cpu_speed_levers import ATOMS, DEFAULT_LEVERS, applies, atoms_of, lever_env
+
 WORKLOADS = ("plant", "finetune", "crow", "generate")
 EQUALITY_STEPS = 10
 FP32_RTOL = 1e-4
 N_PROMPTS = 100  # test prompts, each clean and triggered: 200 decoded
-
-
-@dataclasses.dataclass(frozen=True)
-class Atom:
-    """One lever: what it sets for training and for generation (None: it does not apply), its maths, its env."""
-
-    kind: str  # "fp32" (must equal today's), "bf16" (efficacy checked elsewhere), "batches" (other samples per step)
-    train: dict[str, Any] | None = None
-    generate: dict[str, Any] | None = None
-    env: dict[str, str] | None = None
-
-
-_BIG = str(1 << 32)  # a trim threshold no run reaches: freed memory stays with the process
-ATOMS: dict[str, Atom] = {
-    "compile": Atom("fp32", train={"compile": "layers"}, generate={"compile_decode": True}),
-    "bf16": Atom("bf16", train={"precision": "bf16"}, generate={"dtype": "bfloat16"}),
-    "bf16base": Atom("bf16", train={"base_dtype": "bfloat16"}),
-    "trainer_compile": Atom("fp32", train={"trainer_args": {"torch_compile": True}}),
-    "length_sorted": Atom("batches", train={"trainer_args": {"length_sorted": True}}),
-    "merge": Atom("fp32", generate={"merge": True}),
-    "malloc": Atom("fp32", env={"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": _BIG}),
-    "nommap": Atom("fp32", env={"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": _BIG}),
-    "omp_passive": Atom("fp32", env={"OMP_WAIT_POLICY": "PASSIVE"}),
-    "omp_active": Atom("fp32", env={"OMP_WAIT_POLICY": "ACTIVE"}),
-    "jemalloc": Atom("fp32", env={"LD_PRELOAD": "libjemalloc.so"}),
-    "tcmalloc": Atom("fp32", env={"LD_PRELOAD": "libtcmalloc.so"}),
-}
-DEFAULT_LEVERS = ("compile,bf16,bf16base,bf16base+bf16,compile+bf16base,compile+bf16,trainer_compile,length_sorted,"
-                  "merge,compile+merge,bf16+merge,malloc,nommap,omp_passive")  # fmt: skip
-
-
-def atoms_of(lever: str) -> list[str]:
-    return [] if lever == "base" else lever.split("+")
-
-
-def preloaded(name: str) -> str | None:
-    """The full path ``ldconfig -p`` gives for a shared library name (``libjemalloc.so``), or None."""
-    try:
-        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return None
-    for line in listing.splitlines():
-        if line.strip().startswith(name) and "=>" in line:
-            return line.split("=>")[-1].strip()
-    return None
-
-
-def lever_env(lever: str) -> tuple[dict[str, str], str | None]:
-    """The environment a lever's atoms set, and why it cannot run here (a preload library missing) or None."""
-    env: dict[str, str] = {}
-    for atom in atoms_of(lever):
-        for key, value in (ATOMS[atom].env or {}).items():
-            if key == "LD_PRELOAD":
-                path = preloaded(value)
-                if path is None:
-                    return env, f"{value} is not installed (ldconfig -p lists no such library)"
-                value = path
-            env[key] = value
-    return env, None
 
 
 # ------------------------------------------------------------------------------------------------------ the setup
@@ -361,11 +270,6 @@ def generate_row(setup: Setup, lever: str, new_tokens: int) -> dict[str, Any]:
         "tokens_per_s": len(prompts) * new_tokens / walls[1], "warmup_excess_s": walls[0] - walls[1],
         "outputs": outputs, **_memory(resettable, start_rss),
     }  # fmt: skip
-
-
-def applies(lever: str, workload: str) -> bool:
-    part = "generate" if workload == "generate" else "train"
-    return all(getattr(ATOMS[a], part) is not None or ATOMS[a].env for a in atoms_of(lever))
 
 
 def run_in_process(args: argparse.Namespace, levers: list[str]) -> list[dict[str, Any]]:
