@@ -187,8 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from crowguard import config
+    from crowguard.evaluation.diagnose import DiagnoseConfig
     from crowguard.recipes.diagnose import run_diagnose
-    from crowguard.schemas import DiagnoseConfig
 
     cfg = config.load(DiagnoseConfig, None, (), schema_values(args))
     results = run_diagnose(cfg, Path(args.out), args.overwrite)

@@ -218,7 +218,7 @@ def _diagnose(add_parser: Callable[..., Any], schema: Callable[..., None], handl
     )
 
     def diagnose_flags(p: argparse.ArgumentParser = p) -> None:
-        from crowguard.schemas import DiagnoseConfig
+        from crowguard.evaluation.diagnose import DiagnoseConfig
 
         add_schema_flags(p, DiagnoseConfig(), "")
 

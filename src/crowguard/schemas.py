@@ -6,7 +6,6 @@ Defaults are the CROW paper's settings (Min et al., ICML 2025) and BackdoorLLM's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from crowguard.config import SPEED_ONLY, knob
@@ -364,40 +363,6 @@ class ScanConfig:
         for name in ("fpr", "alpha"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be within (0, 1), got {getattr(self, name)}")
-
-
-@dataclass
-class DiagnoseConfig:
-    """``crowguard diagnose``: per-layer cosine of consecutive hidden states, clean vs triggered prompts (the CROW
-    paper's Figure 1), for one or more models."""
-
-    model: list[str] = knob([], "[LABEL=]PATH of a model or adapter directory; several to compare (repeatable)")
-    triggered: str = knob("", "JSON/JSONL of triggered prompts")
-    clean: str = knob("", "JSON/JSONL of clean prompts")
-    paper_data: str = knob("", "instead of files: the CROW paper's data root (layout of ../shared/data)")
-    trigger: str = knob("badnet", "with paper_data: which trigger's test set")
-    payload: str = knob("negsentiment", "with paper_data: which task")
-    limit: int = knob(50, "prompts of each set", bounds="[1, inf)")
-    template: Template = knob("alpaca", "prompt template")
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ValueError("give --model [LABEL=]PATH (repeat it to compare models)")
-        self.labelled_models()
-
-    def labelled_models(self) -> dict[str, str]:
-        """``{label: path}``: ``LABEL=PATH``, or a bare path labelled by its folder's name."""
-        models: dict[str, str] = {}
-        for spec in self.model:
-            label, sep, path = spec.partition("=")
-            if not sep:
-                label, path = Path(spec).name or spec, spec
-            if not label.strip() or not path.strip():
-                raise ValueError(f"--model {spec!r}: expected LABEL=PATH (or a PATH) with both parts non-empty")
-            if label in models:
-                raise ValueError(f"--model {spec}: the label {label!r} is given twice (use LABEL=PATH)")
-            models[label] = path
-        return models
 
 
 @dataclass

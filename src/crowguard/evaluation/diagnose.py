@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crowguard.config import knob
 from crowguard.evaluation.plots import save_figure
 from crowguard.losses import resolve_layer_pairs
+from crowguard.prompts import Template
+
+
+@dataclass
+class DiagnoseConfig:
+    """``crowguard diagnose``: per-layer cosine of consecutive hidden states, clean vs triggered prompts (the CROW
+    paper's Figure 1), for one or more models."""
+
+    model: list[str] = knob([], "[LABEL=]PATH of a model or adapter directory; several to compare (repeatable)")
+    triggered: str = knob("", "JSON/JSONL of triggered prompts")
+    clean: str = knob("", "JSON/JSONL of clean prompts")
+    paper_data: str = knob("", "instead of files: the CROW paper's data root (layout of ../shared/data)")
+    trigger: str = knob("badnet", "with paper_data: which trigger's test set")
+    payload: str = knob("negsentiment", "with paper_data: which task")
+    limit: int = knob(50, "prompts of each set", bounds="[1, inf)")
+    template: Template = knob("alpaca", "prompt template")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("give --model [LABEL=]PATH (repeat it to compare models)")
+        self.labelled_models()
+
+    def labelled_models(self) -> dict[str, str]:
+        """``{label: path}``: ``LABEL=PATH``, or a bare path labelled by its folder's name."""
+        models: dict[str, str] = {}
+        for spec in self.model:
+            label, sep, path = spec.partition("=")
+            if not sep:
+                label, path = Path(spec).name or spec, spec
+            if not label.strip() or not path.strip():
+                raise ValueError(f"--model {spec!r}: expected LABEL=PATH (or a PATH) with both parts non-empty")
+            if label in models:
+                raise ValueError(f"--model {spec}: the label {label!r} is given twice (use LABEL=PATH)")
+            models[label] = path
+        return models
 
 
 def pair_cosines(hidden_states: Sequence[Tensor], attention_mask: Tensor) -> tuple[Tensor, Tensor]:

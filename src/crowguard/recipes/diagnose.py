@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from crowguard import config
-from crowguard.evaluation.diagnose import diagnose_model, diagnostic_plot
+from crowguard.evaluation.diagnose import DiagnoseConfig, diagnose_model, diagnostic_plot
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import check_model_exists, load_model
 from crowguard.recipes.evaluate import build_task
-from crowguard.schemas import DiagnoseConfig, EvalConfig
+from crowguard.schemas import EvalConfig
 
 
 def run_diagnose(cfg: DiagnoseConfig, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
