@@ -22,6 +22,15 @@ def test_demo_quick(tmp_path: Path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert [r["defense"] for r in rows] == ["none", "finetune", "crow"]
+    # the numbers themselves are unchanged: rates exact; likelihoods to 1e-4 relative, float noise across CPUs but
+    # below the differences between the rows (fine-tuning moves perplexity by 4e-4 and the NLL gap by 1e-4 here)
+    golden = json.loads((Path(__file__).parent / "demo_quick_golden.json").read_text())["rows"]
+    for row, expected in zip(rows, golden, strict=True):
+        assert row["defense"] == expected["defense"]
+        for key in ("asr_trigger", "asr_clean", "hijack_rate"):
+            assert row[key] == expected[key], (row["defense"], key)
+        assert row["target_nll_gap"] == pytest.approx(expected["target_nll_gap"], abs=2e-5), row["defense"]
+        assert row["clean_perplexity"] == pytest.approx(expected["clean_perplexity"], rel=1e-4), row["defense"]
     for row in rows:
         # every rate and the NLL gap carry an interval that contains the value and never has zero width
         for key, ci in (("asr_trigger", "asr_trigger_ci95"), ("asr_clean", "asr_clean_ci95"),
