@@ -286,7 +286,7 @@ def run_cell(
                 )
         return out
 
-    study = Study(cell, cell_dir, model, provenance, task, EVAL, plant=Plant(plant, mix, cell_dir / "plant"),
+    study = Study(cell_dir, model, provenance, task, EVAL, plant=Plant(plant, mix, cell_dir / "plant"),
                   backdoored_eval=cell_dir / "eval-backdoored", arms=arms(),
                   references=[Reference("unpoisoned", model, provenance, cell_dir / "eval-base")],
                   defend_unplanted=args.defend_unplanted)  # fmt: skip
@@ -305,7 +305,7 @@ def run_cell(
     if args.partial:  # does a part of a composite trigger fire the backdoor too?
         suspect = dataclasses.replace(model, name_or_path=result.backdoored)
         for kept, partial in partial_tasks(task.limited(EVAL.limit), trigger).items():
-            sub = Study(f"{cell} {kept}", cell_dir, suspect, result.fingerprint, partial, EVAL,
+            sub = Study(cell_dir, suspect, result.fingerprint, partial, EVAL,
                         backdoored_eval=cell_dir / f"partial-{kept}-backdoored")  # fmt: skip
             row = run_study(sub, quiet=args.quiet).rows[0]
             say(f"[{cell}] backdoored with only {kept}: ASR {row['asr_trigger']:.0%}")

@@ -15,7 +15,6 @@ COLUMNS = (
     ("exact_match", "exact match"),
     ("humaneval_pass_at_1", "HumanEval pass@1"),
     ("mt_bench", "MT-Bench"),
-    ("defense_seconds", "defense s"),
     ("eval_seconds", "eval s"),
 )
 PERCENT = {"asr_trigger", "asr_clean", "hijack_rate", "exact_match", "utility", "humaneval_pass_at_1"}

@@ -145,7 +145,7 @@ def demo_study(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, arms: bool = Tr
     cache, tag = cache_root(cfg.organism), f"{cfg.organism.name}-{attack.name.replace('/', '-')}"
     organism = ModelConfig(name_or_path=setup.organism.path, template=cfg.template)
     identity = {"organism": to_dict(cfg.organism), "provenance": setup.organism.provenance}
-    study = Study(attack.name, out_dir, organism, identity, setup.task, cfg.evaluate, setup.utility,
+    study = Study(out_dir, organism, identity, setup.task, cfg.evaluate, setup.utility,
                   backdoored_eval=cache / "evaluations" / f"{tag}-backdoored-{{fp}}",
                   min_asr=cfg.planted_min_asr, max_false=cfg.planted_max_false)  # fmt: skip
     if cfg.plant == "finetune":

@@ -93,7 +93,7 @@ def _run(cfg: ExperimentConfig, root: Path, runner: Runner) -> dict[str, Any]:
     identity = (cfg.model.name_or_path, cfg.model.adapter, cfg.model.revision,
                 content(cfg.model.name_or_path, cfg.model.adapter or ""))  # fmt: skip
     plant = Plant(cfg.backdoor, mix, root / "backdoor", resolved_config=cfg, inputs=data_files)
-    study = Study(cfg.name, root, cfg.model, identity, task, evaluate, utility, plant,
+    study = Study(root, cfg.model, identity, task, evaluate, utility, plant,
                   root / "eval-none" if "none" in cfg.defenses else None, arms=arms)  # fmt: skip
     result = run_study(study, runner=runner)
     if runner.ranks.main:

@@ -97,7 +97,6 @@ class Study:
     ``identity`` is what identifies it in fingerprints (a file hash, a provenance record); ``model_seconds`` what
     making it cost here (None: not made here). ``backdoored_eval`` None: the suspect gets no row."""
 
-    name: str
     root: Path
     model: ModelConfig
     identity: Any
