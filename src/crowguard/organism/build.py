@@ -7,6 +7,7 @@ versions), so a second ``crowguard demo`` skips the clean training and a changed
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -93,8 +94,9 @@ EVALUATION_SOURCE = ("evaluation", "prompts.py", "models.py", "data.py")
 
 
 def source_digest(parts: tuple[str, ...], root: Path | None = None) -> str:
-    """Hash of the ``.py`` files under ``parts`` (modules or subpackages of ``root``, default crowguard's package
-    directory), names and bytes, in a fixed order: a cache key part that changes whenever that code does."""
+    """Hash of the code of the ``.py`` files under ``parts`` (modules or subpackages of ``root``, default crowguard's
+    package directory), names and syntax trees in a fixed order: a cache key part that changes whenever that code
+    does, and not for a docstring, a comment or formatting."""
     root = Path(__file__).resolve().parents[1] if root is None else root
     digest = hashlib.sha256()
     for part in parts:
@@ -102,8 +104,19 @@ def source_digest(parts: tuple[str, ...], root: Path | None = None) -> str:
         if not path.exists():
             raise FileNotFoundError(f"source_digest: {path} does not exist")
         for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + _code(file).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _code(file: Path) -> str:
+    """The module's syntax tree without its docstrings, as text."""
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def cache_key(cfg: OrganismConfig, splits: tuple[list[Example], ...]) -> str:

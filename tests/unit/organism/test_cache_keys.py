@@ -28,7 +28,12 @@ def test_the_digest_changes_with_the_evaluation_code_and_nothing_else(tmp_path):
     (root / "evaluation" / "__pycache__").mkdir(exist_ok=True)
     assert source_digest(EVALUATION_SOURCE, root) == before
     metrics = root / "evaluation" / "metrics.py"
-    metrics.write_text(metrics.read_text() + "\n# a changed metric\n")
+    original = metrics.read_text()
+    metrics.write_text(original + "\n# a comment, a docstring and formatting are not code\n")
+    assert source_digest(EVALUATION_SOURCE, root) == before
+    metrics.write_text(original.replace('"""', '"""Reworded. ', 1).replace("\n\n\n", "\n\n\n\n", 1))
+    assert source_digest(EVALUATION_SOURCE, root) == before
+    metrics.write_text(original + "\nHIJACK_PREFIX_WORDS = 4\n")  # a changed metric
     assert source_digest(EVALUATION_SOURCE, root) != before
     metrics.write_text((PACKAGE / "evaluation" / "metrics.py").read_text())
     assert source_digest(EVALUATION_SOURCE, root) == before
