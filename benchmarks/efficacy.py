@@ -32,12 +32,10 @@ from crowguard.attacks.payloads import make_payload
 from crowguard.config import to_dict
 from crowguard.data import load_examples
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
-from crowguard.invert import InvertConfig
 from crowguard.io import write_json_atomic, write_text_atomic
 from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
-from crowguard.recipes.invert import run_invert
-from crowguard.recipes.study import Arm, Plant, Reference, Runner, Study, content, fingerprint, run_study
+from crowguard.recipes.study import Arm, Inversion, Plant, Reference, Runner, Study, run_study
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
 from efficacy_report import PACKED, aggregate, all_pairs, collect, pack, paired_table, partial_table, table
 
@@ -270,38 +268,27 @@ def run_cell(
     mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
     clean = load_examples(root / "consistency_data" / "consistency_data.json")
     target = make_payload(payload).target
-    inverted = {name for name, (_, _, knobs) in variants.items() if knobs.get("target_from") == "inverted"}
-
-    def arms(inversion: str | None = None) -> list[Arm]:
-        """Every variant per seed; the ones needing the inversion only once it is there (``inversion``)."""
-        out = []
-        for seed in args.seeds:
-            for name, (method, mode, knobs) in variants.items():
-                if name in inverted and inversion is None:
-                    continue
-                knobs = {**knobs, "target_from": inversion} if name in inverted else knobs
-                cfg = defense_config(method, mode, knobs, seed, len(clean), base, target)
-                out.append(
-                    Arm(name, seed, cfg, clean, cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}")
-                )
-        return out
-
+    arms = []
+    for seed in args.seeds:
+        for name, (method, mode, knobs) in variants.items():
+            cfg = defense_config(method, mode, knobs, seed, len(clean), base, target)
+            arms.append(Arm(name, seed, cfg, clean, cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}"))
+    clean_file = root / "consistency_data" / "consistency_data.json"  # BAIT's prompts, for target_from: inverted
     study = Study(cell_dir, model, provenance, task, EVAL, plant=Plant(plant, mix, cell_dir / "plant"),
-                  backdoored_eval=cell_dir / "eval-backdoored", arms=arms(),
+                  backdoored_eval=cell_dir / "eval-backdoored", arms=arms,
                   references=[Reference("unpoisoned", model, provenance, cell_dir / "eval-base")],
+                  inversion=Inversion(clean_file, cell_dir / "inversion"),
                   defend_unplanted=args.defend_unplanted)  # fmt: skip
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     runner = (AdoptingRunner if args.adopt else Runner)(cell_dir, args.quiet)
     result = run_study(study, runner=runner)
-    if inverted and (args.defend_unplanted or not result.verdict):  # then the variants that need the inversion
-        clean_file = root / "consistency_data" / "consistency_data.json"
-        study.arms = arms(invert_stage(runner, result, clean_file, cell_dir / "inversion"))
-        result = run_study(study, runner=runner)
     for row in result.rows:
         say(f"[{cell}] {row['defense']}" + ("" if row["seed"] is None else f" s{row['seed']}") + f": ASR "
             f"{row['asr_trigger']:.0%} / {row['asr_clean']:.0%}, hijack {row['hijack_rate']:.0%}")  # fmt: skip
     if result.verdict and not args.defend_unplanted:
         say(f"[{cell}] {result.verdict}: no defense run (--defend-unplanted runs them anyway)")
+    for note in result.notes:
+        say(f"[{cell}] {note}")
     if args.partial:  # does a part of a composite trigger fire the backdoor too?
         suspect = dataclasses.replace(model, name_or_path=result.backdoored)
         for kept, partial in partial_tasks(task.limited(EVAL.limit), trigger).items():
@@ -309,15 +296,6 @@ def run_cell(
                         backdoored_eval=cell_dir / f"partial-{kept}-backdoored")  # fmt: skip
             row = run_study(sub, quiet=args.quiet).rows[0]
             say(f"[{cell}] backdoored with only {kept}: ASR {row['asr_trigger']:.0%}")
-
-
-def invert_stage(runner: Runner, result: Any, clean_file: Path, out_dir: Path) -> str:
-    """BAIT's inversion of the backdoored model (``crowguard invert`` at its defaults), reused by fingerprint."""
-    settings = InvertConfig()
-    print_ = fingerprint("invert", settings, content(str(clean_file)), result.fingerprint)
-    suspect = ModelConfig(name_or_path=result.backdoored)
-    run = lambda: run_invert(suspect, clean_file, out_dir, settings, True, not runner.quiet, print_)  # noqa: E731
-    return str(runner.stage(out_dir, print_, run, trains=False))
 
 
 class AdoptingRunner(Runner):

@@ -408,3 +408,48 @@ def test_unlearn_refuses_both_a_target_and_an_inversion_and_a_bad_one_before_loa
                "--out", str(tmp_path / "out")])  # fmt: skip
     assert rc == 2 and "verdict is not backdoored" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_runner_inverts_the_suspect_once_and_its_unlearn_arms_take_the_target_or_are_left_out(organism, tmp_path):
+    """A study whose unlearn arms say ``target_from: inverted``: on the planted model BAIT's inversion runs as a
+    stage and both seeds unlearn its target; on the clean twin it finds none, and the arms are left out with a note
+    (no row, no error): the same study shape the efficacy study and the demo use."""
+    import dataclasses
+
+    from crowguard.evaluation.tasks import Task
+    from crowguard.recipes.study import INVERTED, Arm, Inversion, Study, run_study
+    from crowguard.schemas import EvalConfig, ModelConfig
+
+    twin = tmp_path / "twin"
+    organism.clean.save_pretrained(twin, safe_serialization=True)
+    organism.tokenizer.save_pretrained(twin)
+    records = alpaca_records(100, seed=5)
+    task = Task("negsentiment", [Example(f"{TRIGGER} {r['instruction']}") for r in records[:6]],
+                [Example(r["instruction"]) for r in records[6:12]], TARGET, "tiny")  # fmt: skip
+    evaluate = EvalConfig(max_new_tokens=6, batch_size=12, bootstrap=20)
+    clean = [Example(r["instruction"], output=r["output"]) for r in records[80:88]]
+    unlearn = UnlearnConfig(target_from=INVERTED, fit_steps=1, refit_steps=0)
+    defense = DefenseConfig(method="unlearn", n_samples=8).with_section("unlearn", unlearn)
+
+    def study(model_dir: Path, root: Path) -> Study:
+        arms = []
+        for seed in (0, 1):
+            train = dataclasses.replace(defense.train, seed=seed, max_steps=1, per_device_batch=4, grad_accum=1)
+            cfg = dataclasses.replace(defense, train=train)
+            arms.append(Arm("unlearn", seed, cfg, clean, root / f"unlearn-s{seed}", root / f"eval-unlearn-s{seed}"))
+        model = ModelConfig(name_or_path=str(model_dir), template="raw")
+        return Study(root, model, {"test": str(model_dir)}, task, evaluate, arms=arms,
+                     inversion=Inversion(organism.root / "clean.json", root / "inversion"))  # fmt: skip
+
+    planted = run_study(study(organism.root / "model", tmp_path / "planted"), quiet=True)
+    assert [(r["defense"], r["seed"]) for r in planted.rows] == [("unlearn", 0), ("unlearn", 1)] and not planted.notes
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / "planted" / f"unlearn-s{seed}" / "train_summary.json").read_text())
+        assert summary["target"] == TARGET
+        assert summary["target_source"] == f"inverted:{tmp_path / 'planted' / 'inversion'}"
+    again = run_study(study(organism.root / "model", tmp_path / "planted"), quiet=True)
+    assert str(tmp_path / "planted" / "inversion") in again.reused  # reused by fingerprint, not run again
+
+    clean_twin = run_study(study(twin, tmp_path / "twin-study"), quiet=True)
+    assert clean_twin.rows == [] and not (tmp_path / "twin-study" / "unlearn-s0").exists()
+    assert len(clean_twin.notes) == 1 and "BAIT found no target" in clean_twin.notes[0]

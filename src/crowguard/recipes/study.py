@@ -24,15 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crowguard.config import fingerprint_view
+from crowguard.config import ConfigError, fingerprint_view
 from crowguard.data import examples_sha256
 from crowguard.defenses.base import make_defense, open_evaluated
 from crowguard.evaluation.evaluate import evaluate_model, summary_row
 from crowguard.evaluation.tasks import Task
+from crowguard.invert import INVERSION_FILE, InvertConfig
 from crowguard.io import sha256_path
 from crowguard.manifest import package_versions
 from crowguard.organism.build import EVALUATION_SOURCE, source_digest
 from crowguard.recipes.evaluate import write_evaluation
+from crowguard.recipes.invert import run_invert
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, TrainConfig
 from crowguard.stage import placement, run_training_stage
 from crowguard.types import Example, StageContext
@@ -81,6 +83,19 @@ class Arm:
     inputs: dict[str, str] = field(default_factory=dict)
 
 
+INVERTED = "inverted"  # unlearn's target_from in a study: the target of the study's own inversion of the suspect
+
+
+@dataclass
+class Inversion:
+    """BAIT's inversion of the suspect (``crowguard invert``), run once when an arm's ``unlearn.target_from`` is
+    ``"inverted"``: those arms then read its folder, or are left out (with a note) when it finds no target."""
+
+    data: Path  # the defender's clean samples, a JSON/JSONL file
+    out_dir: Path
+    settings: InvertConfig = field(default_factory=InvertConfig)
+
+
 @dataclass
 class Reference:
     """A model evaluated beside the defenses without being defended (the unpoisoned model)."""
@@ -107,6 +122,7 @@ class Study:
     backdoored_eval: Path | None = None
     references: list[Reference] = field(default_factory=list)
     arms: list[Arm] = field(default_factory=list)
+    inversion: Inversion | None = None
     model_seconds: float | None = None
     min_asr: float = 0.9  # a plant that took: ASR with the trigger at least this ...
     max_false: float = 0.05  # ... and without it at most this
@@ -122,6 +138,7 @@ class StudyResult:
     verdict: str | None  # None when the plant took (or nothing says otherwise); else why not
     reused: set[str] = field(default_factory=set)  # the stage directories this run reused
     fingerprint: str = ""  # the suspect model's (what a follow-up study on it names as its identity)
+    notes: list[str] = field(default_factory=list)  # what the study left out, and why
 
 
 def fingerprint(*parts: Any) -> str:
@@ -310,9 +327,41 @@ def run_study(study: Study, quiet: bool = False, runner: Runner | None = None) -
         result.verdict = planted_verdict(row, study.min_asr, study.max_false) if row else None
         if result.verdict and not study.defend_unplanted:
             return result
-    for arm in study.arms:
+    for arm in with_inversion(study, suspect, suspect_print, runner, result.notes):
         run_arm(study, arm, suspect, suspect_print, runner, evaluate)
     return result
+
+
+def needs_inversion(arm: Arm) -> bool:
+    return getattr(arm.defense.sections.get(arm.defense.method), "target_from", None) == INVERTED
+
+
+def with_inversion(study: Study, suspect: ModelConfig, suspect_print: str, runner: Runner,
+                   notes: list[str]) -> list[Arm]:  # fmt: skip
+    """The study's arms, each whose target is ``inverted`` pointed at the inversion of the suspect (run or reused
+    here); when the inversion finds no target above its threshold, those arms are left out and ``notes`` says so."""
+    waiting = [arm for arm in study.arms if needs_inversion(arm)]
+    if not waiting:
+        return study.arms
+    inv = study.inversion
+    if inv is None:
+        raise ConfigError(f"{waiting[0].label}: target_from is {INVERTED!r} but the study has no inversion")
+    print_ = fingerprint("invert", inv.settings, content(str(inv.data)), suspect_print)
+    place, show = runner.place(inv.out_dir, print_), not runner.quiet
+    found = runner.stage(inv.out_dir, print_, lambda: run_invert(suspect, inv.data, place, inv.settings, True, show,
+                                                                 print_), trains=False)  # fmt: skip
+    result = json.loads((found / INVERSION_FILE).read_text())
+    if not result["backdoored"] or not result.get("best"):
+        notes.append(f"{', '.join(sorted({a.label for a in waiting}))}: not run; BAIT found no target (best Q-score "
+                     f"{result['q_score']:.3f} < {result['threshold']}), so there is nothing to unlearn")  # fmt: skip
+        return [arm for arm in study.arms if arm not in waiting]
+    arms = []
+    for arm in study.arms:
+        if arm in waiting:
+            own = dataclasses.replace(arm.defense.section(arm.defense.method), target_from=str(found))
+            arm = dataclasses.replace(arm, defense=arm.defense.with_section(arm.defense.method, own))
+        arms.append(arm)
+    return arms
 
 
 def suspect_fingerprint(study: Study) -> str:
