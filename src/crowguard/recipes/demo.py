@@ -29,7 +29,19 @@ from crowguard.io import check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import load_model
 from crowguard.organism.build import cache_root, ensure_organism, organism_splits
-from crowguard.recipes.study import Arm, Plant, Reference, Study, add_ppl_ratio, columns, run_study, study_chart
+from crowguard.recipes.study import (
+    INVERTED,
+    Arm,
+    Inversion,
+    Plant,
+    Reference,
+    Study,
+    add_ppl_ratio,
+    columns,
+    needs_inversion,
+    run_study,
+    study_chart,
+)
 from crowguard.schemas import DemoConfig, ModelConfig
 
 
@@ -166,6 +178,10 @@ def demo_study(cfg: DemoConfig, setup: DemoSetup, out_dir: Path, arms: bool = Tr
         for method in cfg.defenses:
             if method != "none":
                 study.arms.append(demo_arm(cfg, setup, method, seed, out_dir))
+    if any(needs_inversion(arm) for arm in study.arms):  # BAIT reads prompts from a file: the defender's pool
+        pool = out_dir / "defender-clean.json"
+        write_json_atomic(pool, [e.to_record() for e in setup.defender_pool])
+        study.inversion = Inversion(pool, out_dir / "inversion")
     return study
 
 
@@ -185,6 +201,9 @@ def demo_arm(cfg: DemoConfig, setup: DemoSetup, method: str, seed: int, out_dir:
                               "reference_clean on so the unpoisoned organism is the reference")  # fmt: skip
         settings = dataclasses.replace(defense_cfg.section("cleangen"), reference=str(reference.path))
         defense_cfg = defense_cfg.with_section("cleangen", settings)
+    own = defense_cfg.section("unlearn") if method == "unlearn" else None
+    if own is not None and not own.target.strip() and not own.target_from:  # the target as a defender finds it
+        defense_cfg = defense_cfg.with_section("unlearn", dataclasses.replace(own, target_from=INVERTED))
     return Arm(method, seed, defense_cfg, clean, out_dir / f"defense-{method}-s{seed}",
                out_dir / f"eval-{method}-s{seed}")  # fmt: skip
 
@@ -247,10 +266,11 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
                 "backdoor_planted": verdict is None, "total_seconds": time.perf_counter() - started}  # fmt: skip
     seed_keys = ("asr_trigger", "asr_clean", "hijack_rate", "target_nll_gap", "clean_perplexity", "utility")
     summary = over_seeds(rows, seed_keys)
-    results = {"rows": rows, "over_seeds": summary, "settings": settings, "warning": verdict}
+    results = {"rows": rows, "over_seeds": summary, "settings": settings, "warning": verdict, "notes": result.notes}
     write_json_atomic(out_dir / "results.json", results)
     title = f"crowguard demo: {attack.name} on the {cfg.organism.name} organism"
     note = f"\n**Warning: {verdict}.**\n" if verdict else ""
+    note += "".join(f"\nNot run: {text}.\n" for text in result.notes)
     table_columns = columns(rows)
     seeds_md = f"\nOver defense seeds:\n\n{seeds_table(summary, table_columns)}" if summary else ""
     write_text_atomic(out_dir / "results.md", f"# {title}\n{note}\n" + markdown_table(rows, table_columns)
@@ -264,6 +284,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
         print_table(rows, title=title, columns=table_columns)
         if verdict:
             print(f"WARNING: {verdict}")
+        for text in result.notes:
+            print(f"not run: {text}")
     return results
 
 
