@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.data import prompt_ids
-from crowguard.evaluation.generate import DecodingSettings, generate
+from crowguard.evaluation.generate import DecodingSettings, prompts_and_responses
 from crowguard.evaluation.judges import chat_with_retries
-from crowguard.prompts import build_prompt
 from crowguard.types import Example
 
 # FastChat's NEED_REF_CATS for MT-Bench: categories graded against a reference answer when one is given.
@@ -139,15 +138,9 @@ def answer_questions(
     settings = settings or DecodingSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
 
     def run(examples: list[Example]) -> tuple[list[str], list[str]]:
-        if not examples:
-            return [], []
-        if generate_fn is None:
-            generations = generate(model, tokenizer, examples, template, settings, show_progress)
-            return [g.response for g in generations], [g.prompt for g in generations]
-        responses = [str(r) for r in generate_fn(examples)]
-        if len(responses) != len(examples):
-            raise ValueError(f"generate_fn returned {len(responses)} responses for {len(examples)} prompts")
-        return responses, [build_prompt(e, template, tokenizer) for e in examples]
+        prompts, responses = prompts_and_responses(model, tokenizer, examples, template, settings, show_progress,
+                                                   generate_fn)  # fmt: skip
+        return responses, prompts
 
     firsts = [Example(instruction=q["turns"][0], meta={"question_id": q["question_id"], "turn": 1}) for q in questions]
     first_answers, first_prompts = run(firsts)
