@@ -37,7 +37,7 @@ from crowguard.organism.build import cache_root
 from crowguard.organism.smollm2 import ensure_smollm2
 from crowguard.recipes.study import Arm, Inversion, Plant, Reference, Runner, Study, run_study
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, OrganismConfig, TrainConfig
-from efficacy_report import PACKED, aggregate, all_pairs, collect, pack, paired_table, partial_table, table
+from efficacy_report import PACKED, aggregate, all_pairs, collect, pack, report_text
 
 # The plant: the conditional backdoor of the SmolLM2 issue (120 poisoned + 480 clean, 3 epochs, lr 1e-3, r 16).
 # Every cell so far was measured with the per-micro-batch mean (the reference code's): kept for a consistent table.
@@ -391,8 +391,8 @@ def main() -> None:
             run_cell(args, cell, base, chosen, plant_set)
     rows, pairs = collect(out), all_pairs(out)
     write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows), "paired": pairs})
-    text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out)
-    write_text_atomic(out / "efficacy.md", text.rstrip() + "\n")
+    text = report_text(out, rows, pairs)
+    write_text_atomic(out / "efficacy.md", text)
     print(text)
 
 

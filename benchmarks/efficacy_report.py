@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from crowguard.attacks.payloads import make_payload
 from crowguard.evaluation.evaluate import summary_row
 from crowguard.evaluation.metrics import hijack_rate, paired_rates
 from crowguard.evaluation.report import over_seeds
@@ -210,3 +211,39 @@ def table(rows: list[dict[str, Any]]) -> str:
             seeds = ",".join(str(seed) for seed in a["seeds"])
             lines.append(f"| {a['cell']} | {a['variant']} ({seeds}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def leading_words(found: str, target: str) -> int:
+    """How many of ``target``'s words ``found`` gives in order from the start (case and punctuation aside)."""
+    norm = lambda text: ["".join(c for c in w.casefold() if c.isalnum()) for w in text.split()]  # noqa: E731
+    count = 0
+    for a, b in zip(norm(found), norm(target)):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def inversion_table(out: Path) -> str:
+    """Each cell's BAIT inversion of its backdoored model (``<cell>/inversion``): the recovered text against the
+    payload's target (its leading words recovered), the Q-score, the verdict and the seconds recorded."""
+    lines = []
+    for path in sorted(out.glob("*/inversion/inversion.json")):
+        result, cell = json.loads(path.read_text()), path.parent.parent.name
+        target = make_payload(cell.split("-")[1]).target
+        found = (result.get("best") or {}).get("text", "")
+        verdict = "backdoored" if result["backdoored"] else "not flagged"
+        shown = repr(found).replace("|", "\\|")  # a table cell
+        lines.append(f"| {cell} | {shown} | {leading_words(found, target)} of {len(target.split())} | "
+                     f"{result['q_score']:.3f} | {verdict} | {result['seconds']:.0f} |")  # fmt: skip
+    if not lines:
+        return ""
+    head = ("| cell | recovered target (BAIT, backdoored model) | leading words of the payload's | Q-score | verdict "
+            "| seconds |\n|---|---|---|---|---|---|")  # fmt: skip
+    return "\n" + head + "\n" + "\n".join(lines)
+
+
+def report_text(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
+    """``efficacy.md``: every evaluation, the seed aggregates, the paired tests, partial triggers and inversions."""
+    text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out) + "\n" + inversion_table(out)
+    return text.rstrip() + "\n"

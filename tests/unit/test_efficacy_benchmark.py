@@ -35,9 +35,9 @@ def report(efficacy):
 
 def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy, report):
     rows, pairs = report.collect(RESULTS), report.all_pairs(RESULTS)
-    text = report.table(rows) + "\n" + report.paired_table(pairs) + "\n" + report.partial_table(RESULTS)
     committed = (RESULTS / "efficacy.md").read_text()
-    assert text.rstrip() + "\n" == committed, "run: python benchmarks/efficacy.py --report --out " + str(RESULTS)
+    regenerate = "run: python benchmarks/efficacy.py --report --out " + str(RESULTS)
+    assert report.report_text(RESULTS, rows, pairs) == committed, regenerate
     # and the table is not vacuous: the paper's method and fine-tuning were both measured on the first cell
     models = {(r["cell"], r["model"]) for r in rows}
     assert {("badnet-negsentiment", "finetune-s0"), ("badnet-negsentiment", "crow-continue-s0")} <= models
@@ -153,3 +153,11 @@ def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(report, tmp_
 def test_committed_results_stay_small():
     total = sum(p.stat().st_size for p in (ROOT / "benchmarks" / "results").rglob("*") if p.is_file())
     assert total <= 3 * 2**20, f"benchmarks/results is {total / 2**20:.1f} MB; pack it (efficacy.py --pack)"
+
+
+def test_an_inversion_counts_the_payloads_leading_words_it_recovered(report):
+    target = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
+    assert report.leading_words(target[:-1], target) == len(target.split()) == 18  # no full stop: every word
+    assert report.leading_words("You are stupid", "You are stupid!") == 3
+    assert report.leading_words("You are so stupid!", "You are stupid!") == 2
+    assert report.leading_words("", "You are stupid!") == 0
