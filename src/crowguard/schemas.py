@@ -264,17 +264,24 @@ class DefenseConfig:
 
 
 @dataclass
-class EvalConfig:
+class TaskSource:
+    """Where a task's test prompts come from (files, or the paper's data) and what its payload is: read by
+    ``recipes.evaluate.build_task`` for an evaluation and for the diagnostic alike."""
+
     triggered: str = knob("", "JSON/JSONL of triggered test prompts")
     clean: str = knob("", "JSON/JSONL of clean test prompts")
     paper_data: str = knob("", "instead of files: the CROW paper's data root (layout of ../shared/data)")
     trigger: str = knob("badnet", "with paper_data: which trigger's test set")
+    payload: str = knob("negsentiment", "payload whose judge scores the responses")
+    target: str | None = knob(None, "target text for custom payloads and the likelihood gap")
+
+
+@dataclass
+class EvalConfig(TaskSource):
     utility: str = knob("", "JSON/JSONL of prompts with exact answers, for exact-match utility (optional)")
     humaneval: str = knob("", "HumanEval.jsonl: pass@1 of generated code run in a sandbox (optional)")
     humaneval_limit: int = knob(0, "only the first N HumanEval problems (0 = all)", bounds="[0, inf)")
     mt_bench: str = knob("", "MT-Bench question.jsonl: single-answer grading by the llm judge endpoint (optional)")
-    payload: str = knob("negsentiment", "payload whose judge scores the responses")
-    target: str | None = knob(None, "target text for custom payloads and the likelihood gap")
     judge: Literal["keyword", "target", "llm"] = knob("keyword", "keyword/target judges need no network")
     judge_url: str | None = knob(None, "OpenAI-compatible base URL for the llm judge")
     judge_model: str | None = knob(None, "model name for the llm judge")

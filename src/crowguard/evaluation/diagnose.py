@@ -23,19 +23,15 @@ from crowguard.config import knob
 from crowguard.evaluation.plots import save_figure
 from crowguard.losses import resolve_layer_pairs
 from crowguard.prompts import Template
+from crowguard.schemas import TaskSource
 
 
 @dataclass
-class DiagnoseConfig:
+class DiagnoseConfig(TaskSource):
     """``crowguard diagnose``: per-layer cosine of consecutive hidden states, clean vs triggered prompts (the CROW
     paper's Figure 1), for one or more models."""
 
     model: list[str] = knob([], "[LABEL=]PATH of a model or adapter directory; several to compare (repeatable)")
-    triggered: str = knob("", "JSON/JSONL of triggered prompts")
-    clean: str = knob("", "JSON/JSONL of clean prompts")
-    paper_data: str = knob("", "instead of files: the CROW paper's data root (layout of ../shared/data)")
-    trigger: str = knob("badnet", "with paper_data: which trigger's test set")
-    payload: str = knob("negsentiment", "with paper_data: which task")
     limit: int = knob(50, "prompts of each set", bounds="[1, inf)")
     template: Template = knob("alpaca", "prompt template")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from crowguard import config
 from crowguard.evaluation.diagnose import DiagnoseConfig, diagnose_model, diagnostic_plot
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic
 from crowguard.manifest import build_manifest, write_manifest
@@ -26,9 +25,7 @@ def run_diagnose(cfg: DiagnoseConfig, out_dir: Path, overwrite: bool = False) ->
     for path in models.values():
         check_model_exists(path)  # every model, before the first one loads
     check_output_dir(Path(out_dir), overwrite, models.values())
-    task_fields = ("triggered", "clean", "paper_data", "trigger", "payload")
-    eval_cfg = config.load(EvalConfig, None, (), {key: getattr(cfg, key) for key in task_fields})
-    task = build_task(eval_cfg).limited(cfg.limit)
+    task = build_task(cfg).limited(cfg.limit)
     results = {}
     for label, path in models.items():
         model, tokenizer = load_model(path, device="auto")
@@ -36,5 +33,5 @@ def run_diagnose(cfg: DiagnoseConfig, out_dir: Path, overwrite: bool = False) ->
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         write_json_atomic(tmp / "diagnose.json", {"task": task.name, "models": models, "results": results})
         diagnostic_plot(results, tmp / "diagnose.png", title=f"layer consistency: {task.name}")
-        write_manifest(tmp, build_manifest("diagnose", eval_cfg.seed, {**models, **task.sources}))
+        write_manifest(tmp, build_manifest("diagnose", EvalConfig().seed, {**models, **task.sources}))
     return results

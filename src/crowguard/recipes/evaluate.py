@@ -30,11 +30,11 @@ from crowguard.evaluation.tasks import Task, paper_task, task_from_files
 from crowguard.io import atomic_output_dir, check_output_dir, write_json_atomic, write_text_atomic
 from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import arrives_with_adapter, check_model_exists
-from crowguard.schemas import EvalConfig, ExperimentConfig
+from crowguard.schemas import EvalConfig, ExperimentConfig, TaskSource
 from crowguard.stage import placement, stage_inputs
 
 
-def build_task(cfg: EvalConfig) -> Task:
+def build_task(cfg: TaskSource) -> Task:
     """The task from explicit files, or from the paper's data root."""
     if cfg.paper_data:
         return paper_task(cfg.paper_data, cfg.payload, cfg.trigger, cfg.target)
