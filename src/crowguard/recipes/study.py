@@ -71,7 +71,8 @@ class Plant:
 
 @dataclass
 class Arm:
-    """One defense run: its row label, seed, config (the seed in ``defense.train``), clean samples and places."""
+    """One defense run: its row label, seed, config (the seed in ``defense.train``), clean samples and places;
+    ``then``: a run on this one's result (persistence: benign fine-tuning of the defended model), evaluated too."""
 
     label: str
     seed: int | None
@@ -81,6 +82,7 @@ class Arm:
     eval_dir: Path
     resolved_config: Any = None
     inputs: dict[str, str] = field(default_factory=dict)
+    then: Arm | None = None
 
 
 INVERTED = "inverted"  # unlearn's target_from in a study: the target of the study's own inversion of the suspect
@@ -375,7 +377,8 @@ def suspect_fingerprint(study: Study) -> str:
 
 def run_arm(study: Study, arm: Arm, suspect: ModelConfig, suspect_print: str, runner: Runner,
             evaluate: Callable[..., Any]) -> None:  # fmt: skip
-    """One defense on the suspect model (reused by fingerprint), then its evaluation."""
+    """One defense on the suspect model (reused by fingerprint), then its evaluation, then ``arm.then`` on the
+    defended model."""
     defense = make_defense(arm.defense)
     settings = fingerprint_view(arm.defense)
     for name in arm.defense.sections:  # another defense's knobs do not change this one's result
@@ -396,6 +399,8 @@ def run_arm(study: Study, arm: Arm, suspect: ModelConfig, suspect_print: str, ru
     stage_dir = runner.stage(arm.out_dir, print_, lambda: defense.run(suspect, clean, ctx), defense.kind == "training")
     model = dataclasses.replace(suspect, name_or_path=str(stage_dir), adapter=None)
     evaluate(arm.label, arm.seed, model, print_, arm.eval_dir, stage_seconds(str(stage_dir)))
+    if arm.then is not None:
+        run_arm(study, arm.then, model, print_, runner, evaluate)
 
 
 def task_print(study: Study) -> str:
