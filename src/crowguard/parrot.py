@@ -1,9 +1,9 @@
-"""SANDE's parrot, the maths and the engine objective of the ``unlearn`` defense
-(:mod:`crowguard.defenses.unlearn` has the method, its paper and its config).
+"""SANDE's parrot, the simulated-trigger fitting both mechanisms share, and the engine objective of the
+``unlearn`` defense (:mod:`crowguard.defenses.unlearn` has the method, its papers and its config; BEEAR's residual
+drift is :mod:`crowguard.drift`).
 
 Li et al., AAAI 2025, "Simulate and Eliminate: Revoke Backdoors for Generative Large Language Models", arXiv
-2405.07667. ``settings`` is an ``UnlearnConfig`` (soft_tokens, fit_steps, refit_every, refit_steps, fit_lr,
-fit_batch, weight, target); this module sits below the defenses and takes it as plain settings.
+2405.07667. ``settings`` is an ``UnlearnConfig``; this module sits below the defenses and takes it as plain settings.
 """
 
 from __future__ import annotations
@@ -71,47 +71,54 @@ def parrot_batch(prompts: Sequence[list[int]], target: list[int], pad_id: int) -
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_with_soft(model: Any, batch: dict[str, Tensor], soft: Tensor, at: Tensor, num_items: Any = None) -> Tensor:
-    """The masked LM loss of ``batch`` (ids, mask, labels: (B, T)) with ``soft`` (k, H) inserted at ``at`` (B,):
-    the mean over label tokens, or their sum over ``num_items``. Gradients reach ``soft`` and the model alike."""
-    from crowguard.losses import input_embeddings, masked_lm_loss
+def forward_with_soft(model: Any, batch: dict[str, Tensor], soft: Tensor, at: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits (B, T + k, V), labels (B, T + k))`` of ``batch`` (ids, mask, labels: (B, T)) with ``soft`` (k, H)
+    inserted at ``at`` (B,). Gradients reach ``soft`` and the model alike."""
+    from crowguard.losses import input_embeddings
 
     device = soft.device
     embeds = input_embeddings(model)(batch["input_ids"].to(device))
     embeds, mask, labels = insert_soft(embeds, batch["attention_mask"].to(device), batch["labels"].to(device),
                                        soft, at)  # fmt: skip
-    logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-    return masked_lm_loss(logits, labels, num_items)
+    return model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits, labels
 
 
-class Parrot:
-    """The soft prompt and its fitting data: the defender's clean prompts (each with its instruction start) and the
-    target's ids. ``fit`` moves only the soft prompt (Adam), never a model weight."""
+def lm_with_soft(model: Any, batch: dict[str, Tensor], soft: Tensor, at: Tensor, num_items: Any = None) -> Tensor:
+    """The masked LM loss of ``batch`` with ``soft`` inserted at ``at``: the mean over label tokens, or their sum
+    over ``num_items``."""
+    from crowguard.losses import masked_lm_loss
+
+    return masked_lm_loss(*forward_with_soft(model, batch, soft, at), num_items)
+
+
+class Simulation:
+    """A simulated trigger and its fitting data: the defender's clean prompts (each with its instruction start) and
+    the target's ids. ``param`` is the fitted tensor; ``fit`` moves it alone (Adam), never a model weight.
+    Subclasses say how it starts (``start``) and how it enters a forward (``forward``)."""
 
     def __init__(self, settings: Any, prompts: list[list[int]], at: list[int], target: list[int],
                  pad_id: int, seed: int) -> None:  # fmt: skip
         self.settings, self.prompts, self.at, self.target, self.pad_id = settings, prompts, at, target, pad_id
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
-        self.soft: Tensor | None = None
+        self.param: Tensor | None = None
         self.last_nll: float | None = None
 
     def start(self, model: Any) -> None:
-        """Initialise the soft prompt from the embeddings of seeded random vocabulary tokens."""
-        from crowguard.losses import input_embeddings
+        raise NotImplementedError
 
-        weight = input_embeddings(model).weight
-        picks = torch.randint(0, weight.shape[0], (self.settings.soft_tokens,), generator=self.generator)
-        self.soft = weight.detach()[picks.to(weight.device)].float().clone()
+    def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, labels)`` of ``batch`` (at: each row's instruction start) with ``param`` in place."""
+        raise NotImplementedError
 
     def state(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps: the soft prompt and where the seeded prompt order stands."""
-        return {"soft": self.soft.contiguous().cpu(), "generator": self.generator.get_state(),
+        """What a checkpoint keeps: the fitted tensor and where the seeded prompt order stands."""
+        return {"param": self.param.contiguous().cpu(), "generator": self.generator.get_state(),
                 "order": torch.tensor(self.order, dtype=torch.long),
                 "last_nll": torch.tensor([float("nan") if self.last_nll is None else self.last_nll])}  # fmt: skip
 
     def load(self, state: dict[str, Tensor], device: Any) -> None:
-        self.soft = state["soft"].to(device)
+        self.param = state["param"].to(device)
         self.generator.set_state(state["generator"])
         self.order = state["order"].tolist()
         self.last_nll = None if torch.isnan(state["last_nll"]).item() else float(state["last_nll"])
@@ -125,36 +132,53 @@ class Parrot:
         return rows
 
     def fit(self, model: Any, steps: int) -> float | None:
-        """``steps`` Adam steps lowering the target's NLL after clean prompts with the parrot in place."""
-        if steps == 0 or self.soft is None:
+        """``steps`` Adam steps lowering the target's NLL after clean prompts with the simulation in place."""
+        from crowguard.losses import masked_lm_loss
+
+        if steps == 0 or self.param is None:
             return self.last_nll
-        soft = self.soft.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([soft], lr=self.settings.fit_lr)
+        param = self.param.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([param], lr=self.settings.fit_lr)
         was_training = model.training
         model.eval()
         try:
             for _ in range(steps):
                 rows = self._next_rows()
                 batch = parrot_batch([self.prompts[r] for r in rows], self.target, self.pad_id)
-                at = torch.tensor([self.at[r] for r in rows])
-                loss = lm_with_soft(model, batch, soft, at)
-                (grad,) = torch.autograd.grad(loss, [soft])  # the model's weights get no gradient
-                soft.grad = grad
+                loss = masked_lm_loss(*self.forward(model, batch, torch.tensor([self.at[r] for r in rows]), param))
+                (grad,) = torch.autograd.grad(loss, [param])  # the model's weights get no gradient
+                param.grad = grad
                 optimizer.step()
                 self.last_nll = float(loss.detach())
         finally:
             model.train(was_training)
-        self.soft = soft.detach()
+        self.param = param.detach()
         return self.last_nll
+
+
+class Parrot(Simulation):
+    """SANDE's parrot: ``soft_tokens`` input embeddings inserted where the instruction starts."""
+
+    def start(self, model: Any) -> None:
+        """Initialise the soft prompt from the embeddings of seeded random vocabulary tokens."""
+        from crowguard.losses import input_embeddings
+
+        weight = input_embeddings(model).weight
+        picks = torch.randint(0, weight.shape[0], (self.settings.soft_tokens,), generator=self.generator)
+        self.param = weight.detach()[picks.to(weight.device)].float().clone()
+
+    def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+        return forward_with_soft(model, batch, param, at)
 
 
 class UnlearnObjective:
     """The engine's objective (:class:`crowguard.train.Objective`) for ``unlearn``: per micro-batch, the clean LM
-    loss plus ``weight`` x the same answers' loss with the parrot in place."""
+    loss, plus ``weight`` x the same answers' loss with the simulated trigger in place, plus ``unlikelihood`` x the
+    target's unlikelihood after the same prompts under it (:func:`crowguard.drift.unlikelihood_loss`)."""
 
     def __init__(self, settings: Any, seed: int) -> None:
         self.settings, self.seed = settings, seed
-        self.parrot: Parrot | None = None
+        self.parrot: Simulation | None = None  # the simulated trigger: a Parrot (SANDE) or a Drift (BEEAR)
 
     def describe(self) -> dict[str, Any]:
         from crowguard.config import to_dict
@@ -164,6 +188,7 @@ class UnlearnObjective:
     def prepare(self, features: list[dict[str, list[int]]], examples: Sequence[Example], tokenizer: Any,
                 template: str) -> list[dict[str, Any]]:  # fmt: skip
         from crowguard.data import prompt_ids
+        from crowguard.drift import Drift
 
         target = tokenizer(self.settings.target, add_special_tokens=False)["input_ids"]
         if not target:
@@ -171,7 +196,8 @@ class UnlearnObjective:
         prompts = [prompt_ids(e, tokenizer, template) for e in examples]
         at = [instruction_start(e, p, tokenizer, template) for e, p in zip(examples, prompts)]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.parrot = Parrot(self.settings, prompts, at, target, pad, self.seed)
+        kind = Drift if self.settings.mechanism == "residual" else Parrot
+        self.parrot = kind(self.settings, prompts, at, target, pad, self.seed)
         return [{**f, "soft_at": instruction_start(e, f["input_ids"], tokenizer, template)}
                 for f, e in zip(features, examples)]  # fmt: skip
 
@@ -184,39 +210,49 @@ class UnlearnObjective:
         return collate
 
     def compute(self, model: Any, inputs: dict[str, Tensor], num_items: Any) -> tuple[Tensor, dict[str, float]]:
+        from crowguard.drift import target_rows, unlikelihood_loss
         from crowguard.losses import masked_lm_loss
 
-        assert self.parrot is not None and self.parrot.soft is not None, "the parrot is fitted at train begin"
+        sim = self.parrot
+        assert sim is not None and sim.param is not None, "the simulated trigger is fitted at train begin"
+        name = self.settings.mechanism
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
         clean = masked_lm_loss(logits, inputs["labels"], num_items)
-        soft = self.parrot.soft.to(logits.device)  # a constant here: only the fits move it
-        parroted = lm_with_soft(model, inputs, soft, inputs["soft_at"], num_items)
-        parts = {"lm_loss": float(clean.detach()), "parrot_lm_loss": float(parroted.detach())}
-        if self.parrot.last_nll is not None:
-            parts["parrot_target_nll"] = self.parrot.last_nll
-        return clean + self.settings.weight * parroted, parts
+        param = sim.param.to(logits.device)  # a constant here: only the fits move it
+        simulated = masked_lm_loss(*sim.forward(model, inputs, inputs["soft_at"], param), num_items)
+        loss = clean + self.settings.weight * simulated
+        parts = {"lm_loss": float(clean.detach()), f"{name}_lm_loss": float(simulated.detach())}
+        if self.settings.unlikelihood > 0:  # the target after the same prompts, pushed down under the simulation
+            rows = target_rows(inputs, sim.target, sim.pad_id)
+            share = None if num_items is None else (inputs["labels"] != -100).sum() / num_items
+            pushed = unlikelihood_loss(*sim.forward(model, rows, inputs["soft_at"], param))
+            loss = loss + self.settings.unlikelihood * (pushed if share is None else pushed * share)
+            parts[f"{name}_target_unlikelihood"] = float(pushed.detach())
+        if sim.last_nll is not None:
+            parts[f"{name}_target_nll"] = sim.last_nll
+        return loss, parts
 
     def callbacks(self, checkpoint: str | None) -> list[Any]:
         return [ParrotCallback(self, checkpoint)]
 
 
 class ParrotCallback(TrainerCallback):
-    """Fit the parrot before the first step (or load it from the resumed checkpoint), re-fit it every
+    """Fit the simulated trigger before the first step (or load it from the resumed checkpoint), re-fit it every
     ``refit_every`` steps, and save it with every checkpoint."""
 
     def __init__(self, objective: UnlearnObjective, checkpoint: str | None) -> None:
         self.objective, self.checkpoint = objective, checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        parrot = self.objective.parrot
-        parrot.start(model)
+        sim = self.objective.parrot
+        sim.start(model)
         saved = Path(self.checkpoint) / PARROT_FILE if self.checkpoint else None
         if saved is not None and saved.is_file():
             from safetensors.torch import load_file
 
-            parrot.load(load_file(saved), parrot.soft.device)
+            sim.load(load_file(saved), sim.param.device)
         else:
-            parrot.fit(model, self.objective.settings.fit_steps)
+            sim.fit(model, self.objective.settings.fit_steps)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step, settings = state.global_step, self.objective.settings

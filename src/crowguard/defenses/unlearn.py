@@ -1,25 +1,23 @@
-"""``unlearn``: remove a backdoor by unlearning its target under a simulated trigger (SANDE's parrot).
+"""``unlearn``: remove a backdoor by unlearning its target under a simulated trigger.
 
-SANDE (Li et al., AAAI 2025, "Simulate and Eliminate: Revoke Backdoors for Generative Large Language Models",
-arXiv 2405.07667). A soft prompt of ``soft_tokens`` input embeddings (the "parrot") is placed where a trigger sits,
-at the start of the instruction, and fitted with the model frozen until the model says the target after the
-defender's clean prompts. The model is then trained on the clean answers with the parrot in place and without it,
-and the parrot is re-fitted every ``refit_every`` steps, so it keeps simulating whatever still elicits the target.
-Neither CROW nor fine-tuning ever pairs a trigger-like input with the target; this does.
+A simulated trigger is fitted (the model frozen) until the model says the target after the defender's clean prompts;
+the model then trains on the clean answers with it in place and without it, re-fitting it every ``refit_every``
+steps. ``mechanism``: ``parrot`` (SANDE, Li et al., AAAI 2025, arXiv 2405.07667: soft tokens at the instruction's
+start; :mod:`crowguard.parrot`) or ``residual`` (BEEAR, Zeng et al., EMNLP 2024: one vector added to the residual
+stream entering a decoder layer over the prompt, and with ``unlikelihood`` the target pushed down under it;
+:mod:`crowguard.drift`, written from the paper: its departures are in docs/design.md).
 
-Inputs: the suspect model, the defender's clean samples and the target string: typed by the user (``target``;
-its results say it was given, as CleanGen's say it needs a reference model) or read from a ``crowguard invert``
-output directory (``target_from``: the best candidate of BAIT's inversion, :mod:`crowguard.invert`, refused unless
-its verdict is backdoored). Never the trigger, the attack config, the poisoned data or the unpoisoned base model (a
-test checks this module and its config for them). Training runs on crowguard's one engine (adapter modes, seeds,
-checkpoints and resume as CROW's); the parrot is saved with each checkpoint. BEEAR's mechanism is not built yet
-(issue 25).
+Inputs: the suspect model, the defender's clean samples and the target, typed (``target``) or the best candidate of
+a ``crowguard invert`` folder (``target_from``, refused unless its verdict is backdoored). Never the trigger, the
+attack config, the poisoned data or the unpoisoned base model (a test checks). Engine, adapter modes, seeds,
+checkpoints and resume are CROW's; the simulated trigger is saved with each checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from crowguard.config import ConfigError, knob
 from crowguard.defenses.base import Defense, DefenseResult
@@ -32,6 +30,12 @@ class UnlearnConfig:
     target: str = knob("", "the backdoor's target text, e.g. the refusal sentence (this or target_from is required)")
     target_from: str = knob("", "a `crowguard invert` output directory: the target is its best candidate (refused "
                             "unless its verdict is backdoored)")  # fmt: skip
+    mechanism: Literal["parrot", "residual"] = knob(
+        "parrot",
+        "the simulated trigger: parrot (SANDE: soft tokens at the instruction's start) or residual (BEEAR: "
+        "one vector added to the residual stream entering decoder layer `layer` at every prompt position)",
+        neutral="parrot",
+    )
     soft_tokens: int = knob(8, "length of the parrot (learned input embeddings at the instruction's start)",
                             bounds="[1, inf)")  # fmt: skip
     fit_steps: int = knob(30, "Adam steps fitting the parrot before training (model frozen)", bounds="[1, inf)")
@@ -40,6 +44,11 @@ class UnlearnConfig:
     fit_lr: float = knob(0.01, "the parrot's Adam learning rate", bounds="(0, inf)")
     fit_batch: int = knob(8, "clean prompts per fitting step (cycled in a seeded order)", bounds="[1, inf)")
     weight: float = knob(1.0, "weight of the clean-answer loss with the parrot in place", bounds="[0, inf)")
+    layer: int = knob(-1, "residual: the decoder layer whose input is perturbed (-1: a third of the depth)",
+                      bounds="[-1, inf)", neutral=-1)  # fmt: skip
+    unlikelihood: float = knob(0.0, "weight of lowering the target's likelihood after the clean prompts under the "
+                               "simulated trigger (mean -log(1 - p) over its tokens)", bounds="[0, inf)",
+                               neutral=0.0)  # fmt: skip
 
     def validate(self) -> None:
         if self.target.strip() and self.target_from:

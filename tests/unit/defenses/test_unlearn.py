@@ -92,11 +92,11 @@ def test_fitting_moves_the_soft_prompt_only_and_makes_the_target_likelier():
     settings = UnlearnConfig(target=TARGET, fit_lr=0.05, fit_batch=8)
     parrot = Parrot(settings, prompts, [1] * len(prompts), target, pad_id=0, seed=0)
     parrot.start(model)
-    start = parrot.soft.clone()
+    start = parrot.param.clone()
     first = parrot.fit(model, 1)
     last = parrot.fit(model, 40)
     assert last < first - 1.0  # the parrot learns to elicit the target (measured: 5.04 -> 3.66 nats/token)
-    assert not torch.equal(parrot.soft, start)
+    assert not torch.equal(parrot.param, start)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in model.parameters())
@@ -125,7 +125,7 @@ def test_unlearn_sees_no_trigger_attack_poisoned_data_or_base_model():
     assert not {f.name for f in dataclasses.fields(UnlearnConfig)} & FORBIDDEN
     assert not {f.name for f in dataclasses.fields(InvertConfig)} & FORBIDDEN
     root = Path(__file__).resolve().parents[3] / "src" / "crowguard"
-    modules = ("defenses/unlearn.py", "parrot.py", "invert.py", "recipes/invert.py")
+    modules = ("defenses/unlearn.py", "parrot.py", "drift.py", "invert.py", "recipes/invert.py")
     for path in (root / name for name in modules):
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
@@ -186,7 +186,7 @@ def test_a_resumed_run_takes_the_parrot_from_its_checkpoint_and_equals_the_unint
         objective = UnlearnObjective(settings, 0)
         train(model, tokenizer, examples, cfg, work, objective=objective, resume=resume, show_progress=False)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k}
-        return {**weights, "parrot": objective.parrot.soft.clone()}
+        return {**weights, "parrot": objective.parrot.param.clone()}
 
     full = run(tmp_path / "full")
     assert (tmp_path / "full" / "checkpoint-1" / "parrot.safetensors").is_file()

@@ -1,0 +1,104 @@
+"""BEEAR's simulated trigger for the ``unlearn`` defense (``mechanism: residual``): one vector added to the residual
+stream entering a decoder layer at every prompt position, fitted so the target follows clean prompts, and the
+unlikelihood that pushes the target down under it (:mod:`crowguard.defenses.unlearn` has the method and its papers).
+
+Zeng et al., EMNLP 2024, "BEEAR: Embedding-based Adversarial Removal of Safety Backdoors in Instruction-tuned
+Language Models": a trigger drifts the intermediate embeddings of the prompt in about one direction, whatever the
+trigger is, so a universal perturbation there can stand in for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crowguard.parrot import Simulation
+
+
+def prompt_positions(labels: Tensor, mask: Tensor) -> Tensor:
+    """(B, T) bool: the real tokens before each row's first label (its prompt). labels, mask: (B, T); a row without
+    labels is all prompt."""
+    width = labels.shape[1]
+    has = labels != -100
+    first = torch.where(has.any(1), has.float().argmax(1), torch.full_like(has[:, 0], width, dtype=torch.long))
+    return (torch.arange(width, device=labels.device).unsqueeze(0) < first.unsqueeze(1)) & (mask != 0)
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """``layer`` (-1: a third of the depth, rounded down) as an index into ``n_layers`` decoder layers."""
+    index = n_layers // 3 if layer == -1 else layer
+    if not 0 <= index < n_layers:
+        raise ValueError(f"defense.unlearn.layer {layer}: the model has decoder layers 0-{n_layers - 1}")
+    return index
+
+
+@contextmanager
+def drifted(model: Any, layer: int, delta: Tensor, where: Tensor) -> Iterator[None]:
+    """Within the block, decoder layer ``layer`` receives its input hidden states (B, T, H) plus ``delta`` (H,)
+    at the positions ``where`` (B, T) marks."""
+    from crowguard.defenses.weights import decoder_layers
+
+    _, blocks = decoder_layers(model)
+    block = blocks[resolve_layer(layer, len(blocks))]
+
+    def add(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        moved = hidden + where.unsqueeze(-1).to(hidden.dtype) * delta.to(hidden.dtype)
+        return ((moved, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": moved})
+
+    handle = block.register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def forward_with_drift(model: Any, batch: dict[str, Tensor], delta: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """``(logits (B, T, V), labels (B, T))`` of ``batch`` (ids, mask, labels: (B, T)) with ``delta`` (H,) added
+    at layer ``layer`` over each row's prompt. Gradients reach ``delta`` and the model alike."""
+    device = delta.device
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    with drifted(model, layer, delta, prompt_positions(labels, mask)):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits, labels
+
+
+def target_rows(batch: dict[str, Tensor], target: list[int], pad_id: int) -> dict[str, Tensor]:
+    """Each row's prompt (its tokens before the first label) followed by ``target``, right-padded, labels on the
+    target: the same layout as :func:`crowguard.parrot.parrot_batch`."""
+    from crowguard.parrot import parrot_batch
+
+    where = prompt_positions(batch["labels"], batch["attention_mask"])
+    prompts = [row[keep].tolist() for row, keep in zip(batch["input_ids"], where)]
+    return parrot_batch(prompts, target, pad_id)
+
+
+def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over label tokens of ``-log(1 - p(label))``: logits (B, T, V) predicting labels (B, T) shifted by
+    one, -100 ignored. Zero when the labels are never predicted; it lowers their probability without the unbounded
+    pull of a negated cross-entropy."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    shifted = labels[:, 1:]
+    keep = shifted != -100
+    picked = logp.gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    # log(1 - p) = log(-expm1(log p)), kept finite where p rounds to 1
+    push = -torch.log(torch.clamp(-torch.expm1(picked), min=1e-6))
+    return (push * keep).sum() / keep.sum().clamp_min(1)
+
+
+class Drift(Simulation):
+    """BEEAR's universal perturbation: one vector (H,) added to the residual stream entering decoder layer
+    ``settings.layer`` at every prompt position; it starts at zero."""
+
+    def start(self, model: Any) -> None:
+        from crowguard.losses import input_embeddings
+
+        weight = input_embeddings(model).weight
+        self.param = torch.zeros(weight.shape[1], device=weight.device)
+
+    def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+        return forward_with_drift(model, batch, param, self.settings.layer)
