@@ -22,7 +22,8 @@ from crowguard.io import write_json_atomic, write_text_atomic
 EVALUATIONS = "evaluations.json"
 SUMMARY_ROWS = (("n_examples", "examples used"), ("data_sha256", "sha256 of the examples used"),
                 ("steps", "optimizer steps"), ("trainable_parameters", "trainable parameters"), ("seconds", "seconds"),
-                ("peak_rss_mb", "peak memory (MB)"), ("artefact", "saved as"))  # fmt: skip
+                ("peak_rss_mb", "peak memory (MB)"), ("artefact", "saved as"), ("target", "target unlearned"),
+                ("target_source", "where the target came from (given, or inverted:<folder>)"))  # fmt: skip
 CARD = "README.md"
 
 

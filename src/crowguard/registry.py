@@ -49,8 +49,8 @@ DESCRIPTIONS: dict[str, str] = {
     "cleangen": "CleanGen: replace tokens the suspect favours >= alpha x more than a trusted reference model",
     "prune": "zero a fraction of the decoder's linear weights by magnitude, Wanda (|W| x input norm) or LoRA delta",
     "quantize": "round the decoder's linear weights to int8/int4 with torchao (stored dequantized)",
-    "unlearn": "SANDE: fit a soft trigger that elicits a given target, then train the clean answers under it "
-    "(needs the target)",
+    "unlearn": "fit a simulated trigger that elicits a given target (SANDE's soft tokens or BEEAR's residual "
+    "vector), then train the clean answers under it (needs the target)",
 }
 
 

@@ -133,3 +133,5 @@ def test_a_run_through_the_cli_logs_the_drift_and_the_pushed_down_target(tmp_pat
     assert all(r["residual_target_nll"] > 0 for r in logged)
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["unlearn"]["mechanism"] == "residual" and summary["unlearn"]["unlikelihood"] == 1.0
+    card = (tmp_path / "out" / "README.md").read_text()  # the model card says what was unlearned and whence
+    assert f"| target unlearned | {TARGET} |" in card and "| given |" in card
