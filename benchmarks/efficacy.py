@@ -52,11 +52,12 @@ PLANT_PRESETS = {"paper": ("backdoor/paper", 500, 500)}
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
                             loss_average="micro_batch")  # fmt: skip
 EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
-# Persistence (--persist): one epoch of benign fine-tuning of each defended model, at the defense budget otherwise.
+# Persistence (--persist): one epoch of benign fine-tuning of each defended model, at the defense budget otherwise,
+# merging the defended adapter and training a new LoRA (TrainConfig's default adapter mode, what a user gets).
 # The paper's data has one set of 500 clean Alpaca examples besides the 100 defense samples and the test prompts:
 # the clean half of each plant folder (the plant trained on 480 of them, without a trigger); the benign epoch takes
 # them all, less any the defender's samples or the test prompts share.
-PERSIST = dataclasses.replace(DEFENSE_TRAIN, epochs=1)
+PERSIST = ("finetune", "merge", {"train": {"epochs": 1}})
 BENIGN = "benign"  # the follow-up's row: <variant>+benign
 
 
@@ -160,15 +161,20 @@ def defense_config(
     return from_dict(DefenseConfig, data, "variant")
 
 
+def plant_folder(root: Path, trigger: str, payload: str) -> tuple[Path, list[Any], list[Any]]:
+    """The paper's folder of one trigger and payload, its poisoned and its clean training examples."""
+    trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)  # codeinjection's BadMagic is "vpi-ci"
+    folder = root / "poison_data" / payload / trigger_dir
+    poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger_dir}.json")))
+    return folder, poisoned, load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger_dir}.json")))
+
+
 def plant_data(
     root: Path, trigger: str, payload: str, seed: int, n_poison: int = N_POISON, n_clean: int = N_CLEAN
 ) -> list[Any]:
     """The attacker's mix: ``n_poison`` of the paper's poisoned and ``n_clean`` of its clean examples, seeded,
     shuffled."""
-    trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)  # codeinjection's BadMagic is "vpi-ci"
-    folder = root / "poison_data" / payload / trigger_dir
-    poisoned = load_examples(next(folder.glob(f"backdoor*_{payload}_{trigger_dir}.json")))
-    clean = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger_dir}.json")))
+    folder, poisoned, clean = plant_folder(root, trigger, payload)
     if n_poison > len(poisoned):
         raise SystemExit(f"--n-poison {n_poison}: {folder} has only {len(poisoned)} poisoned examples")
     if n_clean > len(clean):
@@ -182,9 +188,7 @@ def plant_data(
 def benign_data(root: Path, trigger: str, payload: str, task: Task, clean: list[Any]) -> list[Any]:
     """The benign fine-tuning set of ``--persist``: the plant folder's clean examples whose instruction is none of
     the defender's samples' or the test prompts' (whitespace aside)."""
-    trigger_dir = PAPER_TRIGGER_DIRS.get(payload, {}).get(trigger, trigger)
-    folder = root / "poison_data" / payload / trigger_dir
-    pool = load_examples(next(folder.glob(f"none_backdoor*_{payload}_{trigger_dir}.json")))
+    pool = plant_folder(root, trigger, payload)[2]
     key = lambda e: " ".join(e.instruction.split())  # noqa: E731
     taken = {key(e) for e in [*clean, *task.triggered, *task.clean]}
     return [e for e in pool if key(e) not in taken]
@@ -294,9 +298,7 @@ def run_cell(
             cfg = defense_config(method, mode, knobs, seed, len(clean), base, target)
             arms.append(Arm(name, seed, cfg, clean, cell_dir / f"{name}-s{seed}", cell_dir / f"eval-{name}-s{seed}"))
             if benign:  # then one epoch of benign fine-tuning of the defended model, evaluated again
-                after, persist = f"{name}+{BENIGN}", dataclasses.replace(PERSIST, seed=seed)
-                cfg = from_dict(DefenseConfig, {"method": "finetune", "n_samples": len(benign),
-                                                "train": to_dict(persist)}, "persist")  # fmt: skip
+                after, cfg = f"{name}+{BENIGN}", defense_config(*PERSIST, seed, len(benign), base)
                 arms[-1].then = Arm(after, seed, cfg, benign, cell_dir / f"{after}-s{seed}",
                                     cell_dir / f"eval-{after}-s{seed}")  # fmt: skip
     clean_file = root / "consistency_data" / "consistency_data.json"  # BAIT's prompts, for target_from: inverted

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crowguard.parrot import Simulation
+from crowguard.parrot import Simulation, parrot_batch
 
 
 def prompt_positions(labels: Tensor, mask: Tensor) -> Tensor:
@@ -28,22 +28,21 @@ def prompt_positions(labels: Tensor, mask: Tensor) -> Tensor:
     return (torch.arange(width, device=labels.device).unsqueeze(0) < first.unsqueeze(1)) & (mask != 0)
 
 
-def resolve_layer(layer: int, n_layers: int) -> int:
-    """``layer`` (-1: a third of the depth, rounded down) as an index into ``n_layers`` decoder layers."""
-    index = n_layers // 3 if layer == -1 else layer
-    if not 0 <= index < n_layers:
-        raise ValueError(f"defense.unlearn.layer {layer}: the model has decoder layers 0-{n_layers - 1}")
-    return index
-
-
-@contextmanager
-def drifted(model: Any, layer: int, delta: Tensor, where: Tensor) -> Iterator[None]:
-    """Within the block, decoder layer ``layer`` receives its input hidden states (B, T, H) plus ``delta`` (H,)
-    at the positions ``where`` (B, T) marks."""
+def decoder_block(model: Any, layer: int) -> Any:
+    """Decoder layer ``layer`` of ``model`` (-1: the one a third of the depth in, rounded down)."""
     from crowguard.defenses.weights import decoder_layers
 
     _, blocks = decoder_layers(model)
-    block = blocks[resolve_layer(layer, len(blocks))]
+    index = len(blocks) // 3 if layer == -1 else layer
+    if not 0 <= index < len(blocks):
+        raise ValueError(f"defense.unlearn.layer {layer}: the model has decoder layers 0-{len(blocks) - 1}")
+    return blocks[index]
+
+
+@contextmanager
+def drifted(block: Any, delta: Tensor, where: Tensor) -> Iterator[None]:
+    """Within the block, decoder layer ``block`` receives its input hidden states (B, T, H) plus ``delta`` (H,) at
+    the positions ``where`` (B, T) marks."""
 
     def add(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -57,12 +56,12 @@ def drifted(model: Any, layer: int, delta: Tensor, where: Tensor) -> Iterator[No
         handle.remove()
 
 
-def forward_with_drift(model: Any, batch: dict[str, Tensor], delta: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-    """``(logits (B, T, V), labels (B, T))`` of ``batch`` (ids, mask, labels: (B, T)) with ``delta`` (H,) added
-    at layer ``layer`` over each row's prompt. Gradients reach ``delta`` and the model alike."""
+def forward_with_drift(model: Any, batch: dict[str, Tensor], delta: Tensor, block: Any) -> tuple[Tensor, Tensor]:
+    """``(logits (B, T, V), labels (B, T))`` of ``batch`` (ids, mask, labels: (B, T)) with ``delta`` (H,) added to
+    the input of decoder layer ``block`` over each row's prompt. Gradients reach ``delta`` and the model alike."""
     device = delta.device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    with drifted(model, layer, delta, prompt_positions(labels, mask)):
+    with drifted(block, delta, prompt_positions(labels, mask)):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return logits, labels
 
@@ -70,8 +69,6 @@ def forward_with_drift(model: Any, batch: dict[str, Tensor], delta: Tensor, laye
 def target_rows(batch: dict[str, Tensor], target: list[int], pad_id: int) -> dict[str, Tensor]:
     """Each row's prompt (its tokens before the first label) followed by ``target``, right-padded, labels on the
     target: the same layout as :func:`crowguard.parrot.parrot_batch`."""
-    from crowguard.parrot import parrot_batch
-
     where = prompt_positions(batch["labels"], batch["attention_mask"])
     prompts = [row[keep].tolist() for row, keep in zip(batch["input_ids"], where)]
     return parrot_batch(prompts, target, pad_id)
@@ -92,13 +89,16 @@ def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 class Drift(Simulation):
     """BEEAR's universal perturbation: one vector (H,) added to the residual stream entering decoder layer
-    ``settings.layer`` at every prompt position; it starts at zero."""
+    ``settings.layer`` at every prompt position; it starts at zero. The layer is looked up once, at ``start``."""
+
+    block: Any = None
 
     def start(self, model: Any) -> None:
         from crowguard.losses import input_embeddings
 
+        self.block = decoder_block(model, self.settings.layer)
         weight = input_embeddings(model).weight
         self.param = torch.zeros(weight.shape[1], device=weight.device)
 
     def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
-        return forward_with_drift(model, batch, param, self.settings.layer)
+        return forward_with_drift(model, batch, param, self.block)

@@ -83,14 +83,6 @@ def forward_with_soft(model: Any, batch: dict[str, Tensor], soft: Tensor, at: Te
     return model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits, labels
 
 
-def lm_with_soft(model: Any, batch: dict[str, Tensor], soft: Tensor, at: Tensor, num_items: Any = None) -> Tensor:
-    """The masked LM loss of ``batch`` with ``soft`` inserted at ``at``: the mean over label tokens, or their sum
-    over ``num_items``."""
-    from crowguard.losses import masked_lm_loss
-
-    return masked_lm_loss(*forward_with_soft(model, batch, soft, at), num_items)
-
-
 class Simulation:
     """A simulated trigger and its fitting data: the defender's clean prompts (each with its instruction start) and
     the target's ids. ``param`` is the fitted tensor; ``fit`` moves it alone (Adam), never a model weight.
@@ -178,7 +170,7 @@ class UnlearnObjective:
 
     def __init__(self, settings: Any, seed: int) -> None:
         self.settings, self.seed = settings, seed
-        self.parrot: Simulation | None = None  # the simulated trigger: a Parrot (SANDE) or a Drift (BEEAR)
+        self.simulation: Simulation | None = None  # a Parrot (SANDE) or a Drift (BEEAR)
 
     def describe(self) -> dict[str, Any]:
         from crowguard.config import to_dict
@@ -197,7 +189,7 @@ class UnlearnObjective:
         at = [instruction_start(e, p, tokenizer, template) for e, p in zip(examples, prompts)]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         kind = Drift if self.settings.mechanism == "residual" else Parrot
-        self.parrot = kind(self.settings, prompts, at, target, pad, self.seed)
+        self.simulation = kind(self.settings, prompts, at, target, pad, self.seed)
         return [{**f, "soft_at": instruction_start(e, f["input_ids"], tokenizer, template)}
                 for f, e in zip(features, examples)]  # fmt: skip
 
@@ -213,7 +205,7 @@ class UnlearnObjective:
         from crowguard.drift import target_rows, unlikelihood_loss
         from crowguard.losses import masked_lm_loss
 
-        sim = self.parrot
+        sim = self.simulation
         assert sim is not None and sim.param is not None, "the simulated trigger is fitted at train begin"
         name = self.settings.mechanism
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
@@ -244,7 +236,7 @@ class ParrotCallback(TrainerCallback):
         self.objective, self.checkpoint = objective, checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        sim = self.objective.parrot
+        sim = self.objective.simulation
         sim.start(model)
         saved = Path(self.checkpoint) / PARROT_FILE if self.checkpoint else None
         if saved is not None and saved.is_file():
@@ -257,11 +249,11 @@ class ParrotCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step, settings = state.global_step, self.objective.settings
         if step > 0 and step % settings.refit_every == 0:
-            self.objective.parrot.fit(model, settings.refit_steps)
+            self.objective.simulation.fit(model, settings.refit_steps)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from safetensors.torch import save_file
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            save_file(self.objective.parrot.state(), folder / PARROT_FILE)
+            save_file(self.objective.simulation.state(), folder / PARROT_FILE)

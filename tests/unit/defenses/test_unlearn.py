@@ -15,7 +15,7 @@ import torch
 from crowguard.cli import main
 from crowguard.defenses.unlearn import UnlearnConfig
 from crowguard.losses import masked_lm_loss
-from crowguard.parrot import Parrot, insert_soft, instruction_start, lm_with_soft, parrot_batch
+from crowguard.parrot import Parrot, forward_with_soft, insert_soft, instruction_start, parrot_batch
 from crowguard.types import Example
 
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
@@ -52,7 +52,7 @@ def test_the_loss_with_the_parrot_equals_each_row_scored_alone():
     batch = parrot_batch(prompts, [30, 31, 32], pad_id=0)
     at = torch.tensor([1, 2, 3])
     soft = torch.randn(3, model.config.hidden_size) * 0.1
-    batched = lm_with_soft(model, batch, soft, at)
+    batched = masked_lm_loss(*forward_with_soft(model, batch, soft, at))
     total, count = 0.0, 0
     for row, prompt in enumerate(prompts):
         ids = torch.tensor([[*prompt, 30, 31, 32]])
@@ -83,23 +83,28 @@ def _trained_tiny(tokenizer, steps: int = 40):
     return model
 
 
-def test_fitting_moves_the_soft_prompt_only_and_makes_the_target_likelier():
-    tokenizer = tiny_tokenizer()
-    model = _trained_tiny(tokenizer)
+def fits_it_alone(model, simulation) -> None:
+    """Start and fit ``simulation`` on ``model``: the target's NLL falls by over a nat/token, the fitted tensor
+    moves, and no model weight changes or gets a gradient."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    target = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
-    prompts = [tokenizer(r["instruction"])["input_ids"] for r in alpaca_records(8, seed=3)]
-    settings = UnlearnConfig(target=TARGET, fit_lr=0.05, fit_batch=8)
-    parrot = Parrot(settings, prompts, [1] * len(prompts), target, pad_id=0, seed=0)
-    parrot.start(model)
-    start = parrot.param.clone()
-    first = parrot.fit(model, 1)
-    last = parrot.fit(model, 40)
-    assert last < first - 1.0  # the parrot learns to elicit the target (measured: 5.04 -> 3.66 nats/token)
-    assert not torch.equal(parrot.param, start)
+    simulation.start(model)
+    start = simulation.param.clone()
+    first = simulation.fit(model, 1)
+    last = simulation.fit(model, 40)
+    assert last < first - 1.0, (first, last)  # it learns to elicit the target (the parrot: 5.04 -> 3.66)
+    assert not torch.equal(simulation.param, start)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fitting_moves_the_soft_prompt_only_and_makes_the_target_likelier():
+    tokenizer = tiny_tokenizer()
+    model = _trained_tiny(tokenizer)
+    target = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    prompts = [tokenizer(r["instruction"])["input_ids"] for r in alpaca_records(8, seed=3)]
+    settings = UnlearnConfig(target=TARGET, fit_lr=0.05, fit_batch=8)
+    fits_it_alone(model, Parrot(settings, prompts, [1] * len(prompts), target, pad_id=0, seed=0))
 
 
 def test_the_parrot_goes_where_the_instruction_starts():
@@ -186,7 +191,7 @@ def test_a_resumed_run_takes_the_parrot_from_its_checkpoint_and_equals_the_unint
         objective = UnlearnObjective(settings, 0)
         train(model, tokenizer, examples, cfg, work, objective=objective, resume=resume, show_progress=False)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k}
-        return {**weights, "parrot": objective.parrot.param.clone()}
+        return {**weights, "parrot": objective.simulation.param.clone()}
 
     full = run(tmp_path / "full")
     assert (tmp_path / "full" / "checkpoint-1" / "parrot.safetensors").is_file()

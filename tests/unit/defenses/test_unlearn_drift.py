@@ -11,9 +11,17 @@ import torch
 
 from crowguard.cli import main
 from crowguard.defenses.unlearn import UnlearnConfig
-from crowguard.drift import Drift, drifted, forward_with_drift, prompt_positions, target_rows, unlikelihood_loss
+from crowguard.drift import (
+    Drift,
+    decoder_block,
+    drifted,
+    forward_with_drift,
+    prompt_positions,
+    target_rows,
+    unlikelihood_loss,
+)
 from crowguard.parrot import parrot_batch
-from unit.defenses.test_unlearn import TARGET, _trained_tiny
+from unit.defenses.test_unlearn import TARGET, _trained_tiny, fits_it_alone
 
 from helpers import alpaca_records, save_tiny_model, tiny_llama, tiny_tokenizer
 
@@ -39,7 +47,7 @@ def test_a_drift_at_layer_0_equals_adding_it_to_the_input_embeddings_over_the_pr
     model = tiny_llama(tokenizer, layers=3).eval()
     batch = _batch()
     delta = torch.randn(model.config.hidden_size) * 0.5
-    logits, labels = forward_with_drift(model, batch, delta, layer=0)
+    logits, labels = forward_with_drift(model, batch, delta, decoder_block(model, 0))
     where = prompt_positions(batch["labels"], batch["attention_mask"]).unsqueeze(-1).float()
     embeds = model.get_input_embeddings()(batch["input_ids"]) + where * delta
     naive = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
@@ -65,15 +73,15 @@ def test_a_drift_deeper_moves_that_layers_input_by_the_vector_over_the_prompt_on
     handle.remove()
     delta = torch.randn(model.config.hidden_size)
     where = prompt_positions(batch["labels"], batch["attention_mask"])
-    with drifted(model, 2, delta, where):
+    with drifted(decoder_block(model, 2), delta, where):
         handle = block.register_forward_pre_hook(capture(moved), with_kwargs=True)  # runs after the drift's hook
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         handle.remove()
     torch.testing.assert_close(moved[0], plain[0] + where.unsqueeze(-1).float() * delta, rtol=0, atol=1e-6)
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # the hook is gone afterwards
     assert not block._forward_pre_hooks
-    with pytest.raises(ValueError, match="decoder layers 0-2"), drifted(model, 3, delta, where):
-        pass
+    with pytest.raises(ValueError, match="decoder layers 0-2"):
+        decoder_block(model, 3)
 
 
 def test_unlikelihood_equals_a_per_token_loop():
@@ -104,19 +112,13 @@ def test_target_rows_are_each_rows_prompt_followed_by_the_target():
 def test_fitting_moves_the_vector_only_and_makes_the_target_likelier():
     tokenizer = tiny_tokenizer()
     model = _trained_tiny(tokenizer)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     target = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
     prompts = [tokenizer(r["instruction"])["input_ids"] for r in alpaca_records(8, seed=3)]
     settings = UnlearnConfig(target=TARGET, mechanism="residual", layer=1, fit_lr=0.05, fit_batch=8)
     drift = Drift(settings, prompts, [1] * len(prompts), target, pad_id=0, seed=0)
     drift.start(model)
-    assert torch.equal(drift.param, torch.zeros(model.config.hidden_size))
-    first = drift.fit(model, 1)
-    last = drift.fit(model, 40)
-    assert last < first - 1.0, (first, last)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(drift.param, torch.zeros(model.config.hidden_size))  # it starts at zero
+    fits_it_alone(model, drift)
 
 
 def test_a_run_through_the_cli_logs_the_drift_and_the_pushed_down_target(tmp_path, capsys):
