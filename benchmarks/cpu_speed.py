@@ -1,8 +1,9 @@
 """CPU speed levers (issue 28): today's path and each lever side by side in one run, at the demo's shapes.
 
 Workloads, through crowguard's own code with the demo's settings (preset ``demo/smollm2``): ``plant`` (plain SFT of
-a new LoRA r 16, batch 8 x 1, 96 tokens), ``finetune`` and ``crow`` (the defenses, batch 2 x 4, continuing an r 16
-adapter; CROW at the paper's alpha 5.5, epsilon 0.1) through the training engine for ``--steps`` steps, and
+a new LoRA r 16, batch 8 x 1, 96 tokens), ``finetune``, ``crow`` and ``unlearn`` (the defenses, batch 2 x 4,
+continuing an r 16 adapter; CROW at the paper's alpha 5.5, epsilon 0.1; unlearn with SANDE's parrot and the payload's
+target) through the training engine for ``--steps`` steps, and
 ``generate`` (greedy decoding of 200 prompts with 16 and 32 new tokens, batch 100, static cache). A lever is
 ``+``-joined atoms (``compile+bf16base``); an atom that does not apply to a workload drops the row. Environment
 atoms (allocator, OpenMP) run in a child process beside a fresh child without them. Each row: ms/step (median,
@@ -14,6 +15,7 @@ and the measurements: docs/benchmarks.md. Run it alone: a second heavy process o
     python benchmarks/cpu_speed.py --model tiny --steps 4         # a random 4-layer Llama: a smoke run only
     python benchmarks/cpu_speed.py --workloads crow --levers compile,bf16base,compile+bf16base --steps 12
     python benchmarks/cpu_speed.py --workloads generate --new-tokens 16 --levers merge,compile,compile+merge
+    python benchmarks/cpu_speed.py --workloads unlearn --levers fused,compile+fused --steps 12 --warmup 2
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 from cpu_speed_levers import ATOMS, DEFAULT_LEVERS, applies, atoms_of, lever_env
 
-WORKLOADS = ("plant", "finetune", "crow", "generate")
+WORKLOADS = ("plant", "finetune", "crow", "unlearn", "generate")
 EQUALITY_STEPS = 10
 FP32_RTOL = 1e-4
 N_PROMPTS = 100  # test prompts, each clean and triggered: 200 decoded
@@ -52,6 +54,7 @@ class Setup:
     train: dict[str, Any]  # workload -> TrainConfig
     crow: dict[str, Any]  # workload -> CrowConfig or None
     examples: dict[str, list[Any]]  # workload -> examples (generate: the prompts)
+    target: str = ""  # the payload's target text: the unlearn workload's (oracle) target
 
 
 def tiny_model() -> tuple[Any, Any, str]:
@@ -103,10 +106,12 @@ def build_setup(model_name: str) -> Setup:
     crow = demo.defense.section("crow")
     return Setup(
         model=model.eval(), tokenizer=tokenizer, described=described,
-        train={"plant": demo.backdoor, "finetune": defense_train, "crow": defense_train},
-        crow={"plant": None, "finetune": CrowConfig(alpha=0.0, epsilon=0.0, layers=crow.layers), "crow": crow},
-        examples={"plant": mix, "finetune": random.Random(0).sample(defender, demo.defense.n_samples),
-                  "crow": random.Random(0).sample(defender, demo.defense.n_samples), "generate": prompts},
+        train={"plant": demo.backdoor, "finetune": defense_train, "crow": defense_train, "unlearn": defense_train},
+        crow={"plant": None, "finetune": CrowConfig(alpha=0.0, epsilon=0.0, layers=crow.layers), "crow": crow,
+              "unlearn": None},
+        examples={"plant": mix, "generate": prompts, **{w: random.Random(0).sample(defender, demo.defense.n_samples)
+                                                         for w in ("finetune", "crow", "unlearn")}},
+        target=attack.payload.target,
     )  # fmt: skip
 
 
@@ -184,7 +189,8 @@ def train_row(setup: Setup, workload: str, lever: str, steps: int, warmup: int) 
     resettable, start_rss = reset_peak_rss(), rss_mb("VmRSS")
     with tempfile.TemporaryDirectory() as work:
         result = train(model, setup.tokenizer, setup.examples[workload], cfg, Path(work), crow=setup.crow[workload],
-                       show_progress=False, callbacks=[probe])  # fmt: skip
+                       show_progress=False, callbacks=[probe],
+                       objective=unlearn_objective(setup, workload, lever))  # fmt: skip
     memory = _memory(resettable, start_rss)
     per_step = [b - a for a, b in zip(probe.times, probe.times[1:])]
     compiled = [b > a for a, b in zip(probe.graphs, probe.graphs[1:])]  # a step in which dynamo made a graph
@@ -198,6 +204,18 @@ def train_row(setup: Setup, workload: str, lever: str, steps: int, warmup: int) 
         "warmup_excess_s": sum(t - median for i, (t, c) in enumerate(zip(per_step, compiled)) if i < warmup or c),
         "losses": [h["loss"] for h in result.log_history if "loss" in h], **memory,
     }  # fmt: skip
+
+
+def unlearn_objective(setup: Setup, workload: str, lever: str) -> Any:
+    """The unlearn workload's objective (SANDE's parrot, the payload's own target, the lever's settings); else None.
+    Its first step carries the parrot's fit (30 Adam steps): ``--warmup`` leaves it out of the median."""
+    if workload != "unlearn":
+        return None
+    from crowguard.defenses.unlearn import UnlearnConfig
+    from crowguard.parrot import UnlearnObjective
+
+    settings = {k: v for atom in atoms_of(lever) for k, v in (ATOMS[atom].unlearn or {}).items()}
+    return UnlearnObjective(dataclasses.replace(UnlearnConfig(target=setup.target), **settings), seed=0)
 
 
 def _memory(resettable: bool, start_rss: float) -> dict[str, float | None]:

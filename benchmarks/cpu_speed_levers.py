@@ -16,6 +16,7 @@ class Atom:
     train: dict[str, Any] | None = None
     generate: dict[str, Any] | None = None
     env: dict[str, str] | None = None
+    unlearn: dict[str, Any] | None = None  # settings of the unlearn workload's own config (it alone takes them)
 
 
 _BIG = str(1 << 32)  # a trim threshold no run reaches: freed memory stays with the process
@@ -26,6 +27,7 @@ ATOMS: dict[str, Atom] = {
     "trainer_compile": Atom("fp32", train={"trainer_args": {"torch_compile": True}}),
     "length_sorted": Atom("batches", train={"trainer_args": {"length_sorted": True}}),
     "merge": Atom("fp32", generate={"merge": True}),
+    "fused": Atom("fp32", unlearn={"fused": True}),
     "malloc": Atom("fp32", env={"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": _BIG}),
     "nommap": Atom("fp32", env={"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": _BIG}),
     "omp_passive": Atom("fp32", env={"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -68,5 +70,9 @@ def lever_env(lever: str) -> tuple[dict[str, str], str | None]:
 
 
 def applies(lever: str, workload: str) -> bool:
-    part = "generate" if workload == "generate" else "train"
-    return all(getattr(ATOMS[a], part) is not None or ATOMS[a].env for a in atoms_of(lever))
+    def fits(atom: Atom) -> bool:
+        if atom.unlearn is not None:
+            return workload == "unlearn"
+        return (atom.generate if workload == "generate" else atom.train) is not None or bool(atom.env)
+
+    return all(fits(ATOMS[a]) for a in atoms_of(lever))

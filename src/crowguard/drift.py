@@ -9,14 +9,14 @@ trigger is, so a universal perturbation there can stand in for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from crowguard.parrot import Simulation, parrot_batch
+from crowguard.parrot import Simulation, parrot_batch, split_parts, stack_parts
 
 
 def prompt_positions(labels: Tensor, mask: Tensor) -> Tensor:
@@ -102,3 +102,12 @@ class Drift(Simulation):
 
     def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
         return forward_with_drift(model, batch, param, self.block)
+
+    def forward_parts(self, model: Any, parts: Sequence[dict[str, Tensor]], simulated: Sequence[bool], at: Tensor,
+                      param: Tensor) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+        device, batch = param.device, stack_parts(parts, self.pad_id)
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        marked = torch.tensor(simulated, device=device).repeat_interleave(at.shape[0])
+        with drifted(self.block, param, prompt_positions(labels, mask) & marked.unsqueeze(1)):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return split_parts(logits, labels, len(parts))

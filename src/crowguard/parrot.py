@@ -71,6 +71,20 @@ def parrot_batch(prompts: Sequence[list[int]], target: list[int], pad_id: int) -
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def stack_parts(parts: Sequence[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
+    """Batches of ``input_ids``/``attention_mask``/``labels`` (B_i, T_i) as one (sum of B_i, max of T_i), in order,
+    each right-padded with ``pad_id`` / 0 / -100."""
+    width = max(part["input_ids"].shape[1] for part in parts)
+    fills = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    return {key: torch.cat([torch.nn.functional.pad(part[key].cpu(), (0, width - part[key].shape[1]), value=fill)
+                            for part in parts]) for key, fill in fills.items()}  # fmt: skip
+
+
+def split_parts(logits: Tensor, labels: Tensor, parts: int) -> list[tuple[Tensor, Tensor]]:
+    """The stacked forward's ``(logits, labels)`` cut back into ``parts`` equal row blocks, in order."""
+    return list(zip(logits.chunk(parts), labels.chunk(parts)))
+
+
 def forward_with_soft(model: Any, batch: dict[str, Tensor], soft: Tensor, at: Tensor) -> tuple[Tensor, Tensor]:
     """``(logits (B, T + k, V), labels (B, T + k))`` of ``batch`` (ids, mask, labels: (B, T)) with ``soft`` (k, H)
     inserted at ``at`` (B,). Gradients reach ``soft`` and the model alike."""
@@ -101,6 +115,13 @@ class Simulation:
 
     def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, labels)`` of ``batch`` (at: each row's instruction start) with ``param`` in place."""
+        raise NotImplementedError
+
+    def forward_parts(self, model: Any, parts: Sequence[dict[str, Tensor]], simulated: Sequence[bool], at: Tensor,
+                      param: Tensor) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+        """One forward over ``parts`` (batches of the same B rows, each row's instruction start ``at`` (B,)), stacked
+        and right-padded; the simulation in place in the parts ``simulated`` marks only. ``(logits, labels)`` per
+        part: equal, up to float rounding, to a separate forward of each (``forward``, or the plain model)."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Tensor]:
@@ -162,6 +183,22 @@ class Parrot(Simulation):
     def forward(self, model: Any, batch: dict[str, Tensor], at: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
         return forward_with_soft(model, batch, param, at)
 
+    def forward_parts(self, model: Any, parts: Sequence[dict[str, Tensor]], simulated: Sequence[bool], at: Tensor,
+                      param: Tensor) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+        from crowguard.losses import input_embeddings
+
+        device, batch = param.device, stack_parts(parts, self.pad_id)
+        width, k = batch["input_ids"].shape[1], param.shape[0]
+        marked = torch.tensor(simulated, device=device).repeat_interleave(at.shape[0])  # (rows,)
+        # a part without the parrot gets its slots at the end of every row, masked: padding after its tokens
+        where = torch.where(marked, at.to(device).repeat(len(parts)), width)
+        embeds = input_embeddings(model)(batch["input_ids"].to(device))
+        embeds, mask, labels = insert_soft(embeds, batch["attention_mask"].to(device), batch["labels"].to(device),
+                                           param, where)  # fmt: skip
+        mask[~marked, width : width + k] = 0
+        logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        return split_parts(logits, labels, len(parts))
+
 
 class UnlearnObjective:
     """The engine's objective (:class:`crowguard.train.Objective`) for ``unlearn``: per micro-batch, the clean LM
@@ -207,17 +244,23 @@ class UnlearnObjective:
 
         sim = self.simulation
         assert sim is not None and sim.param is not None, "the simulated trigger is fitted at train begin"
-        name = self.settings.mechanism
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
-        clean = masked_lm_loss(logits, inputs["labels"], num_items)
-        param = sim.param.to(logits.device)  # a constant here: only the fits move it
-        simulated = masked_lm_loss(*sim.forward(model, inputs, inputs["soft_at"], param), num_items)
+        name, at = self.settings.mechanism, inputs["soft_at"]
+        param = sim.param.to(inputs["input_ids"].device)  # a constant here: only the fits move it
+        batches = [inputs, inputs]  # the clean answers without, then with the simulated trigger
+        if self.settings.unlikelihood > 0:  # and the target after the same prompts, under it
+            batches.append(target_rows(inputs, sim.target, sim.pad_id))
+        if self.settings.fused:
+            outputs = sim.forward_parts(model, batches, [False, *[True] * (len(batches) - 1)], at, param)
+        else:
+            plain = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            outputs = [(plain.logits, inputs["labels"]), *(sim.forward(model, b, at, param) for b in batches[1:])]
+        clean = masked_lm_loss(*outputs[0], num_items)
+        simulated = masked_lm_loss(*outputs[1], num_items)
         loss = clean + self.settings.weight * simulated
         parts = {"lm_loss": float(clean.detach()), f"{name}_lm_loss": float(simulated.detach())}
-        if self.settings.unlikelihood > 0:  # the target after the same prompts, pushed down under the simulation
-            rows = target_rows(inputs, sim.target, sim.pad_id)
+        if self.settings.unlikelihood > 0:
             share = None if num_items is None else (inputs["labels"] != -100).sum() / num_items
-            pushed = unlikelihood_loss(*sim.forward(model, rows, inputs["soft_at"], param))
+            pushed = unlikelihood_loss(*outputs[2])
             loss = loss + self.settings.unlikelihood * (pushed if share is None else pushed * share)
             parts[f"{name}_target_unlikelihood"] = float(pushed.detach())
         if sim.last_nll is not None:

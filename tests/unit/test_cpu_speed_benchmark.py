@@ -26,12 +26,24 @@ def bench():
 
 def test_a_tiny_run_measures_today_and_each_lever_and_checks_equality(bench, tmp_path, capsys):
     out = tmp_path / "speed.json"
-    argv = ["--model", "tiny", "--workloads", "plant,generate", "--levers", "bf16base,merge", "--steps", "3",
-            "--warmup", "1", "--new-tokens", "2", "--keep-compile-cache", "--json", str(out)]  # fmt: skip
+    argv = ["--model", "tiny", "--workloads", "plant,unlearn,generate", "--levers", "bf16base,merge,fused",
+            "--steps", "3", "--warmup", "1", "--new-tokens", "2", "--keep-compile-cache",
+            "--json", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     rows = {(r["workload"], r["lever"]): r for r in json.loads(out.read_text())["rows"]}
-    # bf16base is a training lever, merge a decoding one: each appears only where it applies
-    assert set(rows) == {("plant", "base"), ("plant", "bf16base"), ("generate x2", "base"), ("generate x2", "merge")}
+    # bf16base is a training lever, merge a decoding one, fused unlearn's own: each appears only where it applies
+    assert set(rows) == {
+        ("plant", "base"),
+        ("plant", "bf16base"),
+        ("generate x2", "base"),
+        ("generate x2", "merge"),
+        ("unlearn", "base"),
+        ("unlearn", "bf16base"),
+        ("unlearn", "fused"),
+    }
+    fused = rows["unlearn", "fused"]
+    assert fused["kind"] == "fp32" and fused["equal"] and len(fused["losses"]) == 3
+    assert fused["losses"] != rows["plant", "base"]["losses"]  # the unlearn run, not a copy of another
     plant, cast = rows["plant", "base"], rows["plant", "bf16base"]
     assert len(plant["per_step_s"]) == 3 and len(plant["losses"]) == 3 and plant["median_ms"] > 0
     assert plant["max_rel_loss_diff"] == 0 and plant["equal"] and plant["speedup"] == 1
@@ -49,6 +61,8 @@ def test_levers_are_parsed_checked_and_placed(bench):
     assert bench.atoms_of("base") == [] and bench.atoms_of("compile+bf16base") == ["compile", "bf16base"]
     assert bench.applies("compile", "generate") and bench.applies("compile", "crow")
     assert not bench.applies("bf16base", "generate") and not bench.applies("merge", "plant")
+    assert bench.applies("fused", "unlearn") and not bench.applies("fused", "crow")
+    assert bench.applies("compile+fused", "unlearn") and not bench.applies("fused", "generate")
     assert bench.applies("malloc", "plant") and bench.applies("omp_passive+merge", "generate")
     env, missing = bench.lever_env("malloc+omp_passive")
     assert missing is None and env["OMP_WAIT_POLICY"] == "PASSIVE" and "MALLOC_TRIM_THRESHOLD_" in env

@@ -137,3 +137,41 @@ def test_a_run_through_the_cli_logs_the_drift_and_the_pushed_down_target(tmp_pat
     assert summary["unlearn"]["mechanism"] == "residual" and summary["unlearn"]["unlikelihood"] == 1.0
     card = (tmp_path / "out" / "README.md").read_text()  # the model card says what was unlearned and whence
     assert f"| target unlearned | {TARGET} |" in card and "| given |" in card
+
+
+@pytest.mark.parametrize("mechanism", ["parrot", "residual"])
+def test_the_fused_forward_gives_the_separate_forwards_loss_and_gradients(mechanism):
+    """``fused``: the clean, simulated and target rows stacked in one forward give each part's loss and the weights'
+    gradients of three separate forwards (float rounding apart), on a right-padded batch of unequal rows."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from crowguard.data import tokenize_examples
+    from crowguard.parrot import UnlearnObjective
+
+    from helpers import grad_dict, unequal_examples
+
+    tokenizer = tiny_tokenizer()
+    examples = unequal_examples(4)
+    features = tokenize_examples(examples, tokenizer, 1024, "alpaca")
+    results = []
+    for fused in (False, True):
+        model = _trained_tiny(tokenizer)
+        settings = UnlearnConfig(target=TARGET, mechanism=mechanism, unlikelihood=0.5, layer=1, fused=fused)
+        objective = UnlearnObjective(settings, seed=0)
+        prepared = objective.prepare(features, examples, tokenizer, "alpaca")
+        inputs = objective.collate(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))(prepared)
+        objective.simulation.start(model)
+        shift = torch.randn(objective.simulation.param.shape, generator=torch.Generator().manual_seed(1))
+        objective.simulation.param = objective.simulation.param + 20 * shift  # a simulation that moves the outputs
+        loss, parts = objective.compute(model, inputs, num_items=None)
+        loss.backward()
+        results.append((float(loss.detach()), parts, grad_dict(model)))
+    (loss0, parts0, grads0), (loss1, parts1, grads1) = results
+    assert inputs["input_ids"].shape[0] == 4 and len(set(map(len, (f["input_ids"] for f in features)))) > 1
+    assert parts0[f"{mechanism}_lm_loss"] != pytest.approx(parts0["lm_loss"], rel=1e-3)  # it acts: 100x the tolerance
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    for key in parts0:
+        assert parts1[key] == pytest.approx(parts0[key], rel=1e-5), key
+    assert grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6)
