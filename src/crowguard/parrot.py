@@ -73,11 +73,12 @@ def parrot_batch(prompts: Sequence[list[int]], target: list[int], pad_id: int) -
 
 def stack_parts(parts: Sequence[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
     """Batches of ``input_ids``/``attention_mask``/``labels`` (B_i, T_i) as one (sum of B_i, max of T_i), in order,
-    each right-padded with ``pad_id`` / 0 / -100."""
-    width = max(part["input_ids"].shape[1] for part in parts)
+    each right-padded with ``pad_id`` / 0 / -100, on the first part's device."""
+    width, device = max(part["input_ids"].shape[1] for part in parts), parts[0]["input_ids"].device
     fills = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-    return {key: torch.cat([torch.nn.functional.pad(part[key].cpu(), (0, width - part[key].shape[1]), value=fill)
-                            for part in parts]) for key, fill in fills.items()}  # fmt: skip
+    return {key: torch.cat([torch.nn.functional.pad(part[key].to(device), (0, width - part[key].shape[1]),
+                                                    value=fill) for part in parts])
+            for key, fill in fills.items()}  # fmt: skip
 
 
 def split_parts(logits: Tensor, labels: Tensor, parts: int) -> list[tuple[Tensor, Tensor]]:
