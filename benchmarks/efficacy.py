@@ -112,6 +112,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # the target from BAIT's inversion of the backdoored model (crowguard invert at its defaults, on the same clean
     # samples the defenses get): trigger-free and target-free
     "unlearn-inverted": ("unlearn", "continue", {"target_from": "inverted"}),
+    # the same with one stacked forward per micro-batch (issue 28's `fused` lever): does it leave efficacy unchanged?
+    "unlearn-inverted-fused": ("unlearn", "continue", {"target_from": "inverted", "fused": True}),
     # BEEAR's mechanism (the preset defenses/unlearn-beear: a residual-stream vector, the target pushed down)
     "unlearn-beear-oracle": ("unlearn", "continue", {**BEEAR, "target": "oracle"}),
     "unlearn-beear-inverted": ("unlearn", "continue", {**BEEAR, "target_from": "inverted"}),
