@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument(
         "--pack",
         action="store_true",
-        help="move each cell's evaluation files into its evaluations.json.gz (committed results)",
+        help="move each cell's evaluation files into its evaluations.json.xz (committed results)",
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()

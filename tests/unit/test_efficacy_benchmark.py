@@ -120,7 +120,7 @@ def test_seeded_labels(report):
 
 def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(report, tmp_path):
     """Committed results are packed (issue 27: <= 3 MB): a cell's evaluations (the runner's ``eval-*/results.json``
-    and the first runs' ``eval-*.json``) become one evaluations.json.gz that reads back to the same dicts, byte for
+    and the first runs' ``eval-*.json``) become one evaluations.json.xz that reads back to the same dicts, byte for
     byte the same when packed again elsewhere; a stage's log is compressed."""
     results = {"eval-base": {"metrics": {"x": 1}}, "eval-finetune-s0": {"records": [{"r": "é"}]}, "partial-a-b": {}}
     for out in ("out", "again"):
@@ -133,17 +133,17 @@ def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(report, tmp_
         before = report.evaluations(cell, "")
         report.pack(tmp_path / out)
     cell = tmp_path / "out" / "badnet-negsentiment"
-    again = (tmp_path / "again" / "badnet-negsentiment" / "evaluations.json.gz").read_bytes()
-    assert (cell / "evaluations.json.gz").read_bytes() == again
-    assert sorted(p.name for p in cell.iterdir()) == ["cell.json", "evaluations.json.gz", "finetune-s0"]
+    again = (tmp_path / "again" / "badnet-negsentiment" / "evaluations.json.xz").read_bytes()
+    assert (cell / "evaluations.json.xz").read_bytes() == again
+    assert sorted(p.name for p in cell.iterdir()) == ["cell.json", "evaluations.json.xz", "finetune-s0"]
     assert report.evaluations(cell, "") == before == results
     assert set(report.evaluations(cell)) == {"eval-base", "eval-finetune-s0"}  # eval- only by default
-    first = (cell / "evaluations.json.gz").read_bytes()
+    first = (cell / "evaluations.json.xz").read_bytes()
     (cell / "eval-crow-s0").mkdir()
     (cell / "eval-crow-s0" / "results.json").write_text('{"runner": 1}')
     report.pack(tmp_path / "out")
     assert report.evaluations(cell)["eval-crow-s0"] == {"runner": 1}
-    assert (cell / "evaluations.json.gz").read_bytes() != first and not (cell / "eval-crow-s0").exists()
+    assert (cell / "evaluations.json.xz").read_bytes() != first and not (cell / "eval-crow-s0").exists()
     assert (cell / "finetune-s0" / "metrics.jsonl.gz").is_file()
     (cell / "eval-base.json").write_text("{}")  # the same evaluation loose and packed: refused
     with pytest.raises(SystemExit, match="also in"):
