@@ -249,7 +249,19 @@ def inversion_table(out: Path) -> str:
     return "\n" + head + "\n" + "\n".join(lines)
 
 
+def target_q_table(out: Path) -> str:
+    """Each recovered target's Q-score forced on the cell's models (``benchmarks/target_q.py``), where scored."""
+    lines = []
+    for path in sorted(out.glob("*/inversion/q-scores.json")):
+        for name, score in json.loads(path.read_text())["scores"].items():
+            lines.append(f"| {path.parent.parent.name} | {name} | {score['q_score']:.3f} |")
+    head = "| cell | model | Q-score of the recovered target, forced (not a scan) |\n|---|---|---|"
+    return "\n" + head + "\n" + "\n".join(lines) if lines else ""
+
+
 def report_text(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
-    """``efficacy.md``: every evaluation, the seed aggregates, the paired tests, partial triggers and inversions."""
+    """``efficacy.md``: every evaluation, the seed aggregates, the paired tests, partial triggers, inversions and
+    the recovered targets' Q-scores on each model."""
     text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out) + "\n" + inversion_table(out)
+    text += "\n" + target_q_table(out)
     return text.rstrip() + "\n"

@@ -45,7 +45,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +442,29 @@ def invert_target(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[i
 
 
 # ------------------------------------------------------------------------------------------ reading a result
+def forced_q_score(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]], token_ids: Sequence[int],
+                   settings: InvertConfig) -> dict[str, Any]:  # fmt: skip
+    """The Q-score a given target (``token_ids``, first token included, >= 2 tokens) gets on ``model`` after
+    ``prompts``: each token after the first forced as the full inversion forces a survivor's warm-up tokens (the
+    same averaging over prompts and n-gram bans). How sure the model is of that target without a trigger; a scan's
+    best Q-score is at least this when the scan reaches the target's first token. ``{"q_score", "probs"}``."""
+    import torch
+
+    if len(token_ids) < 2:
+        raise ValueError("forced_q_score: the target needs two tokens or more (the first one is never scored)")
+    ids = [_prompt_ids(p, tokenizer, settings.max_prompt_tokens) for p in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            every = [PromptCache(model, p, settings.no_repeat_ngram) for p in ids]
+            steps = replace(settings, full_steps=len(token_ids) - 1)
+            [(_, probs)] = full_inversion(model, every, [token_ids[0]], [list(token_ids[1:])], steps, eos=None)
+    finally:
+        model.train(was_training)
+    return {"q_score": q_score(probs), "probs": probs}
+
+
 def inverted_target(out_dir: str | Path) -> tuple[str, dict[str, Any]]:
     """The best candidate's text of a ``crowguard invert`` output directory, and its whole result; a
     :class:`ConfigError` naming the file when it is missing or malformed, found no candidate, or found the model

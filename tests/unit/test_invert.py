@@ -291,6 +291,25 @@ def test_the_speed_benchmark_runs_both_engines_and_they_agree(bench, tmp_path, c
     assert "| batched | merged |" in capsys.readouterr().out
 
 
+def test_the_forced_q_score_is_the_scans_own_and_a_naive_one(organism):
+    """The found target forced on the planted model gets the Q-score the scan gave it; on the clean twin the same
+    target, forced, gets what naive full forwards (each prompt + target prefix run whole, n-gram rule applied,
+    averaged, then BAIT's formula) give, and falls far below the threshold."""
+    from crowguard.invert import forced_q_score
+
+    ids = organism.found.best["token_ids"]
+    planted = forced_q_score(organism.planted, organism.tokenizer, organism.prompts, ids, InvertConfig())
+    assert planted["q_score"] == pytest.approx(organism.found.q_score, abs=1e-5, rel=0)
+    twin = forced_q_score(organism.clean, organism.tokenizer, organism.prompts, ids, InvertConfig())
+    with torch.inference_mode():
+        naive = [_naive_probs(organism.clean, organism.prompts, ids[:i])[ids[i]].item() for i in range(1, len(ids))]
+    assert twin["probs"] == pytest.approx(naive, abs=1e-5, rel=0) and len(naive) == len(ids) - 1
+    assert twin["q_score"] == pytest.approx(q_score(naive), abs=1e-6) and twin["q_score"] < 0.5
+    assert not organism.clean.training
+    with pytest.raises(ValueError, match="two tokens"):
+        forced_q_score(organism.clean, organism.tokenizer, organism.prompts, ids[:1], InvertConfig())
+
+
 # ------------------------------------------------------------------------------------ the command, and unlearn
 def test_invert_command_writes_the_inversion_that_unlearn_then_takes(organism, tmp_path, capsys):
     out = tmp_path / "inv"
