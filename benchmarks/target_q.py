@@ -44,6 +44,8 @@ def models_of(cell_dir: Path) -> dict[str, str]:
 
 def score_cell(cell_dir: Path) -> dict[str, Any]:
     """Score the inversion's best candidate on every model of ``cell_dir`` not yet in its ``q-scores.json``."""
+    if not (cell_dir / "inversion" / INVERSION_FILE).is_file():
+        raise SystemExit(f"{cell_dir}: no inversion/{INVERSION_FILE} (run an unlearn-inverted variant on it first)")
     inversion = json.loads((cell_dir / "inversion" / INVERSION_FILE).read_text())
     best = inversion["best"]
     if best is None:

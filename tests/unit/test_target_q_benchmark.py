@@ -93,3 +93,5 @@ def test_scores_of_another_target_are_not_mixed_in(bench, tmp_path):
     (cell / "inversion" / bench.SCORES).write_text(json.dumps({"target": "something else", "scores": {}}))
     with pytest.raises(SystemExit, match="another target"):
         bench.main(["--out", str(tmp_path), "--cells", cell.name])
+    with pytest.raises(SystemExit, match="no inversion"):
+        bench.main(["--out", str(tmp_path), "--cells", "vpi-refusal"])
