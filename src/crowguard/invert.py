@@ -446,8 +446,9 @@ def forced_q_score(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[
                    settings: InvertConfig) -> dict[str, Any]:  # fmt: skip
     """The Q-score a given target (``token_ids``, first token included, >= 2 tokens) gets on ``model`` after
     ``prompts``: each token after the first forced as the full inversion forces a survivor's warm-up tokens (the
-    same averaging over prompts and n-gram bans). How sure the model is of that target without a trigger; a scan's
-    best Q-score is at least this when the scan reaches the target's first token. ``{"q_score", "probs"}``."""
+    same averaging over prompts and n-gram bans): how sure the model is of the target's rest once its first token
+    is given, without a trigger. Not a scan: a scan follows its own greedy path from each first token, which need
+    not be this target. ``{"q_score", "probs"}``."""
     import torch
 
     if len(token_ids) < 2:
