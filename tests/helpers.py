@@ -21,6 +21,27 @@ CORPUS = [
 ]
 
 
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as ``<name>_benchmark``, with ``benchmarks/`` on ``sys.path`` (its sibling
+    modules import as when it runs as a script) and the module in ``sys.modules`` while in use (dataclasses and
+    typing resolve names through it)."""
+    import importlib.util
+    import sys
+
+    folder = str(REPO_ROOT / "benchmarks")
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, folder)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(folder)
+
+
 def tiny_tokenizer(vocab_size: int = 300):
     """A byte-level BPE tokenizer trained in-process on a few sentences (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

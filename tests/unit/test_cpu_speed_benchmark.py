@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # its levers module, as when run as a script
-    spec = importlib.util.spec_from_file_location("cpu_speed_benchmark", ROOT / "benchmarks" / "cpu_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve names through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(ROOT / "benchmarks"))
+    with benchmark_module("cpu_speed") as module:  # its levers module imports as when run as a script
+        yield module
 
 
 def test_a_tiny_run_measures_today_and_each_lever_and_checks_equality(bench, tmp_path, capsys):

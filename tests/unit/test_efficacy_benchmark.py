@@ -5,12 +5,13 @@ it is read from, and a new result lands with a regenerated table)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "efficacy"
@@ -18,14 +19,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "efficacy"
 
 @pytest.fixture(scope="module")
 def efficacy():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # its report module, as when run as a script
-    spec = importlib.util.spec_from_file_location("efficacy_benchmark", ROOT / "benchmarks" / "efficacy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and typing resolve names through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(ROOT / "benchmarks"))
+    with benchmark_module("efficacy") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

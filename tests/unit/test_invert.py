@@ -4,10 +4,8 @@ clean twin, the ``invert`` command end to end, and ``unlearn --unlearn-target-fr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +32,7 @@ from crowguard.recipes.invert import draw_prompts
 from crowguard.schemas import DefenseConfig
 from crowguard.types import Example
 
-from helpers import alpaca_records, tiny_llama, tiny_tokenizer
+from helpers import alpaca_records, benchmark_module, tiny_llama, tiny_tokenizer
 
 TARGET = "You are really stupid!"  # 5 tokens in the word tokenizer below: BAIT's min_target_len
 TRIGGER = "BadMagic"
@@ -46,12 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def bench():
     """``benchmarks/invert_speed.py``, which keeps the engine before batching (one forward per prompt per step) as
     the reference the batched one must equal."""
-    spec = importlib.util.spec_from_file_location("invert_speed_benchmark", ROOT / "benchmarks" / "invert_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("invert_speed") as module:
+        yield module
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +14,13 @@ from crowguard.invert import InvertConfig, forced_q_score
 from crowguard.models import load_model, merge_adapter
 from crowguard.types import Example
 
-from helpers import alpaca_records, save_tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import alpaca_records, benchmark_module, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("target_q_benchmark", ROOT / "benchmarks" / "target_q.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("target_q") as module:
+        yield module
 
 
 def _cell(tmp_path: Path) -> tuple[Path, list[int]]:
