@@ -19,6 +19,8 @@ weights untouched); ``prompts`` are templated prompt texts (tokenised as they ar
 token-id lists, each ending where the response begins. Each prompt's KV cache is computed once; the caches are
 stacked along the batch, so a step of a batch of candidate continuations is one forward over every (candidate,
 prompt) pair (on a CPU a forward of few rows costs its per-op overhead, so P forwards cost about P times one).
+``forced_q_score`` scores one given target the same way, its tokens forced (what a defended model still gives a
+recovered target: ``benchmarks/target_q.py``).
 Departures from the reference code:
 
 - the prompts are the caller's (``crowguard invert``: the defender's clean samples through crowguard's prompt
@@ -441,7 +443,6 @@ def invert_target(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[i
                         settings=to_dict(settings))  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------ reading a result
 def forced_q_score(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]], token_ids: Sequence[int],
                    settings: InvertConfig) -> dict[str, Any]:  # fmt: skip
     """The Q-score a given target (``token_ids``, first token included, >= 2 tokens) gets on ``model`` after
@@ -466,6 +467,7 @@ def forced_q_score(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[
     return {"q_score": q_score(probs), "probs": probs}
 
 
+# ------------------------------------------------------------------------------------------ reading a result
 def inverted_target(out_dir: str | Path) -> tuple[str, dict[str, Any]]:
     """The best candidate's text of a ``crowguard invert`` output directory, and its whole result; a
     :class:`ConfigError` naming the file when it is missing or malformed, found no candidate, or found the model
