@@ -17,6 +17,7 @@ from crowguard.attacks.payloads import make_payload
 from crowguard.evaluation.evaluate import summary_row
 from crowguard.evaluation.metrics import hijack_rate, paired_rates
 from crowguard.evaluation.report import over_seeds
+from crowguard.invert import InvertConfig
 from crowguard.schemas import EvalConfig
 
 EVAL = EvalConfig()  # the hijack rule's defaults, for evaluations that did not record theirs
@@ -249,13 +250,19 @@ def inversion_table(out: Path) -> str:
     return "\n" + head + "\n" + "\n".join(lines)
 
 
-def target_q_table(out: Path) -> str:
-    """Each recovered target's Q-score forced on the cell's models (``benchmarks/target_q.py``), where scored."""
-    lines = []
+def target_q_table(out: Path, cells: list[str] | None = None) -> str:
+    """Each recovered target's Q-score forced on the cell's models (``benchmarks/target_q.py``), where scored (only
+    ``cells`` when given), and whether it passes BAIT's threshold."""
+    threshold, lines = InvertConfig().q_threshold, []
     for path in sorted(out.glob("*/inversion/q-scores.json")):
+        cell = path.parent.parent.name
+        if cells is not None and cell not in cells:
+            continue
         for name, score in json.loads(path.read_text())["scores"].items():
-            lines.append(f"| {path.parent.parent.name} | {name} | {score['q_score']:.3f} |")
-    head = "| cell | model | Q-score of the recovered target, forced (not a scan) |\n|---|---|---|"
+            above = "yes" if score["q_score"] > threshold else "no"
+            lines.append(f"| {cell} | {name} | {score['q_score']:.3f} | {above} |")
+    head = (f"| cell | model | Q-score of the recovered target, forced (not a scan) | above BAIT's {threshold} |\n"
+            "|---|---|---|---|")  # fmt: skip
     return "\n" + head + "\n" + "\n".join(lines) if lines else ""
 
 

@@ -25,6 +25,7 @@ from crowguard.invert import INVERSION_FILE, InvertConfig, forced_q_score
 from crowguard.io import write_json_atomic
 from crowguard.models import load_model, merge_adapter
 from crowguard.types import Example
+from efficacy_report import target_q_table
 
 SCORES = "q-scores.json"
 
@@ -70,23 +71,15 @@ def score_cell(cell_dir: Path) -> dict[str, Any]:
     return record
 
 
-def table(cells: dict[str, dict[str, Any]], threshold: float = InvertConfig().q_threshold) -> str:
-    lines = ["| cell | model | Q-score of the recovered target | above BAIT's threshold |", "|---|---|---|---|"]
-    for cell, record in cells.items():
-        for name, score in record["scores"].items():
-            lines.append(
-                f"| {cell} | {name} | {score['q_score']:.3f} | {'yes' if score['q_score'] > threshold else 'no'} |"
-            )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="an efficacy run's --out")
     parser.add_argument("--cells", required=True, help="comma-separated cell folders with an inversion")
     args = parser.parse_args(argv)
-    cells = {cell: score_cell(Path(args.out) / cell) for cell in args.cells.split(",")}
-    print(table(cells))
+    cells = args.cells.split(",")
+    for cell in cells:
+        score_cell(Path(args.out) / cell)
+    print(target_q_table(Path(args.out), cells).strip())
     return 0
 
 
