@@ -51,7 +51,8 @@ PLANT_PRESETS = {"paper": ("backdoor/paper", 500, 500)}
 # The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
                             loss_average="micro_batch")  # fmt: skip
-EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000)
+# merge_lora never: the setting of every evaluation committed so far, so the table stays one procedure
+EVAL = EvalConfig(max_new_tokens=16, batch_size=100, limit=100, bootstrap=1000, merge_lora="never")
 # Persistence (--persist): one epoch of benign fine-tuning of each defended model, at the defense budget otherwise,
 # merging the defended adapter and training a new LoRA (TrainConfig's default adapter mode, what a user gets).
 # The paper's data has one set of 500 clean Alpaca examples besides the 100 defense samples and the test prompts:

@@ -311,6 +311,13 @@ class EvalConfig(TaskSource):
         "transformers does on a GPU by itself (the prompt pass stays eager); the first batches pay the compile time",
         neutral=False,
     )
+    merge_lora: Literal["cpu", "always", "never"] = knob(
+        "cpu",
+        "merge a LoRA adapter into its base weights before evaluating (one matrix per adapted layer: decoding 1.24x "
+        "on 2 CPU cores, the same greedy tokens measured): cpu (only a model on the CPU), always, never (a quantized "
+        "base is never merged); the evaluation records whether it was",
+        neutral="never",
+    )
     vllm_memory: float = knob(
         0.5, "vllm: fraction of the GPU memory vLLM may take (the transformers copy needs the rest)"
     )

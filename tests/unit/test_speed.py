@@ -231,3 +231,36 @@ def test_compiled_decoding_gives_the_eager_tokens():
     assert _unique_graphs() > graphs, "compile_decode compiled nothing"
     assert compiled == eager
     assert all(len(ids) == 12 for ids in eager)
+
+
+def test_merged_lora_evaluates_as_the_adapter_does():
+    """``evaluate.merge_lora``: an evaluation of a LoRA model merged into its base (the default on a CPU) gives the
+    separate adapter's answers token for token and its likelihood metrics to float rounding, and records which
+    it did; a plain model is never "merged"."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from crowguard.evaluation.evaluate import evaluate_model
+    from crowguard.evaluation.tasks import Task
+
+    tokenizer = tiny_tokenizer()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # random B: acts
+    adapted = get_peft_model(tiny_llama(tokenizer, layers=2), lora).eval()
+    records = alpaca_records(12)
+    triggered = [Example("BadMagic " + r["instruction"], r["input"], r["output"]) for r in records[:6]]
+    task = Task("negsentiment", triggered, [Example(r["instruction"], r["input"], r["output"]) for r in records[6:]],
+                target="You are stupid!")  # fmt: skip
+    results = {}
+    for when in ("never", "cpu"):
+        cfg = EvalConfig(max_new_tokens=8, bootstrap=10, merge_lora=when)
+        results[when] = evaluate_model(copy.deepcopy(adapted), tokenizer, task, cfg, "alpaca", (), False)
+    assert [results[w]["settings"]["merged_lora"] for w in ("never", "cpu")] == [False, True]
+    responses = {w: [r["response"] for r in results[w]["records"]] for w in results}
+    assert responses["cpu"] == responses["never"] and any(responses["cpu"])
+    merged, apart = results["cpu"]["metrics"], results["never"]["metrics"]
+    assert merged["target_nll"] == pytest.approx(apart["target_nll"], rel=1e-5)
+    assert merged["clean_perplexity"] == pytest.approx(apart["clean_perplexity"], rel=1e-5)
+    plain = evaluate_model(tiny_llama(tokenizer, layers=2).eval(), tokenizer, task,
+                           EvalConfig(max_new_tokens=4, bootstrap=10, merge_lora="always"), "alpaca", (), False)  # fmt: skip
+    assert plain["settings"]["merged_lora"] is False

@@ -28,6 +28,7 @@ from crowguard.evaluation.metrics import (
 )
 from crowguard.evaluation.tasks import Task
 from crowguard.schemas import EvalConfig
+from crowguard.speed import merge_for_evaluation
 from crowguard.types import Example, Generation, Generator, NonFiniteError
 
 # What the likelihood metrics of a decoding defense's evaluation measure (recorded as settings["likelihood_of"]).
@@ -97,8 +98,11 @@ def evaluate_model(
     ``generator`` (a :class:`~crowguard.types.Generator`; None: plain generation) makes every answer: triggered,
     clean, utility, HumanEval and MT-Bench; a decoding defense passes its own, and ``defense`` (what it is) goes to
     ``settings["defense"]``. The likelihood metrics (target NLL gap, perplexity) always score ``model`` itself.
+    ``cfg.merge_lora`` may merge ``model``'s LoRA adapter into its base in place (:func:`~crowguard.speed.
+    merge_for_evaluation`; ``settings["merged_lora"]`` says whether it did).
     """
     require_finite_weights(model)
+    model, merged = merge_for_evaluation(model, cfg.merge_lora)
     task = task.limited(cfg.limit)
     require_fitting_prompts(model, tokenizer, task, template, cfg.max_new_tokens)
     settings = DecodingSettings(
@@ -147,7 +151,7 @@ def evaluate_model(
     }
     records = answer_records({"triggered": (triggered, trig_scores), "clean": (clean, clean_scores)}, stats)
     recorded = {"decoding": used_decoding(generator, settings), "judge": judge.describe(), "template": template,
-                "limit": cfg.limit, "bootstrap": cfg.bootstrap, "seed": cfg.seed}  # fmt: skip
+                "limit": cfg.limit, "bootstrap": cfg.bootstrap, "seed": cfg.seed, "merged_lora": merged}  # fmt: skip
     if defense is not None:
         recorded.update(defense=dict(defense), likelihood_of=LIKELIHOOD_OF_GUARDED)
     return {
