@@ -126,7 +126,8 @@ def run_evaluate(
         inputs["guarded_model"] = target.name_or_path
         if target.adapter:
             inputs["guarded_adapter"] = target.adapter
-    speed = {"compile_decode": cfg.evaluate.compile_decode}  # results.json has it in settings.decoding too
+    # results.json has them too (settings.decoding, settings.merged_lora: whether the adapter was merged)
+    speed = {"compile_decode": cfg.evaluate.compile_decode, "merge_lora": cfg.evaluate.merge_lora}
     write_evaluation(Path(out_dir), results, task.name, inputs, cfg.evaluate.seed, overwrite, {**where, **speed}, cfg)
     # The evaluated directory's model card gains these numbers (only for a directory crowguard wrote; a Hub model
     # or a user's own directory is left untouched).
