@@ -97,7 +97,8 @@ def collect(out: Path) -> list[dict[str, Any]]:
     rows = []
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         for stem, results in evaluations(cell_dir).items():
-            label = stem.removeprefix("eval-").replace("base", "unpoisoned")
+            label = stem.removeprefix("eval-")
+            label = "unpoisoned" if label == "base" else label  # a variant may have "base" in its name
             stage = cell_dir / ("plant" if label == "backdoored" else label)
             manifest, summary_file = stage / "manifest.json", stage / "train_summary.json"
             if manifest.is_file():  # every stage's summary, training or not

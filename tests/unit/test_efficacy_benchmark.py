@@ -36,6 +36,10 @@ def test_the_committed_table_is_what_the_committed_evaluations_give(efficacy, re
     # and the table is not vacuous: the paper's method and fine-tuning were both measured on the first cell
     models = {(r["cell"], r["model"]) for r in rows}
     assert {("badnet-negsentiment", "finetune-s0"), ("badnet-negsentiment", "crow-continue-s0")} <= models
+    # a variant whose name holds "base" keeps it (only eval-base is the unpoisoned model), and its training time
+    bf16 = [r for r in rows if r["cell"] == "badnet-negsentiment-base_dtypebfloat16" and "bf16" in r["model"]]
+    assert sorted(r["model"] for r in bf16) == ["crow-bf16base-s0", "finetune-bf16base-s0"]
+    assert all(r["train_s"] > 0 for r in bf16)
 
 
 def test_every_committed_paired_row_compares_the_same_prompts_and_counts_them(report):
