@@ -1,4 +1,5 @@
-"""``manifest.json``: what produced an artefact (versions, seed, input hashes, world size), for reproducibility."""
+"""``manifest.json``: what produced an artefact (versions, seed, input hashes, world size, the machine), for
+reproducibility."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def machine() -> dict[str, Any]:
+    """The CPU this ran on (its model name from ``/proc/cpuinfo`` where there is one) and how many cores it saw: the
+    times a stage records compare only between like machines (a Xeon with AMX against an AMD EPYC is 1.5-2x)."""
+    name = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_count": os.cpu_count(), "system": platform.system()}
+
+
 def build_manifest(
     stage: str,
     seed: int | None,
@@ -48,6 +61,7 @@ def build_manifest(
         "seed": seed,
         "versions": package_versions(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "machine": machine(),
         "command": " ".join(sys.argv),
         "inputs": hashed,
         **dict(extra or {}),

@@ -10,6 +10,7 @@ weights cast), so a knob that silently did nothing would fail here. Benchmarks o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,7 @@ def test_the_stage_manifest_records_the_levers(tmp_path: Path):
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert (manifest["base_dtype"], manifest["compile"], manifest["precision"]) == ("bfloat16", "off", "fp32")
     assert manifest["dtype"] == "torch.float32"  # the saved adapter's model: the loaded base, restored
+    assert manifest["machine"]["cpu_count"] == os.cpu_count() and manifest["machine"]["cpu"]  # times need the machine
 
 
 def test_lever_settings_that_cannot_work_are_refused():
