@@ -15,8 +15,8 @@ knob whose default is the plain path. Measured side by side by ``benchmarks/cpu_
   one-token decoding steps over the static key/value cache (the prompt pass stays eager), which it does on its own
   on a GPU only.
 - ``evaluate.merge_lora`` (:func:`merge_for_evaluation`): a LoRA adapter is merged into its base weights before an
-  evaluation, so each adapted layer is one matrix product instead of three (decoding 1.24x on 2 CPU cores, the same
-  greedy tokens: ``docs/benchmarks.md``). On by default on a CPU only: a GPU keeps the adapter apart (unmeasured).
+  evaluation, so each adapted layer is one matrix product instead of three (decoding 1.13-1.35x on 2 CPU cores, the
+  same greedy tokens: ``docs/benchmarks.md``). On by default on a CPU only: a GPU keeps the adapter apart (unmeasured).
 """
 
 from __future__ import annotations
