@@ -1,5 +1,6 @@
 """Speed levers of the training engine and of decoding (issue 28: a SmolLM2 step on 2 CPU cores), each behind a
-knob whose default is the plain path. Measured side by side by ``benchmarks/cpu_speed.py``.
+knob whose default is the plain path, but ``evaluate.merge_lora`` (adopted on a CPU: it gives the same tokens).
+Measured side by side by ``benchmarks/cpu_speed.py``.
 
 - ``train.compile: layers`` (:func:`compiled_blocks`): ``torch.compile`` (inductor; on a CPU it writes C++ with
   gcc) of each repeated decoder block, in place, for one training run. Regional compilation
