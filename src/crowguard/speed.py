@@ -169,6 +169,8 @@ def merge_for_evaluation(model: nn.Module, when: str) -> tuple[nn.Module, bool]:
     parameters are all plain floating-point tensors (a quantized base is left apart). Else ``model`` unchanged."""
     from peft import LoraModel, PeftModel
 
+    from crowguard.models import merge_adapter
+
     if when not in ("cpu", "always", "never"):
         raise ConfigError(f"evaluate.merge_lora must be cpu, always or never, got {when!r}")
     if when == "never" or not isinstance(model, PeftModel) or not isinstance(model.base_model, LoraModel):
@@ -178,4 +180,4 @@ def merge_for_evaluation(model: nn.Module, when: str) -> tuple[nn.Module, bool]:
         return model, False
     if not all(type(p.data) is torch.Tensor and p.dtype.is_floating_point for p in parameters):
         return model, False
-    return model.merge_and_unload(), True
+    return merge_adapter(model), True
