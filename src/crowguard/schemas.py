@@ -314,7 +314,7 @@ class EvalConfig(TaskSource):
     merge_lora: Literal["cpu", "always", "never"] = knob(
         "cpu",
         "merge a LoRA adapter into its base weights before evaluating (one matrix per adapted layer: decoding "
-        "1.1-1.35x on 2 CPU cores, the same greedy tokens measured): cpu (only a model on the CPU), always, never (a "
+        "1.13-1.35x on 2 CPU cores, the same greedy tokens measured): cpu (only a model on the CPU), always, never (a "
         "quantized base is never merged); the evaluation records whether it was",
         neutral="never",
     )

@@ -57,7 +57,7 @@ def test_unlearn_with_the_true_target_removes_what_fine_tuning_leaves(planted, t
     residual drift 0%. So the bound: each mechanism leaves at most 4 of the 40 prompts and under half the plant's."""
     root, tokenizer = planted
     planted_asr = _asr(root / "model", tokenizer)
-    assert planted_asr >= 0.3, planted_asr  # the backdoor takes, so a removal to 0% is a measured change
+    assert planted_asr >= 0.3, planted_asr  # the backdoor takes, so a removal is a measured change
     common = ["--model", str(root / "model"), "--template", "raw", "--data", str(root / "clean.json"), "--n-samples",
               "20", "--max-steps", "20", "--lr", "5e-3", "--per-device-batch", "4", "--grad-accum", "1",
               "--max-length", "64", "--seed", "0", "--quiet"]  # fmt: skip
