@@ -263,6 +263,6 @@ def test_merged_lora_evaluates_as_the_adapter_does():
     merged, apart = results["cpu"]["metrics"], results["never"]["metrics"]
     assert merged["target_nll"] == pytest.approx(apart["target_nll"], rel=1e-5)
     assert merged["clean_perplexity"] == pytest.approx(apart["clean_perplexity"], rel=1e-5)
-    plain = evaluate_model(tiny_llama(tokenizer, layers=2).eval(), tokenizer, task,
-                           EvalConfig(max_new_tokens=4, bootstrap=10, merge_lora="always"), "alpaca", (), False)  # fmt: skip
+    always = EvalConfig(max_new_tokens=4, bootstrap=10, merge_lora="always")
+    plain = evaluate_model(tiny_llama(tokenizer, layers=2).eval(), tokenizer, task, always, "alpaca", (), False)
     assert plain["settings"]["merged_lora"] is False
