@@ -46,7 +46,8 @@ PLANT = TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_len
                     loss_average="micro_batch")  # fmt: skip
 N_POISON, N_CLEAN = 120, 480
 # The CROW paper's own plant (issue 26): the shipped preset backdoor/paper (LoRA r 8 / alpha 16, lr 2e-4, 5 epochs,
-# batch 2 x 4) on 500 poisoned + 500 clean examples; length and loss average stay the study's (96, micro_batch).
+# batch 2 x 4) on 500 poisoned + 500 clean examples; length and loss average stay the study's (96, micro_batch;
+# the paper's configs cut at 1024 tokens: --plant-set max_length=1024).
 PLANT_PRESETS = {"paper": ("backdoor/paper", 500, 500)}
 # The defense budget: the paper's (100 samples, lr 1e-3, 5 epochs, cosine, warmup 0.1, batch 2 x 4), length 96.
 DEFENSE_TRAIN = TrainConfig(lr=1e-3, epochs=5, per_device_batch=2, grad_accum=4, max_length=96,
