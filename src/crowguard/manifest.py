@@ -31,14 +31,25 @@ def package_versions() -> dict[str, str | None]:
 
 def machine() -> dict[str, Any]:
     """The CPU this ran on (its model name from ``/proc/cpuinfo`` where there is one) and how many cores it saw: the
-    times a stage records compare only between like machines (a Xeon with AMX against an AMD EPYC is 1.5-2x)."""
+    times a stage records compare only between like machines (a Xeon with AMX against an AMD EPYC is 1.5-2x), with
+    the vector instructions torch uses and whether the CPU has bfloat16 units (a bf16 lever's speed hangs on it)."""
     name = platform.processor() or platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
     except OSError:
         pass
-    return {"cpu": name, "cpu_count": os.cpu_count(), "system": platform.system()}
+    import torch
+
+    from crowguard.speed import cpu_bfloat16_native
+
+    return {
+        "cpu": name,
+        "cpu_count": os.cpu_count(),
+        "system": platform.system(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bfloat16_native": cpu_bfloat16_native(),
+    }
 
 
 def build_manifest(

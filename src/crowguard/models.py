@@ -229,6 +229,11 @@ def load_model(
     )
     if device is not None and not quantize_4bit:  # a 4-bit model is placed when it loads
         model = model.to(resolve_device(device))
+    first = next(model.parameters())
+    if first.dtype == torch.bfloat16:
+        from crowguard.speed import warn_if_slow_bfloat16
+
+        warn_if_slow_bfloat16(f"model.dtype {dtype} loaded {name_or_path} in bfloat16", first.device)
     return model, tokenizer
 
 

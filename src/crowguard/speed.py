@@ -23,6 +23,7 @@ Measured side by side by ``benchmarks/cpu_speed.py``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,6 +138,27 @@ def frozen_base_dtype(model: nn.Module, dtype: str = "model") -> Iterator[int]:
     finally:
         for param, data in originals.items():
             param.data = data
+
+
+def cpu_bfloat16_native() -> bool | None:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-bf16 or AMX tiles, as torch's ``torch.cpu`` probes
+    report); None where this torch has no probe. Without either, a bfloat16 matrix product is emulated and can be
+    far slower than float32 (58x on a Zen 3 EPYC with AVX2 only: ``docs/benchmarks.md``)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if probe is not None]
+    return any(probe() for probe in probes) if probes else None
+
+
+def warn_if_slow_bfloat16(setting: str, device: torch.device | str) -> bool:
+    """Warn (``UserWarning``, one line naming ``setting``) when ``setting`` asks for bfloat16 maths on a CPU that
+    has no bfloat16 hardware (:func:`cpu_bfloat16_native` False): the run is correct but slower, not faster.
+    Returns whether it warned."""
+    if torch.device(device).type != "cpu" or cpu_bfloat16_native() is not False:
+        return False
+    message = (f"{setting}: this CPU has neither AVX512-bf16 nor AMX, so bfloat16 maths is emulated and slower "
+               "than float32 here (58x for a matmul on a Zen 3 EPYC); use float32")  # fmt: skip
+    warnings.warn(message, stacklevel=3)
+    return True
 
 
 @contextlib.contextmanager

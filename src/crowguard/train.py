@@ -27,7 +27,7 @@ from crowguard.data import IGNORE_INDEX, tokenize_examples
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
 from crowguard.resume import check_resume, run_settings, start_fresh, truncate_metrics
 from crowguard.schemas import TrainConfig
-from crowguard.speed import training_levers
+from crowguard.speed import training_levers, warn_if_slow_bfloat16
 from crowguard.train_callbacks import (
     FiniteGuard,
     MetricsFileCallback,
@@ -407,6 +407,9 @@ def train(
     start = time.perf_counter()
     try:
         trainer_compiles = bool(cfg.trainer_args.get("torch_compile"))
+        for knob, value, bf16 in [("precision", cfg.precision, "bf16"), ("base_dtype", cfg.base_dtype, "bfloat16")]:
+            if value == bf16:
+                warn_if_slow_bfloat16(f"train.{knob} {value}", next(model.parameters()).device)
         with training_levers(model, cfg.compile, cfg.base_dtype, trainer_compiles):  # undone when training ends
             output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:

@@ -18,7 +18,13 @@ import torch
 
 from crowguard.defenses.crow import CrowConfig
 from crowguard.schemas import EvalConfig, ModelConfig, TrainConfig
-from crowguard.speed import compiled_blocks, frozen_base_dtype, repeated_blocks
+from crowguard.speed import (
+    compiled_blocks,
+    cpu_bfloat16_native,
+    frozen_base_dtype,
+    repeated_blocks,
+    warn_if_slow_bfloat16,
+)
 from crowguard.stage import run_training_stage
 from crowguard.train import prepare_for_training, train
 from crowguard.types import Example, StageContext
@@ -194,6 +200,46 @@ def test_the_stage_manifest_records_the_levers(tmp_path: Path):
     assert (manifest["base_dtype"], manifest["compile"], manifest["precision"]) == ("bfloat16", "off", "fp32")
     assert manifest["dtype"] == "torch.float32"  # the saved adapter's model: the loaded base, restored
     assert manifest["machine"]["cpu_count"] == os.cpu_count() and manifest["machine"]["cpu"]  # times need the machine
+    assert manifest["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert manifest["machine"]["bfloat16_native"] is cpu_bfloat16_native()
+
+
+def _bf16_hardware(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """The CPU's bfloat16 probes made to answer as a machine with (or without) each unit would."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+def test_bfloat16_on_a_cpu_without_bfloat16_hardware_warns_naming_the_setting(tmp_path: Path, monkeypatch):
+    """A bfloat16 lever on a CPU with neither AVX512-bf16 nor AMX runs emulated, slower than float32 (58x for a
+    matmul on a Zen 3 EPYC): each of train.base_dtype, train.precision and a bfloat16 model.dtype says so, naming
+    itself; with either unit, on another device, or in float32 nothing is said."""
+    import warnings
+
+    from crowguard.models import load_model
+
+    _bf16_hardware(monkeypatch, avx512_bf16=False, amx=False)
+    assert cpu_bfloat16_native() is False
+    with pytest.warns(UserWarning, match="^x: this CPU has neither AVX512-bf16 nor AMX") as seen:
+        assert warn_if_slow_bfloat16("x", "cpu")
+    assert len(seen) == 1
+    examples = _examples(4)
+    for knob, cfg in [("train.base_dtype bfloat16", _cfg(max_steps=1, base_dtype="bfloat16")),
+                      ("train.precision bf16", _cfg(max_steps=1, precision="bf16"))]:  # fmt: skip
+        with pytest.warns(UserWarning, match=f"^{knob}: this CPU"):
+            _losses(tmp_path / knob.split()[0], cfg, examples, crow=None, layers=1)
+    path = save_tiny_model(tmp_path / "base", layers=1)
+    with pytest.warns(UserWarning, match="^model.dtype bfloat16 loaded .* in bfloat16: this CPU"):
+        load_model(str(path), dtype="bfloat16")
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        load_model(str(path), dtype="float32")
+        _losses(tmp_path / "fp32", _cfg(max_steps=1), examples, crow=None, layers=1)
+        assert not warn_if_slow_bfloat16("x", "cuda")
+        for avx512_bf16, amx in [(True, False), (False, True)]:
+            _bf16_hardware(monkeypatch, avx512_bf16, amx)
+            assert cpu_bfloat16_native() is True and not warn_if_slow_bfloat16("x", "cpu")
+    assert not [w for w in quiet if "this CPU has neither" in str(w.message)]
 
 
 def test_lever_settings_that_cannot_work_are_refused():
