@@ -6,7 +6,6 @@ Reads a study's output (``benchmarks/efficacy.py --out``): each cell's ``eval-*`
 
 from __future__ import annotations
 
-import gzip
 import json
 import lzma
 import shutil
@@ -76,8 +75,8 @@ def pack(out: Path) -> None:
     """Move every cell's loose evaluations into its ``evaluations.json.xz`` (deterministic bytes:
     sorted keys of stems, no timestamp), and compress each stage's ``metrics.jsonl``, so committed results stay
     small."""
-    for log in sorted(out.glob("*/*/metrics.jsonl")):
-        log.with_name("metrics.jsonl.gz").write_bytes(gzip.compress(log.read_bytes(), compresslevel=9, mtime=0))
+    for log in sorted(out.glob("*/*/metrics.jsonl")):  # xz: a fifth smaller than gzip -9 on these logs
+        log.with_name("metrics.jsonl.xz").write_bytes(lzma.compress(log.read_bytes(), preset=9 | lzma.PRESET_EXTREME))
         log.unlink()
     for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         unpacked = loose(cell_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import lzma
 import sys
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_packing_a_cell_keeps_every_evaluation_and_is_deterministic(report, tmp_
     report.pack(tmp_path / "out")
     assert report.evaluations(cell)["eval-crow-s0"] == {"runner": 1}
     assert (cell / "evaluations.json.xz").read_bytes() != first and not (cell / "eval-crow-s0").exists()
-    assert (cell / "finetune-s0" / "metrics.jsonl.gz").is_file()
+    assert lzma.decompress((cell / "finetune-s0" / "metrics.jsonl.xz").read_bytes()) == b'{"step": 1}\n'
     (cell / "eval-base.json").write_text("{}")  # the same evaluation loose and packed: refused
     with pytest.raises(SystemExit, match="also in"):
         report.evaluations(cell)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy a run's evaluations and each defense's summary and losses (not its weights, not its model card) from a
 # working --out of benchmarks/efficacy.py into the committed results, then pack them (evaluations.json.xz per cell,
-# metrics.jsonl.gz per stage): copy_run.sh RUN_DIR CELL VARIANT-SEED...
+# metrics.jsonl.xz per stage): copy_run.sh RUN_DIR CELL VARIANT-SEED...
 set -euo pipefail
 run=$1; cell=$2; shift 2
 dest=$(dirname "$0")/$cell
