@@ -233,7 +233,9 @@ def load_model(
     if first.dtype == torch.bfloat16:
         from crowguard.speed import warn_if_slow_bfloat16
 
-        warn_if_slow_bfloat16(f"model.dtype {dtype} loaded {name_or_path} in bfloat16", first.device)
+        # no device given: a training run's Trainer moves the model to the GPU when there is one
+        runs_on = first.device if device is not None or not torch.cuda.is_available() else torch.device("cuda")
+        warn_if_slow_bfloat16(f"model.dtype {dtype} loaded {name_or_path} in bfloat16", runs_on)
     return model, tokenizer
 
 
