@@ -32,21 +32,21 @@ def package_versions() -> dict[str, str | None]:
 def machine() -> dict[str, Any]:
     """The CPU this ran on (its model name from ``/proc/cpuinfo`` where there is one) and how many cores it saw: the
     times a stage records compare only between like machines (a Xeon with AMX against an AMD EPYC is 1.5-2x), with
-    the vector instructions torch uses and whether the CPU has bfloat16 units (a bf16 lever's speed hangs on it)."""
+    the vector instructions torch uses and whether the CPU has bfloat16 units, where the stage ran torch."""
     name = platform.processor() or platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
     except OSError:
         pass
-    import torch
-
+    found = {"cpu": name, "cpu_count": os.cpu_count(), "system": platform.system()}
+    torch = sys.modules.get("torch")  # recorded where the stage ran torch; a data-only stage does not import it
+    if torch is None:
+        return found
     from crowguard.speed import cpu_bfloat16_native
 
     return {
-        "cpu": name,
-        "cpu_count": os.cpu_count(),
-        "system": platform.system(),
+        **found,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bfloat16_native": cpu_bfloat16_native(),
     }

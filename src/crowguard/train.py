@@ -407,9 +407,10 @@ def train(
     start = time.perf_counter()
     try:
         trainer_compiles = bool(cfg.trainer_args.get("torch_compile"))
-        for knob, value, bf16 in [("precision", cfg.precision, "bf16"), ("base_dtype", cfg.base_dtype, "bfloat16")]:
-            if value == bf16:
-                warn_if_slow_bfloat16(f"train.{knob} {value}", next(model.parameters()).device)
+        if cfg.precision == "bf16":
+            warn_if_slow_bfloat16("train.precision bf16", next(model.parameters()).device)
+        if cfg.base_dtype == "bfloat16":
+            warn_if_slow_bfloat16("train.base_dtype bfloat16", next(model.parameters()).device)
         with training_levers(model, cfg.compile, cfg.base_dtype, trainer_compiles):  # undone when training ends
             output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
