@@ -17,8 +17,9 @@ ONION (``--no-onion`` to skip; one forward per word, at most ``--onion-max-words
 triggered test prompts flagged by the reference p-value at 0.05 (is the reference calibrated for the test set?).
 
 Each model's result is ``<out>/<cell>/<model>.json`` (with its per-prompt profiles in ``<model>.profiles.safetensors``)
-and is skipped when it exists, so the table builds up over sessions; a result made with other settings is refused
-(use a new ``--out``). ``--report`` only prints the table of what is there.
+and is skipped when it exists (or its committed ``<model>.json.xz``, packed without the profiles), so the table builds
+up over sessions; a result made with other settings is refused (use a new ``--out``). ``--report`` only prints the
+table of what is there.
 
     CROWGUARD_CACHE=/work/cache HF_HUB_OFFLINE=1 python benchmarks/scan.py --data /work/shared/data \\
         --runs /work/runs/efficacy --out benchmarks/results/scan --models unpoisoned,backdoored,crow-continue-s0
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import lzma
 import os
 import sys
 import tempfile
@@ -126,6 +128,9 @@ def save_profiles(path: Path, profiles: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+UNPACK = {".json": bytes, ".xz": lzma.decompress, ".gz": gzip.decompress}  # a result file by its suffix
+
+
 def run_cell(args: argparse.Namespace, cell_dir: Path, settings: dict[str, Any], say: Any) -> None:
     from crowguard.data import load_examples
     from crowguard.evaluation.tasks import paper_task
@@ -141,10 +146,11 @@ def run_cell(args: argparse.Namespace, cell_dir: Path, settings: dict[str, Any],
     out.mkdir(parents=True, exist_ok=True)
     for name, path in cell_models(cell_dir, args.models.split(",")).items():
         target = out / f"{name}.json"
-        if target.is_file():
-            recorded = json.loads(target.read_text())["settings"]
+        done = next((p for p in (target, out / f"{name}.json.xz") if p.is_file()), None)  # .xz: as committed
+        if done is not None:
+            recorded = json.loads(UNPACK[done.suffix](done.read_bytes()))["settings"]
             if recorded != settings:
-                raise SystemExit(f"{target}: measured with other settings ({recorded}); use a new --out")
+                raise SystemExit(f"{done}: measured with other settings ({recorded}); use a new --out")
             say(f"[{cell_dir.name}] {name}: done, skipped")
             continue
         say(f"[{cell_dir.name}] {name}: {path}")
@@ -157,14 +163,13 @@ def run_cell(args: argparse.Namespace, cell_dir: Path, settings: dict[str, Any],
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
-    """Every model's result under ``out``: ``<cell>/<model>.json``, or ``.json.gz`` as committed (compressed, without
-    the per-prompt profiles, which a rerun writes again)."""
+    """Every model's result under ``out``: ``<cell>/<model>.json``, or ``.json.xz`` as committed (``.json.gz``
+    before; compressed, without the per-prompt profiles, which a rerun writes again)."""
     rows = []
-    for path in sorted([*out.glob("*/*.json"), *out.glob("*/*.json.gz")]):
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        data = json.loads(raw)
+    for path in sorted(p for pattern in ("*/*.json", "*/*.json.xz", "*/*.json.gz") for p in out.glob(pattern)):
+        data = json.loads(UNPACK[path.suffix](path.read_bytes()))
         if "metrics" in data:
-            model = path.name.removesuffix(".gz").removesuffix(".json")
+            model = path.name.removesuffix(path.suffix).removesuffix(".json")
             rows.append({**data, "cell": path.parent.name, "model": model, "path": data["model"]})
     order = {"unpoisoned": 0, "backdoored": 1}
     return sorted(rows, key=lambda r: (r["cell"], order.get(r["model"], 2), r["model"]))
