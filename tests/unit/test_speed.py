@@ -239,6 +239,9 @@ def test_bfloat16_on_a_cpu_without_bfloat16_hardware_warns_naming_the_setting(tm
         for avx512_bf16, amx in [(True, False), (False, True)]:
             _bf16_hardware(monkeypatch, avx512_bf16, amx)
             assert cpu_bfloat16_native() is True and not warn_if_slow_bfloat16("x", "cpu")
+        _bf16_hardware(monkeypatch, avx512_bf16=False, amx=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no device given: the Trainer takes the GPU
+        assert load_model(str(path), dtype="bfloat16")[0].dtype == torch.bfloat16
     assert not [w for w in quiet if "this CPU has neither" in str(w.message)]
 
 
