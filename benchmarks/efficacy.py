@@ -349,7 +349,7 @@ class AdoptingRunner(Runner):
         return super().stage(stage_dir, print_, run, trains)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data", help="the CROW paper's data root")
     parser.add_argument("--out", default="runs/efficacy", help="where every cell's stages and evaluations go")
@@ -391,7 +391,11 @@ def main() -> None:
         help="move each cell's evaluation files into its evaluations.json.xz (committed results)",
     )
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     out = Path(args.out)
