@@ -15,7 +15,7 @@ import time
 
 import torch
 
-# (rows, inner, columns) of a step's products with ``tokens`` rows: SmolLM2's hidden 576, MLP 1536, vocabulary 49,152
+# (inner, columns) of a step's products, each with ``tokens`` rows: SmolLM2's hidden 576, MLP 1536, vocabulary 49,152
 SHAPES = {
     "attention projection": (576, 576),
     "MLP up": (576, 1536),
