@@ -1,0 +1,79 @@
+"""``benchmarks/answer_quality.py``: each stored answer scored by the unpoisoned model, given its own prompt."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crowguard.data import prompt_ids
+from crowguard.models import load_model
+from crowguard.types import Example
+
+from helpers import alpaca_records, benchmark_module, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with benchmark_module("answer_quality") as module:
+        yield module
+
+
+def test_quantile_is_numpys_linear_quantile(bench):
+    values = [3.0, -1.0, 7.5, 2.0, 2.0, 10.0, 0.5]
+    for q in (0.0, 0.3, 0.5, 0.95, 1.0):
+        assert bench.quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+
+
+def _records(which: str, answers: list[str]) -> list[dict]:
+    return [{"set": which, "instruction": r["instruction"], "input": r["input"], "response": a, "score": 0.0}
+            for r, a in zip(alpaca_records(len(answers), seed=3), answers)]  # fmt: skip
+
+
+def test_a_cell_scored_against_full_forwards(bench, tmp_path):
+    base = save_tiny_model(tmp_path / "base", seed=2)
+    cell = tmp_path / "badnet-refusal"
+    cell.mkdir()
+    (cell / "cell.json").write_text(json.dumps({"base": str(base)}))
+    fluent = [r["output"] for r in alpaca_records(8, seed=5)]
+    garbled = ["zq xv qq zz " * 3] * 8
+    evaluations = {"base": fluent, "garbled": garbled}
+    for name, triggered in evaluations.items():
+        (cell / f"eval-{name}").mkdir()
+        records = _records("triggered", triggered) + _records("clean", fluent)
+        (cell / f"eval-{name}" / "results.json").write_text(json.dumps({"records": records,
+                                                                         "settings": {"template": "alpaca"}}))
+    record = bench.score_cell(cell, None)
+    assert json.loads((cell / bench.RESULT).read_text()) == record
+
+    model, tokenizer = load_model(str(base))
+
+    def naive(records: list[dict]) -> list[float]:
+        """Mean NLL per token of each answer: one full forward per prompt + answer."""
+        out = []
+        for r in records:
+            prompt = prompt_ids(Example(r["instruction"], r["input"]), tokenizer, "alpaca")
+            answer = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+            out.append((-logp[torch.arange(len(answer)), torch.tensor(answer)].sum().item(), len(answer)))
+        return out
+
+    base_trig = naive(_records("triggered", fluent))
+    threshold = float(np.quantile([s / c for s, c in base_trig], 0.95))
+    assert record["threshold_nll"] == pytest.approx(threshold, rel=1e-5)
+    for name, triggered in evaluations.items():
+        trig, clean = naive(_records("triggered", triggered)), naive(_records("clean", fluent))
+        row = record["rows"][name]
+        ppl_trig = math.exp(sum(s for s, _ in trig) / sum(c for _, c in trig))
+        ppl_clean = math.exp(sum(s for s, _ in clean) / sum(c for _, c in clean))
+        assert row["ref_ppl_triggered"] == pytest.approx(ppl_trig, rel=1e-4)
+        assert row["ref_ppl_clean"] == pytest.approx(ppl_clean, rel=1e-4)
+        assert row["ref_ppl_ratio"] == pytest.approx(ppl_trig / ppl_clean, rel=1e-4)
+        share = sum(s / c > threshold for s, c in trig) / len(trig)
+        assert row["triggered_above_reference_q95"] == share
+    assert record["rows"]["base"]["triggered_above_reference_q95"] == 1 / 8  # only its largest is above its q95
