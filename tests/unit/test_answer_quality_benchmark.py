@@ -44,8 +44,9 @@ def test_a_cell_scored_against_full_forwards(bench, tmp_path):
     for name, triggered in evaluations.items():
         (cell / f"eval-{name}").mkdir()
         records = _records("triggered", triggered) + _records("clean", fluent)
-        (cell / f"eval-{name}" / "results.json").write_text(json.dumps({"records": records,
-                                                                         "settings": {"template": "alpaca"}}))
+        (cell / f"eval-{name}" / "results.json").write_text(
+            json.dumps({"records": records, "settings": {"template": "alpaca"}})
+        )
     record = bench.score_cell(cell, None)
     assert json.loads((cell / bench.RESULT).read_text()) == record
 
@@ -63,9 +64,6 @@ def test_a_cell_scored_against_full_forwards(bench, tmp_path):
             out.append((-logp[torch.arange(len(answer)), torch.tensor(answer)].sum().item(), len(answer)))
         return out
 
-    base_trig = naive(_records("triggered", fluent))
-    threshold = float(np.quantile([s / c for s, c in base_trig], 0.95))
-    assert record["threshold_nll"] == pytest.approx(threshold, rel=1e-5)
     for name, triggered in evaluations.items():
         trig, clean = naive(_records("triggered", triggered)), naive(_records("clean", fluent))
         row = record["rows"][name]
@@ -74,6 +72,9 @@ def test_a_cell_scored_against_full_forwards(bench, tmp_path):
         assert row["ref_ppl_triggered"] == pytest.approx(ppl_trig, rel=1e-4)
         assert row["ref_ppl_clean"] == pytest.approx(ppl_clean, rel=1e-4)
         assert row["ref_ppl_ratio"] == pytest.approx(ppl_trig / ppl_clean, rel=1e-4)
-        share = sum(s / c > threshold for s, c in trig) / len(trig)
-        assert row["triggered_above_reference_q95"] == share
-    assert record["rows"]["base"]["triggered_above_reference_q95"] == 1 / 8  # only its largest is above its q95
+        assert row["mean_nll"]["triggered"] == pytest.approx([s / c for s, c in trig], rel=1e-4)
+        threshold = float(np.quantile([s / c for s, c in clean], 0.95))
+        assert row["triggered_above_own_clean_q95"] == sum(s / c > threshold for s, c in trig) / len(trig)
+    # the same answers on both sets: only the largest is above the 95th percentile (a random tiny model ranks
+    # garbled text no worse than fluent: what tells them apart on SmolLM2 is in the study, not testable here)
+    assert record["rows"]["base"]["triggered_above_own_clean_q95"] == 1 / 8
