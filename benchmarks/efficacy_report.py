@@ -266,9 +266,22 @@ def target_q_table(out: Path, cells: list[str] | None = None) -> str:
     return "\n" + head + "\n" + "\n".join(lines) if lines else ""
 
 
+def answer_quality_table(out: Path) -> str:
+    """Where ``benchmarks/answer_quality.py`` scored a cell: each model's triggered and clean answers by the
+    unpoisoned model (reference perplexity, their ratio, triggered answers above its own clean answers' q95)."""
+    lines = []
+    for path in sorted(out.glob("*/answer-quality.json")):
+        for name, r in json.loads(path.read_text())["rows"].items():
+            lines.append(f"| {path.parent.name} | {name} | {r['ref_ppl_triggered']:.2f} / {r['ref_ppl_clean']:.2f} | "
+                         f"{r['ref_ppl_ratio']:.2f} | {r['triggered_above_own_clean_q95']:.0%} |")  # fmt: skip
+    head = ("| cell | model | answers' perplexity under the unpoisoned model, triggered / clean | ratio | triggered "
+            "above its clean q95 |\n|---|---|---|---|---|")  # fmt: skip
+    return "\n" + head + "\n" + "\n".join(lines) if lines else ""
+
+
 def report_text(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
-    """``efficacy.md``: every evaluation, the seed aggregates, the paired tests, partial triggers, inversions and
-    the recovered targets' Q-scores on each model."""
+    """``efficacy.md``: every evaluation, the seed aggregates, the paired tests, partial triggers, inversions, the
+    recovered targets' Q-scores on each model and, where scored, the answers' quality."""
     text = table(rows) + "\n" + paired_table(pairs) + "\n" + partial_table(out) + "\n" + inversion_table(out)
-    text += "\n" + target_q_table(out)
+    text += "\n" + target_q_table(out) + "\n" + answer_quality_table(out)
     return text.rstrip() + "\n"
