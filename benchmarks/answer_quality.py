@@ -63,11 +63,15 @@ def summarise(scored: dict[str, list[tuple[float, int]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for which, rows in scored.items():
         total, count = sum(s for s, _ in rows), sum(c for _, c in rows)
-        out[f"ref_ppl_{which}"] = math.exp(total / count) if count else math.nan
-    out["ref_ppl_ratio"] = out["ref_ppl_triggered"] / out["ref_ppl_clean"]
+        out[f"ref_ppl_{which}"] = math.exp(total / count) if count else None  # None: no answer has a token
+    trig, clean = out["ref_ppl_triggered"], out["ref_ppl_clean"]
+    out["ref_ppl_ratio"] = trig / clean if trig is not None and clean is not None else None
     means = {which: [s / c for s, c in rows if c] for which, rows in scored.items()}
-    threshold = quantile(means["clean"], QUANTILE)
-    out["triggered_above_own_clean_q95"] = sum(m > threshold for m in means["triggered"]) / len(means["triggered"])
+    above = None
+    if means["clean"] and means["triggered"]:
+        threshold = quantile(means["clean"], QUANTILE)
+        above = sum(m > threshold for m in means["triggered"]) / len(means["triggered"])
+    out["triggered_above_own_clean_q95"] = above
     out["mean_nll"] = {which: [round(m, 4) for m in values] for which, values in means.items()}  # 4 places: size
     return out
 
@@ -103,9 +107,13 @@ def table(cell: str, record: dict[str, Any]) -> str:
     head = "| cell | model | ref. ppl triggered | ref. ppl clean | ratio | triggered above its clean q95 |"
     lines = [head, "|---|---|---|---|---|---|"]
     for name, r in record["rows"].items():
-        lines.append(f"| {cell} | {name} | {r['ref_ppl_triggered']:.2f} | {r['ref_ppl_clean']:.2f} | "
-                     f"{r['ref_ppl_ratio']:.2f} | {r['triggered_above_own_clean_q95']:.0%} |")  # fmt: skip
+        lines.append(f"| {cell} | {name} | {_num(r['ref_ppl_triggered'])} | {_num(r['ref_ppl_clean'])} | "
+                     f"{_num(r['ref_ppl_ratio'])} | {_num(r['triggered_above_own_clean_q95'], '.0%')} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _num(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,3 +80,12 @@ def test_a_cell_scored_against_full_forwards(bench, tmp_path):
     # the same answers on both sets: only the largest is above the 95th percentile (a random tiny model ranks
     # garbled text no worse than fluent: what tells them apart on SmolLM2 is in the study, not testable here)
     assert record["rows"]["base"]["triggered_above_own_clean_q95"] == 1 / 8
+
+
+def test_a_model_that_says_nothing_gets_no_number(bench):
+    """Empty answers (a model that ends at once) have no token to score: no perplexity, ratio or share, not a 0."""
+    row = bench.summarise({"triggered": [(0.0, 0), (0.0, 0)], "clean": [(2.0, 1), (4.0, 2)]})
+    assert row["ref_ppl_triggered"] is None and row["ref_ppl_ratio"] is None
+    assert row["triggered_above_own_clean_q95"] is None
+    assert row["ref_ppl_clean"] == pytest.approx(math.exp(6.0 / 3))
+    assert "| c | m | - | 7.39 | - | - |" in bench.table("c", {"rows": {"m": row}})
