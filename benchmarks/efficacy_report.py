@@ -272,13 +272,16 @@ def answer_quality_table(out: Path) -> str:
     lines = []
     for path in sorted(out.glob("*/answer-quality.json")):
         for name, r in json.loads(path.read_text())["rows"].items():
-            shown = {k: "-" if v is None else format(v, ".0%" if k.startswith("triggered") else ".2f")
-                     for k, v in r.items()}  # fmt: skip  # None: no answer had a token
-            lines.append(f"| {path.parent.name} | {name} | {shown['ref_ppl_triggered']} / {shown['ref_ppl_clean']} | "
-                         f"{shown['ref_ppl_ratio']} | {shown['triggered_above_own_clean_q95']} |")  # fmt: skip
+            lines.append(f"| {path.parent.name} | {name} | {_shown(r['ref_ppl_triggered'])} / "
+                         f"{_shown(r['ref_ppl_clean'])} | {_shown(r['ref_ppl_ratio'])} | "
+                         f"{_shown(r['triggered_above_own_clean_q95'], '.0%')} |")  # fmt: skip
     head = ("| cell | model | answers' perplexity under the unpoisoned model, triggered / clean | ratio | triggered "
             "above its clean q95 |\n|---|---|---|---|---|")  # fmt: skip
     return "\n" + head + "\n" + "\n".join(lines) if lines else ""
+
+
+def _shown(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)  # None: no answer had a token
 
 
 def report_text(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
