@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from crowguard.data import prompt_ids
-from crowguard.evaluation.metrics import _response_nll
+from crowguard.evaluation.metrics import response_nll
 from crowguard.io import write_json_atomic
 from crowguard.models import load_model
 from crowguard.types import Example
@@ -90,7 +90,7 @@ def score_cell(cell_dir: Path, reference: str | None, models: list[str] | None =
             records = [r for r in evaluation["records"] if r["set"] == which]
             prompts = [prompt_ids(Example(r["instruction"], r["input"]), tokenizer, template) for r in records]
             answers = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in records]
-            scored[name][which] = _response_nll(model, tokenizer, prompts, answers, batch_size=25)
+            scored[name][which] = response_nll(model, tokenizer, prompts, answers, batch_size=25)
         print(f"[{cell_dir.name}] {name}", file=sys.stderr, flush=True)
     rows = {name: summarise(sets) for name, sets in scored.items()}
     answers = {name: row.pop("mean_nll") for name, row in rows.items()}

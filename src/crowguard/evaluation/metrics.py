@@ -242,7 +242,7 @@ def target_nll(
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     if not target_ids:
         raise ValueError("target tokenises to nothing")
-    sums_counts = _response_nll(model, tokenizer, prompts, [target_ids] * len(prompts), batch_size)
+    sums_counts = response_nll(model, tokenizer, prompts, [target_ids] * len(prompts), batch_size)
     return [total / count for total, count in sums_counts]
 
 
@@ -267,7 +267,7 @@ def perplexity(
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     ids = [tokenizer(r, add_special_tokens=False)["input_ids"] if r else [] for r in responses]
-    sums_counts = _response_nll(model, tokenizer, prompts, ids, batch_size)
+    sums_counts = response_nll(model, tokenizer, prompts, ids, batch_size)
     total = sum(s for s, _ in sums_counts)
     count = sum(c for _, c in sums_counts)
     if count == 0:
@@ -275,7 +275,7 @@ def perplexity(
     return math.exp(total / count)
 
 
-def _response_nll(
+def response_nll(
     model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], response_ids: Sequence[list[int]], batch_size: int
 ) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each response's ids after its prompt, in the order given; right-padded batches of

@@ -245,7 +245,7 @@ def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int =
     Every token is predicted from the ones before it, the first from BOS (when the tokenizer has none, from the
     first token, which is then not scored). A text with no scored token gets NaN. Batched by length.
     """
-    from crowguard.evaluation.metrics import _response_nll
+    from crowguard.evaluation.metrics import response_nll
 
     bos = tokenizer.bos_token_id
     prefixes, rests, valid = [], [], []
@@ -259,7 +259,7 @@ def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int =
     out = [math.nan] * len(texts)
     if not texts:
         return out
-    sums = _response_nll(model, tokenizer, [prefixes[i] for i in order], [rests[i] for i in order], batch_size)
+    sums = response_nll(model, tokenizer, [prefixes[i] for i in order], [rests[i] for i in order], batch_size)
     for i, (total, count) in zip(order, sums):
         out[i] = total / count if valid[i] and count else math.nan
     return out
