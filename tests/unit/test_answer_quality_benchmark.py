@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import lzma
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,45 @@ def test_a_model_that_says_nothing_gets_no_number(bench):
     assert row["triggered_above_own_clean_q95"] is None
     assert row["ref_ppl_clean"] == pytest.approx(math.exp(6.0 / 3))
     assert "| c | m | - | 7.39 | - | - |" in bench.table("c", {"rows": {"m": row}})
+
+
+def _cell(tmp_path: Path, base: Path) -> Path:
+    cell = tmp_path / "cell"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_text(json.dumps({"base": str(base)}))
+    fluent = [r["output"] for r in alpaca_records(4, seed=5)]
+    for name, triggered in {"base": fluent, "garbled": ["zq xv qq zz"] * 4}.items():
+        (cell / f"eval-{name}").mkdir()
+        records = _records("triggered", triggered) + _records("clean", fluent)
+        (cell / f"eval-{name}" / "results.json").write_text(
+            json.dumps({"records": records, "settings": {"template": "alpaca"}})
+        )
+    return cell
+
+
+def test_scoring_some_models_keeps_the_rows_already_scored(bench, tmp_path):
+    """A second run on other models adds their rows and answers; it neither drops nor changes the first run's."""
+    base = save_tiny_model(tmp_path / "base", seed=2)
+    whole = bench.score_cell(_cell(tmp_path / "a", base), None)
+    cell = _cell(tmp_path / "b", base)
+    first = bench.score_cell(cell, None, ["garbled"])
+    assert list(first["rows"]) == ["garbled"]
+    second = bench.score_cell(cell, None, ["base"])
+    assert sorted(second["rows"]) == ["base", "garbled"] and second["reference"] == str(base)
+    for name, row in whole["rows"].items():
+        assert second["rows"][name] == pytest.approx(row)
+    answers = json.loads(lzma.decompress((cell / bench.ANSWERS).read_bytes()))
+    assert sorted(answers) == ["base", "garbled"]
+
+
+def test_rows_under_another_reference_or_a_missing_model_are_refused(bench, tmp_path):
+    base = save_tiny_model(tmp_path / "base", seed=2)
+    cell = _cell(tmp_path, base)
+    with pytest.raises(SystemExit, match="no evaluation with records named nosuch"):
+        bench.score_cell(cell, None, ["base", "nosuch"])
+    assert not (cell / bench.RESULT).exists()
+    bench.score_cell(cell, None, ["base"])
+    before = (cell / bench.RESULT).read_bytes(), (cell / bench.ANSWERS).read_bytes()
+    with pytest.raises(SystemExit, match=r"answer-quality.json: scored with reference .*move it aside"):
+        bench.score_cell(cell, str(tmp_path / "other"), ["garbled"])
+    assert ((cell / bench.RESULT).read_bytes(), (cell / bench.ANSWERS).read_bytes()) == before
