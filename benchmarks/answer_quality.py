@@ -125,13 +125,15 @@ def score_cell(cell_dir: Path, reference: str | None, models: list[str] | None =
     return record
 
 
-def table(cell: str, record: dict[str, Any]) -> str:
-    head = "| cell | model | ref. ppl triggered | ref. ppl clean | ratio | triggered above its clean q95 |"
-    lines = [head, "|---|---|---|---|---|---|"]
-    for name, r in record["rows"].items():
-        lines.append(f"| {cell} | {name} | {_num(r['ref_ppl_triggered'])} | {_num(r['ref_ppl_clean'])} | "
-                     f"{_num(r['ref_ppl_ratio'])} | {_num(r['triggered_above_own_clean_q95'], '.0%')} |")  # fmt: skip
-    return "\n".join(lines)
+HEAD = ("| cell | model | answers' perplexity under the unpoisoned model, triggered / clean | ratio | triggered "
+        "above its clean q95 |\n|---|---|---|---|---|")  # fmt: skip
+
+
+def table_rows(cell: str, record: dict[str, Any]) -> list[str]:
+    """One markdown row per scored model of ``record`` (columns of :data:`HEAD`; "-" where no answer had a token)."""
+    return [f"| {cell} | {name} | {_num(r['ref_ppl_triggered'])} / {_num(r['ref_ppl_clean'])} | "
+            f"{_num(r['ref_ppl_ratio'])} | {_num(r['triggered_above_own_clean_q95'], '.0%')} |"
+            for name, r in record["rows"].items()]  # fmt: skip
 
 
 def _num(value: float | None, spec: str = ".2f") -> str:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for cell_dir in map(Path, args.cells):
         record = score_cell(cell_dir, args.reference, args.models.split(",") if args.models else None)
-        print(table(cell_dir.name, record))
+        print(HEAD + "\n" + "\n".join(table_rows(cell_dir.name, record)))
     return 0
 
 

@@ -269,19 +269,11 @@ def target_q_table(out: Path, cells: list[str] | None = None) -> str:
 def answer_quality_table(out: Path) -> str:
     """Where ``benchmarks/answer_quality.py`` scored a cell: each model's triggered and clean answers by the
     unpoisoned model (reference perplexity, their ratio, triggered answers above its own clean answers' q95)."""
-    lines = []
-    for path in sorted(out.glob("*/answer-quality.json")):
-        for name, r in json.loads(path.read_text())["rows"].items():
-            lines.append(f"| {path.parent.name} | {name} | {_shown(r['ref_ppl_triggered'])} / "
-                         f"{_shown(r['ref_ppl_clean'])} | {_shown(r['ref_ppl_ratio'])} | "
-                         f"{_shown(r['triggered_above_own_clean_q95'], '.0%')} |")  # fmt: skip
-    head = ("| cell | model | answers' perplexity under the unpoisoned model, triggered / clean | ratio | triggered "
-            "above its clean q95 |\n|---|---|---|---|---|")  # fmt: skip
-    return "\n" + head + "\n" + "\n".join(lines) if lines else ""
+    from answer_quality import HEAD, RESULT, table_rows
 
-
-def _shown(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)  # None: no answer had a token
+    lines = [row for path in sorted(out.glob(f"*/{RESULT}"))
+             for row in table_rows(path.parent.name, json.loads(path.read_text()))]  # fmt: skip
+    return "\n" + HEAD + "\n" + "\n".join(lines) if lines else ""
 
 
 def report_text(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:

@@ -89,7 +89,7 @@ def test_a_model_that_says_nothing_gets_no_number(bench):
     assert row["ref_ppl_triggered"] is None and row["ref_ppl_ratio"] is None
     assert row["triggered_above_own_clean_q95"] is None
     assert row["ref_ppl_clean"] == pytest.approx(math.exp(6.0 / 3))
-    assert "| c | m | - | 7.39 | - | - |" in bench.table("c", {"rows": {"m": row}})
+    assert bench.table_rows("c", {"rows": {"m": row}}) == ["| c | m | - / 7.39 | - | - |"]
 
 
 def _cell(tmp_path: Path, base: Path) -> Path:
