@@ -429,7 +429,7 @@ def main() -> None:
         for cell in args.cells.split(","):
             run_cell(args, cell, base, chosen, plant_set)
     rows, pairs = collect(out), all_pairs(out)
-    write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows), "paired": pairs})
+    write_json_atomic(out / "efficacy.json", {"rows": rows, "over_seeds": aggregate(rows), "paired": pairs}, rows=True)
     text = report_text(out, rows, pairs)
     write_text_atomic(out / "efficacy.md", text)
     print(text)

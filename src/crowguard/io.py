@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -81,15 +82,21 @@ def non_finite_key(data: Any, where: str = "") -> str | None:
     return next((found for key, value in items if (found := non_finite_key(value, key)) is not None), None)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, rows: bool = False) -> None:
     """Pretty, stable JSON (sorted keys off: records keep their field order), written atomically. A nan or inf is
     refused (NonFiniteError naming its key), never written as a bare ``NaN`` that other JSON readers reject and
-    that a table would show as a number; a value that can be undefined is written as null by its producer."""
+    that a table would show as a number; a value that can be undefined is written as null by its producer.
+    ``rows``: ``data`` is a dict of lists, each item written on one line (a table's rows: a third smaller)."""
     if (key := non_finite_key(data)) is not None:
         from crowguard.types import NonFiniteError
 
         raise NonFiniteError(f"{path}: {key} is not a finite number; refusing to write it")
-    write_text_atomic(Path(path), json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    if not rows:
+        write_text_atomic(Path(path), json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        return
+    dump = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False)
+    parts = [f"{dump(k)}: [\n" + ",\n".join("  " + dump(item) for item in items) + "\n]" for k, items in data.items()]
+    write_text_atomic(Path(path), "{\n" + ",\n".join(parts) + "\n}\n")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -120,6 +120,12 @@ def test_json_outputs_refuse_a_bare_nan(tmp_path):
     assert not (tmp_path / "r.json").exists()
     write_json_atomic(tmp_path / "r.json", {"metrics": {"asr": 0.0, "gap": None}})
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["gap"] is None
+    table = {"rows": [{"cell": "a", "asr": 0.5, "gap": None}, {"cell": "é", "asr": 1.0}], "paired": []}
+    with pytest.raises(NonFiniteError, match=r"rows\[1\]\.asr"):
+        write_json_atomic(tmp_path / "t.json", {"rows": [{"asr": 0.5}, {"asr": math.nan}]}, rows=True)
+    write_json_atomic(tmp_path / "t.json", table, rows=True)  # one row per line, the same JSON
+    text = (tmp_path / "t.json").read_text()
+    assert json.loads(text) == table and '  {"cell": "é", "asr": 1.0}' in text.splitlines()
 
 
 def test_the_guard_names_the_first_non_finite_tensor():
