@@ -19,6 +19,7 @@ and prints a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import lzma
 import math
@@ -114,7 +115,9 @@ def score_cell(cell_dir: Path, reference: str | None, models: list[str] | None =
             answers = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in records]
             scored[name][which] = response_nll(model, tokenizer, prompts, answers, batch_size=25)
         print(f"[{cell_dir.name}] {name}", file=sys.stderr, flush=True)
-    rows = {name: summarise(sets) for name, sets in scored.items()}
+    rows = {
+        name: {**summarise(sets), "answers_sha256": answers_digest(evaluations[name])} for name, sets in scored.items()
+    }
     answers = {name: row.pop("mean_nll") for name, row in rows.items()}
     record["rows"].update(rows)
     packed = lzma.compress(json.dumps({**kept, **answers}, separators=(",", ":")).encode())
@@ -127,6 +130,21 @@ def score_cell(cell_dir: Path, reference: str | None, models: list[str] | None =
 
 HEAD = ("| cell | model | answers' perplexity under the unpoisoned model, triggered / clean | ratio | triggered "
         "above its clean q95 |\n|---|---|---|---|---|")  # fmt: skip
+
+
+def answers_digest(evaluation: dict[str, Any]) -> str:
+    """sha256 of an evaluation's prompts and answers: a row whose digest differs scored other answers."""
+    seen = [[r["set"], r["instruction"], r["input"], r["response"]] for r in evaluation["records"]]
+    return hashlib.sha256(json.dumps(seen).encode()).hexdigest()
+
+
+def score_new(cell_dir: Path, reference: str) -> dict[str, Any] | None:
+    """Score the evaluations of ``cell_dir`` that have no row yet or whose answers changed since theirs (an
+    evaluation re-run); None when every row is current."""
+    rows = earlier(cell_dir, reference)[0]["rows"]
+    new = [name for name, evaluation in evaluations_of(cell_dir).items()
+           if rows.get(name, {}).get("answers_sha256") != answers_digest(evaluation)]  # fmt: skip
+    return score_cell(cell_dir, reference, new) if new else None
 
 
 def table_rows(cell: str, record: dict[str, Any]) -> list[str]:

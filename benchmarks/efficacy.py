@@ -328,6 +328,10 @@ def run_cell(
                         backdoored_eval=cell_dir / f"partial-{kept}-backdoored")  # fmt: skip
             row = run_study(sub, quiet=args.quiet).rows[0]
             say(f"[{cell}] backdoored with only {kept}: ASR {row['asr_trigger']:.0%}")
+    if args.answer_quality:  # are the triggered answers still answers? (the unpoisoned model reads them)
+        from answer_quality import score_new
+
+        score_new(cell_dir, base)
 
 
 class AdoptingRunner(Runner):
@@ -379,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--persist", action="store_true",
                         help="then fine-tune each defended model one epoch on the plant folder's clean examples "
                              "(benign) and evaluate it again: does the backdoor come back?")  # fmt: skip
+    parser.add_argument("--answer-quality", action="store_true",
+                        help="then score each new evaluation's answers by the unpoisoned model "
+                             "(benchmarks/answer_quality.py: garbled triggered answers? 45 s a model)")  # fmt: skip
     parser.add_argument("--defend-unplanted", action="store_true", help="run the defenses on a failed plant too")
     parser.add_argument("--adopt", action="store_true",
                         help="take a cell's stages made before fingerprints were recorded as today's (its cell.json "

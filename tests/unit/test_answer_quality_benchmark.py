@@ -132,3 +132,22 @@ def test_rows_under_another_reference_or_a_missing_model_are_refused(bench, tmp_
     with pytest.raises(SystemExit, match=r"answer-quality.json: scored with reference .*move it aside"):
         bench.score_cell(cell, str(tmp_path / "other"), ["garbled"])
     assert ((cell / bench.RESULT).read_bytes(), (cell / bench.ANSWERS).read_bytes()) == before
+
+
+def test_score_new_scores_what_has_no_current_row(bench, tmp_path, monkeypatch):
+    """``efficacy.py --answer-quality``: a model is scored once; a re-run evaluation (other answers) again."""
+    base = save_tiny_model(tmp_path / "base", seed=2)
+    cell = _cell(tmp_path, base)
+    first = bench.score_new(cell, str(base))
+    assert sorted(first["rows"]) == ["base", "garbled"]
+    assert bench.score_new(cell, str(base)) is None
+    path = cell / "eval-garbled" / "results.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["records"][0]["response"] = "something else entirely"
+    path.write_text(json.dumps(evaluation))
+    scored = []
+    real = bench.score_cell
+    monkeypatch.setattr(bench, "score_cell", lambda c, r, models: scored.append(models) or real(c, r, models))
+    again = bench.score_new(cell, str(base))
+    assert scored == [["garbled"]] and again["rows"]["base"] == first["rows"]["base"]
+    assert again["rows"]["garbled"]["answers_sha256"] != first["rows"]["garbled"]["answers_sha256"]
