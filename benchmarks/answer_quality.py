@@ -33,6 +33,7 @@ from crowguard.evaluation.metrics import response_nll
 from crowguard.io import write_json_atomic
 from crowguard.models import load_model
 from crowguard.types import Example
+from efficacy_report import evaluations
 
 RESULT = "answer-quality.json"
 ANSWERS = "answer-quality-nll.json.xz"  # every answer's mean NLL per token, per model and set (xz: size)
@@ -40,12 +41,9 @@ QUANTILE = 0.95
 
 
 def evaluations_of(cell_dir: Path) -> dict[str, dict[str, Any]]:
-    """The cell's evaluations, name (``backdoored``, ``base``, ``finetune-s0``, ...) -> results with records."""
-    packed = cell_dir / "evaluations.json.xz"
-    if packed.is_file():
-        found = json.loads(lzma.decompress(packed.read_bytes()))
-    else:
-        found = {p.parent.name: json.loads(p.read_text()) for p in sorted(cell_dir.glob("eval-*/results.json"))}
+    """The cell's evaluations (packed and loose: :func:`efficacy_report.evaluations`), name (``backdoored``,
+    ``base``, ``finetune-s0``, ...) -> results with records."""
+    found = evaluations(cell_dir)
     return {name.removeprefix("eval-"): e for name, e in found.items() if e.get("records")}
 
 
