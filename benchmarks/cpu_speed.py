@@ -458,9 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_tables(rows)
     if args.json:
+        from crowguard.manifest import machine
+
         Path(args.json).write_text(json.dumps({"model": args.model, "steps": args.steps, "warmup": args.warmup,
                                                "load_average": [load_before[0], os.getloadavg()[0]],
-                                               "rows": rows}, indent=1) + "\n")  # fmt: skip
+                                               "machine": machine(), "rows": rows}, indent=1) + "\n")  # fmt: skip
     return 0
 
 

@@ -30,16 +30,20 @@ def package_versions() -> dict[str, str | None]:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU this ran on (its model name from ``/proc/cpuinfo`` where there is one) and how many cores it saw: the
+    """The CPU this ran on (its model name, family and model from ``/proc/cpuinfo`` where there is one; None where
+    not) and how many cores it saw: the
     times a stage records compare only between like machines (a Xeon with AMX against an AMD EPYC is 1.5-2x), with
     the vector instructions torch uses and whether the CPU has bfloat16 units, where the stage ran torch."""
-    name = platform.processor() or platform.machine()
+    name, family = platform.processor() or platform.machine(), None
     try:
-        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+        fields = [line.split(":", 1) for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines()]
+        first = {key.strip(): value.strip() for key, value in reversed([f for f in fields if len(f) == 2])}
+        name = first.get("model name", name)
+        if "cpu family" in first and "model" in first:  # "AMD EPYC" alone names Zen 3 and Zen 4 alike
+            family = f"{first['cpu family']}/{first['model']}"
     except OSError:
         pass
-    found = {"cpu": name, "cpu_count": os.cpu_count(), "system": platform.system()}
+    found = {"cpu": name, "cpu_family_model": family, "cpu_count": os.cpu_count(), "system": platform.system()}
     torch = sys.modules.get("torch")  # recorded where the stage ran torch; a data-only stage does not import it
     if torch is None:
         return found

@@ -97,22 +97,24 @@ class TrainConfig:
     lora_alpha: int = knob(16, "LoRA alpha", bounds="(0, inf)")
     lora_dropout: float = knob(0.0, "LoRA dropout", bounds="[0, 1)")
     lora_targets: str = knob("all-linear", "LoRA target modules (peft syntax; all-linear = every decoder linear)")
-    precision: Literal["fp32", "bf16", "fp16"] = knob(
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = knob(
         "fp32",
         "fp32, or autocast: bf16 (a GPU, or a CPU: worth it where it has AVX512-bf16 or AMX; benchmarks/cpu_speed.py) "
-        "or fp16 (CUDA GPUs only)",
+        "or fp16 (CUDA GPUs only); auto: bf16 for LoRA on a CPU with bfloat16 hardware, else fp32",
     )
-    base_dtype: Literal["model", "bfloat16"] = knob(
+    base_dtype: Literal["model", "bfloat16", "auto"] = knob(
         "model",
         "finetune lora only: the frozen base weights' dtype while training: model (as loaded, model.dtype) or "
         "bfloat16 (cast for the run, the loaded weights put back afterwards; the adapter stays float32, activations "
-        "become bfloat16: not the float32 maths); a speed lever on CPUs with AVX512-bf16 or AMX",
+        "become bfloat16: not the float32 maths); a speed lever on CPUs with AVX512-bf16 or AMX; auto: bfloat16 "
+        "for LoRA on such a CPU, else model",
         neutral="model",
     )
-    compile: Literal["off", "layers"] = knob(
+    compile: Literal["off", "layers", "auto"] = knob(
         "off",
         "layers: torch.compile (inductor) each repeated decoder block for the run (regional compilation: one "
-        "block's graph serves every layer; float32 maths unchanged); the first steps pay the compile time",
+        "block's graph serves every layer; float32 maths unchanged); the first steps pay the compile time; auto: "
+        "layers for LoRA on a CPU with bfloat16 hardware, else off",
         neutral="off",
     )
     quantize_base: Literal["none", "4bit"] = knob(
@@ -150,11 +152,11 @@ class TrainConfig:
         if self.quantize_base == "4bit" and (self.finetune == "full" or self.adapter_mode == "full"):
             raise ValueError("quantize_base 4bit (QLoRA) trains LoRA only: 4-bit weights cannot be fine-tuned; set "
                              "finetune lora and adapter_mode continue or merge")  # fmt: skip
-        if self.base_dtype != "model" and (self.finetune == "full" or self.adapter_mode == "full"
+        if self.base_dtype == "bfloat16" and (self.finetune == "full" or self.adapter_mode == "full"
                                            or self.quantize_base != "none"):  # fmt: skip
             raise ValueError(f"base_dtype {self.base_dtype} casts the frozen base under a LoRA adapter: it needs "
                              "finetune lora, adapter_mode continue or merge and quantize_base none")  # fmt: skip
-        if self.compile != "off" and self.trainer_args.get("torch_compile"):
+        if self.compile == "layers" and self.trainer_args.get("torch_compile"):
             raise ValueError("compile layers and trainer_args.torch_compile would both compile the model; choose one")
         if self.quantize_base == "4bit" and self.merge_output:
             raise ValueError("merge_output with quantize_base 4bit would merge the adapter into rounded 4-bit "
@@ -423,6 +425,11 @@ class OrganismConfig:
     cache_dir: str = knob("", "where trained organisms are cached (default: $CROWGUARD_CACHE or ~/.cache/crowguard)")
 
 
+# The demo's training speed levers (issue 28): each made concrete per machine by crowguard.speed.resolve_auto_levers.
+CPU_LEVERS: dict[str, Any] = {"precision": "auto", "base_dtype": "auto", "compile": "auto"}
+PLAIN_LEVERS: dict[str, Any] = {"precision": "fp32", "base_dtype": "model", "compile": "off"}
+
+
 @dataclass
 class DemoConfig:
     """The CPU demo: organism -> backdoor -> defenses under one budget -> evaluation, on built-in data.
@@ -455,12 +462,17 @@ class DemoConfig:
         0, "checkable tasks for exact-match utility (0: none; a chatty pretrained model rarely answers exactly)"
     )
     backdoor: TrainConfig = knob(
-        TrainConfig(lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32),
-        "backdoor injection (SmolLM2: LoRA r 16, 3 epochs, lr 1e-3: the conditional plant of the plant sweep)",
+        TrainConfig(
+            lr=1e-3, epochs=3, per_device_batch=8, grad_accum=1, max_length=96, lora_r=16, lora_alpha=32, **CPU_LEVERS
+        ),
+        "backdoor injection (SmolLM2: LoRA r 16, 3 epochs, lr 1e-3: the conditional plant of the plant sweep; the "
+        "speed levers auto: bfloat16 and compiled on a CPU with bfloat16 hardware, docs/benchmarks.md)",
     )
     defense: DefenseConfig = knob(
         help="settings shared by every defense (CROW's own in defense.crow); continue = train the backdoored adapter",
-        default_factory=lambda: DefenseConfig(train=TrainConfig(lr=1e-3, max_length=96, adapter_mode="continue")),
+        default_factory=lambda: DefenseConfig(
+            train=TrainConfig(lr=1e-3, max_length=96, adapter_mode="continue", **CPU_LEVERS)
+        ),
     )
     defenses: list[str] = knob(["none", "finetune", "crow"], "defenses compared")
     defense_seeds: list[int] = knob([0], "seeds of the defense runs (clean-sample draw and training)")

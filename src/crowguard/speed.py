@@ -12,6 +12,8 @@ Measured side by side by ``benchmarks/cpu_speed.py``.
   training run and the originals put back afterwards, so what is saved, merged and evaluated is the model as it was
   loaded plus the adapter; the LoRA adapter's weights, gradients and optimizer state stay float32 (peft runs the
   adapter in its own dtype). Activations between the layers are bfloat16 then: the maths is not the float32 one.
+- ``auto`` for the three training knobs (:func:`resolve_auto_levers`): all three for LoRA on a CPU that multiplies
+  bfloat16 in hardware, the plain path elsewhere; made concrete before a run is fingerprinted, trained or recorded.
 - ``evaluate.compile_decode`` (:func:`decode_compile_config`): transformers compiles the model's forward for the
   one-token decoding steps over the static key/value cache (the prompt pass stays eager), which it does on its own
   on a GPU only.
@@ -159,6 +161,26 @@ def warn_if_slow_bfloat16(setting: str, device: torch.device | str) -> bool:
                "than float32 here (58x for a matmul on a Zen 3 EPYC); use float32")  # fmt: skip
     warnings.warn(message, stacklevel=3)
     return True
+
+
+def resolve_auto_levers(cfg: Any, cuda: bool | None = None) -> Any:
+    """``cfg`` (a ``TrainConfig``) with ``precision``, ``base_dtype`` and ``compile`` given as ``auto`` made concrete
+    for the machine that trains (the Trainer's device: the GPU when ``cuda``, default: one is available, else the
+    CPU): ``bf16``, ``bfloat16`` and ``layers`` (``off`` beside ``trainer_args.torch_compile``) for LoRA over a
+    full-precision base on a CPU with bfloat16 hardware, the combination measured in ``docs/benchmarks.md``;
+    ``fp32``, ``model`` and ``off`` otherwise. Other values are kept; a config without ``auto`` comes back as it is."""
+    import dataclasses
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    lora = cfg.finetune == "lora" and cfg.adapter_mode != "full" and cfg.quantize_base == "none"
+    fast = lora and not cuda and bool(cpu_bfloat16_native())
+    concrete = {
+        "precision": "bf16" if fast else "fp32",
+        "base_dtype": "bfloat16" if fast else "model",
+        "compile": "layers" if fast and not cfg.trainer_args.get("torch_compile") else "off",
+    }
+    changes = {name: value for name, value in concrete.items() if getattr(cfg, name) == "auto"}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from crowguard.manifest import build_manifest, write_manifest
 from crowguard.models import arrives_with_adapter, base_of_adapter, is_adapter_dir, load_model, save_model
 from crowguard.resume import latest_checkpoint, require_checkpoint
 from crowguard.schemas import ModelConfig, TrainConfig
+from crowguard.speed import resolve_auto_levers
 from crowguard.train import CrowSettings, Objective, prepare_for_training, train
 from crowguard.types import Example, StageContext
 
@@ -170,6 +171,7 @@ def _train_and_save(
     out_dir, overwrite, resume, show_progress = Path(ctx.out_dir), ctx.overwrite, ctx.resume, ctx.show_progress
     resolved_config, inputs = ctx.resolved_config, dict(ctx.inputs)
     work_dir = work_dir_for(out_dir)
+    train_cfg = resolve_auto_levers(train_cfg)  # the manifest records what ran
     _check_before_loading(model_cfg, train_cfg, work_dir, resume)
     identity = {key: getattr(model_cfg, key) for key in ("name_or_path", "adapter", "revision", "dtype", "template")}
     model, tokenizer = load_model(

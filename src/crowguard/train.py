@@ -27,7 +27,7 @@ from crowguard.data import IGNORE_INDEX, tokenize_examples
 from crowguard.losses import count_loss_tokens, crow_loss, masked_lm_loss
 from crowguard.resume import check_resume, run_settings, start_fresh, truncate_metrics
 from crowguard.schemas import TrainConfig
-from crowguard.speed import training_levers, warn_if_slow_bfloat16
+from crowguard.speed import resolve_auto_levers, training_levers, warn_if_slow_bfloat16
 from crowguard.train_callbacks import (
     FiniteGuard,
     MetricsFileCallback,
@@ -363,6 +363,7 @@ def train(
     are the checkpointed run's (:class:`ResumeError` otherwise). ``callbacks`` are more ``TrainerCallback``s (a
     benchmark's step probe).
     """
+    cfg = resolve_auto_levers(cfg)
     features = tokenize_examples(examples, tokenizer, cfg.max_length, template)
     if not any(any(label != IGNORE_INDEX for label in f["labels"]) for f in features):
         raise ValueError("no example has a response token to learn: check the data's 'output' fields")

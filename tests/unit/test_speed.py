@@ -23,6 +23,7 @@ from crowguard.speed import (
     cpu_bfloat16_native,
     frozen_base_dtype,
     repeated_blocks,
+    resolve_auto_levers,
     warn_if_slow_bfloat16,
 )
 from crowguard.stage import run_training_stage
@@ -201,6 +202,10 @@ def test_the_stage_manifest_records_the_levers(tmp_path: Path):
     assert manifest["dtype"] == "torch.float32"  # the saved adapter's model: the loaded base, restored
     assert manifest["machine"]["cpu_count"] == os.cpu_count() and manifest["machine"]["cpu"]  # times need the machine
     assert manifest["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "cpu family" in cpuinfo.read_text():  # x86 Linux: "AMD EPYC" alone is Zen 3 or 4
+        family = manifest["machine"]["cpu_family_model"]
+        assert family.split("/")[0].isdigit() and family.split("/")[1].isdigit()
     assert manifest["machine"]["bfloat16_native"] is cpu_bfloat16_native()
 
 
@@ -260,6 +265,63 @@ def test_lever_settings_that_cannot_work_are_refused():
         DecodingSettings(compile_decode=True, kv_cache="dynamic")
     _cfg(base_dtype="bfloat16", compile="layers").validate()  # both together are fine
     EvalConfig(compile_decode=True).validate()
+
+
+def test_auto_levers_turn_on_together_only_for_lora_on_a_cpu_with_bfloat16_hardware(monkeypatch):
+    """``auto`` is the combination measured in docs/benchmarks.md (bf16 autocast + bfloat16 base + compiled blocks)
+    for LoRA on a CPU with AVX512-bf16 or AMX; float32 and eager on a CPU without, on a GPU (unmeasured there) and
+    for full fine-tuning; a value given outright is kept; beside the Trainer's own compile, compile stays off."""
+    auto = {"precision": "auto", "base_dtype": "auto", "compile": "auto"}
+
+    def levers(cfg: TrainConfig) -> tuple[str, str, str]:
+        return cfg.precision, cfg.base_dtype, cfg.compile
+
+    _bf16_hardware(monkeypatch, avx512_bf16=True, amx=False)
+    assert levers(resolve_auto_levers(_cfg(**auto), cuda=False)) == ("bf16", "bfloat16", "layers")
+    assert levers(resolve_auto_levers(_cfg(**auto), cuda=True)) == ("fp32", "model", "off")
+    for plain in [{"finetune": "full"}, {"adapter_mode": "full"}, {"quantize_base": "4bit"}]:
+        assert levers(resolve_auto_levers(_cfg(**auto, **plain), cuda=False)) == ("fp32", "model", "off")
+    kept = _cfg(**{**auto, "precision": "fp32"}, trainer_args={"torch_compile": True})
+    assert levers(resolve_auto_levers(kept, cuda=False)) == ("fp32", "bfloat16", "off")
+    given = _cfg(precision="bf16", compile="layers")
+    assert resolve_auto_levers(given, cuda=False) is given
+    _bf16_hardware(monkeypatch, avx512_bf16=False, amx=False)
+    assert levers(resolve_auto_levers(_cfg(**auto), cuda=False)) == ("fp32", "model", "off")
+    _cfg(**auto, finetune="full", trainer_args={"torch_compile": True}).validate()  # auto never conflicts
+
+
+def test_the_demo_defaults_to_auto_levers_and_its_runs_record_the_concrete_ones(tmp_path: Path, monkeypatch):
+    """The SmolLM2 demo trains with ``auto`` (its preset writes it out); its quick smoke run and the tiny organism
+    keep the plain path. A stage and the experiment runner make ``auto`` concrete before anything is recorded or
+    fingerprinted: on a machine without bfloat16 hardware the manifest says fp32, and a study's plant fingerprint
+    differs between the two kinds of CPU."""
+    from crowguard import config
+    from crowguard.recipes.demo import quick_config
+    from crowguard.recipes.study import Plant, Study, concrete_levers, suspect_fingerprint
+    from crowguard.registry import preset_path
+    from crowguard.schemas import DemoConfig
+
+    demo = DemoConfig()
+    for cfg in (demo.backdoor, demo.defense.train):
+        assert (cfg.precision, cfg.base_dtype, cfg.compile) == ("auto", "auto", "auto")
+    quick, tiny = quick_config(demo), config.load(DemoConfig, Path(str(preset_path("demo/tiny"))))
+    for cfg in (quick.backdoor, quick.defense.train, tiny.backdoor, tiny.defense.train):
+        assert (cfg.precision, cfg.base_dtype, cfg.compile) == ("fp32", "model", "off")
+    _bf16_hardware(monkeypatch, avx512_bf16=False, amx=False)
+    path = save_tiny_model(tmp_path / "base", layers=2)
+    cfg = _cfg(max_steps=1, precision="auto", base_dtype="auto", compile="auto")
+    run_training_stage("backdoor", ModelConfig(name_or_path=str(path)), cfg, _examples(4),
+                       StageContext(tmp_path / "out", show_progress=False))  # fmt: skip
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert (manifest["precision"], manifest["base_dtype"], manifest["compile"]) == ("fp32", "model", "off")
+    study = Study(tmp_path / "study", ModelConfig(name_or_path=str(path)), "id", None, EvalConfig(),
+                  plant=Plant(cfg, _examples(4), tmp_path / "plant"))  # fmt: skip
+    plain = suspect_fingerprint(concrete_levers(study))
+    assert concrete_levers(study).plant.train.compile == "off"
+    _bf16_hardware(monkeypatch, avx512_bf16=True, amx=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert concrete_levers(study).plant.train.precision == "bf16"
+    assert suspect_fingerprint(concrete_levers(study)) != plain
 
 
 def test_compiled_decoding_gives_the_eager_tokens():

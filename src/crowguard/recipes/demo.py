@@ -42,7 +42,7 @@ from crowguard.recipes.study import (
     run_study,
     study_chart,
 )
-from crowguard.schemas import DemoConfig, ModelConfig
+from crowguard.schemas import PLAIN_LEVERS, DemoConfig, ModelConfig
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -51,7 +51,7 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         cfg.organism, name="tiny", size="tiny", n_train=400, epochs=2, vocab_size=1024, max_length=128
     )
     # n_train 400: 100 defender pool + 40 poisoned + the rest clean
-    train = dataclasses.replace(cfg.defense.train, epochs=1, max_length=128, adapter_mode="merge")
+    train = dataclasses.replace(cfg.defense.train, epochs=1, max_length=128, adapter_mode="merge", **PLAIN_LEVERS)
     crow = dataclasses.replace(cfg.defense.crow, layers="all")  # the 2-layer quick organism has no reference pair
     return dataclasses.replace(
         cfg,
@@ -63,7 +63,7 @@ def quick_config(cfg: DemoConfig) -> DemoConfig:
         n_utility=16,
         plant="pretrain",
         reference_clean=False,
-        backdoor=dataclasses.replace(cfg.backdoor, epochs=1, max_length=128),
+        backdoor=dataclasses.replace(cfg.backdoor, epochs=1, max_length=128, **PLAIN_LEVERS),
         defense=dataclasses.replace(cfg.defense, n_samples=16, train=train).with_section("crow", crow),
         evaluate=dataclasses.replace(cfg.evaluate, max_new_tokens=12, limit=16, bootstrap=200),
     )

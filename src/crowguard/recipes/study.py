@@ -36,6 +36,7 @@ from crowguard.organism.build import EVALUATION_SOURCE, source_digest
 from crowguard.recipes.evaluate import write_evaluation
 from crowguard.recipes.invert import run_invert
 from crowguard.schemas import DefenseConfig, EvalConfig, ModelConfig, TrainConfig
+from crowguard.speed import resolve_auto_levers
 from crowguard.stage import placement, run_training_stage
 from crowguard.types import Example, StageContext
 
@@ -294,9 +295,24 @@ def stage_seconds(stage_dir: str) -> float | None:
     return json.loads(manifest.read_text()).get("summary", {}).get("seconds") if manifest.is_file() else None
 
 
+def concrete_levers(study: Study) -> Study:
+    """``study`` with every training config's ``auto`` speed levers made concrete for this machine
+    (:func:`~crowguard.speed.resolve_auto_levers`), so fingerprints name what runs: a plant cached on one CPU is not
+    reused under other maths."""
+
+    def arm(a: Arm | None) -> Arm | None:
+        if a is None:
+            return None
+        defense = dataclasses.replace(a.defense, train=resolve_auto_levers(a.defense.train))
+        return dataclasses.replace(a, defense=defense, then=arm(a.then))
+
+    plant = study.plant and dataclasses.replace(study.plant, train=resolve_auto_levers(study.plant.train))
+    return dataclasses.replace(study, plant=plant, arms=[arm(a) for a in study.arms])
+
+
 def run_study(study: Study, quiet: bool = False, runner: Runner | None = None) -> StudyResult:
     """Run (or reuse) every stage of ``study``; returns its rows (the main process's; other ranks get none)."""
-    runner = runner or Runner(study.root, quiet)
+    runner, study = runner or Runner(study.root, quiet), concrete_levers(study)
     show, code = not runner.quiet, source_digest(EVALUATION_SOURCE)
     suspect, suspect_print, suspect_seconds = study.model, suspect_fingerprint(study), study.model_seconds
     if study.plant is not None:
