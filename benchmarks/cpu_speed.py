@@ -89,7 +89,7 @@ def build_setup(model_name: str) -> Setup:
     from crowguard.defenses.crow import CrowConfig
     from crowguard.organism.build import organism_splits
     from crowguard.registry import preset_path
-    from crowguard.schemas import DemoConfig
+    from crowguard.schemas import PLAIN_LEVERS, DemoConfig
 
     demo = config.load(DemoConfig, Path(str(preset_path("demo/smollm2"))))
     model, tokenizer, described = tiny_model() if model_name == "tiny" else smollm2_model()
@@ -102,11 +102,13 @@ def build_setup(model_name: str) -> Setup:
     random.Random(3).shuffle(mix)
     tests, _ = trigger_free(corpus_test, attack.trigger)
     prompts = tests[:N_PROMPTS] + poison_dataset(tests[:N_PROMPTS], attack, 1.0, 1)
-    defense_train = dataclasses.replace(demo.defense.train, seed=0)
+    # today's path is the plain one: the demo's own settings now say auto (the levers this script measures)
+    plant = dataclasses.replace(demo.backdoor, **PLAIN_LEVERS)
+    defense_train = dataclasses.replace(demo.defense.train, seed=0, **PLAIN_LEVERS)
     crow = demo.defense.section("crow")
     return Setup(
         model=model.eval(), tokenizer=tokenizer, described=described,
-        train={"plant": demo.backdoor, "finetune": defense_train, "crow": defense_train, "unlearn": defense_train},
+        train={"plant": plant, "finetune": defense_train, "crow": defense_train, "unlearn": defense_train},
         crow={"plant": None, "finetune": CrowConfig(alpha=0.0, epsilon=0.0, layers=crow.layers), "crow": crow,
               "unlearn": None},
         examples={"plant": mix, "generate": prompts, **{w: random.Random(0).sample(defender, demo.defense.n_samples)

@@ -47,6 +47,14 @@ def test_a_tiny_run_measures_today_and_each_lever_and_checks_equality(bench, tmp
     assert "| plant | bf16base | this one |" in table and "200/200 identical" in table
 
 
+def test_todays_path_is_the_plain_one_though_the_demo_says_auto(bench):
+    """The demo's preset trains with ``auto`` levers; the benchmark's baseline must still be float32 and eager on
+    every machine, or each lever would be measured against itself on a CPU with bfloat16 units."""
+    setup = bench.build_setup("tiny")
+    for workload, cfg in setup.train.items():
+        assert (cfg.precision, cfg.base_dtype, cfg.compile) == ("fp32", "model", "off"), workload
+
+
 def test_levers_are_parsed_checked_and_placed(bench):
     from crowguard.schemas import TrainConfig
 

@@ -43,6 +43,7 @@ from crowguard.recipes.study import (
     study_chart,
 )
 from crowguard.schemas import PLAIN_LEVERS, DemoConfig, ModelConfig
+from crowguard.speed import resolve_auto_levers
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -234,6 +235,10 @@ def run_demo(cfg: DemoConfig, out_dir: Path, overwrite: bool = False, show_progr
     started = time.perf_counter()
     say = print if show_progress else (lambda *a, **k: None)
     attack = make_attack(cfg.trigger, cfg.payload)
+    # the speed levers as they run on this machine, so results.json records them (the runner does the same)
+    train = resolve_auto_levers(cfg.defense.train)
+    cfg = dataclasses.replace(cfg, backdoor=resolve_auto_levers(cfg.backdoor),
+                              defense=dataclasses.replace(cfg.defense, train=train))  # fmt: skip
 
     # 1-4. The organism and the data; then the study: the backdoor, the references and every defense per seed.
     setup = prepare(cfg, show_progress)
