@@ -30,10 +30,10 @@ def package_versions() -> dict[str, str | None]:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU this ran on (its model name, family and model from ``/proc/cpuinfo`` where there is one; None where
-    not) and how many cores it saw: the
-    times a stage records compare only between like machines (a Xeon with AMX against an AMD EPYC is 1.5-2x), with
-    the vector instructions torch uses and whether the CPU has bfloat16 units, where the stage ran torch."""
+    """The CPU this ran on (its model name, and family/model from ``/proc/cpuinfo`` where there is one, else None)
+    and how many cores it saw: the times a stage records compare only between like machines (a Xeon with AMX against
+    an AMD EPYC is 1.5-2x), with the vector instructions torch uses and whether the CPU has bfloat16 units, where the
+    stage ran torch."""
     name, family = platform.processor() or platform.machine(), None
     try:
         fields = [line.split(":", 1) for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines()]
