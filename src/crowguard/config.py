@@ -23,6 +23,7 @@ import yaml
 T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _RATIO = re.compile(r"\d+:\d+")
+_YAML_BOOLS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}  # YAML 1.1's boolean words
 _NON_FINITE = re.compile(r"[-+]?\.?(nan|inf|infinity)", re.IGNORECASE)
 
 
@@ -122,6 +123,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices:  # YAML 1.1 reads off/on/no/yes as booleans
+            words = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
+            value = words[0] if len(words) == 1 else value
         if value not in choices:
             hint = suggest(str(value), [str(c) for c in choices])
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")

@@ -40,6 +40,24 @@ def test_an_n_to_m_ratio_override_stays_text():
     assert parse_override("a.b=12") == (["a", "b"], 12)
 
 
+def test_a_yaml_boolean_word_is_the_choice_it_spells():
+    """YAML 1.1 reads off/on/no/yes as booleans: `--set defense.train.compile=off` (what the docs write) and an
+    unquoted `compile: off` in a file gave False, refused as not one of the choices. A bool becomes the one choice
+    it spells; where no choice (or more than one) spells it, it is still refused."""
+    import pytest
+
+    from crowguard.config import ConfigError, parse_override
+
+    _, value = parse_override("defense.train.compile=off")
+    assert value is False  # what YAML reads
+    demo = from_dict(DemoConfig, {"defense": {"train": {"compile": value}}, "backdoor": {"compile": False}})
+    assert demo.defense.train.compile == demo.backdoor.compile == "off"
+    with pytest.raises(ConfigError, match="is not one of"):
+        from_dict(DemoConfig, {"backdoor": {"compile": True}})  # "on" is no choice of compile
+    with pytest.raises(ConfigError, match="is not one of"):
+        from_dict(DemoConfig, {"backdoor": {"precision": False}})
+
+
 def test_explain_shows_each_fields_own_default_not_its_types():
     """Issue 27's defect: `validate --explain` printed TrainConfig's lr 0.0002 for defense.train.lr (really 1e-3)."""
     from crowguard.config import explain
