@@ -36,8 +36,11 @@ def machine() -> dict[str, Any]:
     stage ran torch."""
     name, family = platform.processor() or platform.machine(), None
     try:
-        fields = [line.split(":", 1) for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines()]
-        first = {key.strip(): value.strip() for key, value in reversed([f for f in fields if len(f) == 2])}
+        first: dict[str, str] = {}  # the first processor's fields
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, colon, value = line.partition(":")
+            if colon:
+                first.setdefault(key.strip(), value.strip())
         name = first.get("model name", name)
         if "cpu family" in first and "model" in first:  # "AMD EPYC" alone names Zen 3 and Zen 4 alike
             family = f"{first['cpu family']}/{first['model']}"

@@ -25,6 +25,7 @@ Measured side by side by ``benchmarks/cpu_speed.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -169,8 +170,6 @@ def resolve_auto_levers(cfg: Any, cuda: bool | None = None) -> Any:
     CPU): ``bf16``, ``bfloat16`` and ``layers`` (``off`` beside ``trainer_args.torch_compile``) for LoRA over a
     full-precision base on a CPU with bfloat16 hardware, the combination measured in ``docs/benchmarks.md``;
     ``fp32``, ``model`` and ``off`` otherwise. Other values are kept; a config without ``auto`` comes back as it is."""
-    import dataclasses
-
     cuda = torch.cuda.is_available() if cuda is None else cuda
     lora = cfg.finetune == "lora" and cfg.adapter_mode != "full" and cfg.quantize_base == "none"
     fast = lora and not cuda and bool(cpu_bfloat16_native())
