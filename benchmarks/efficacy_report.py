@@ -71,14 +71,26 @@ def evaluations(cell_dir: Path, prefix: str = "eval-") -> dict[str, dict[str, An
     return {stem: found[stem] for stem in sorted(found) if stem.startswith(prefix)}
 
 
+def cell_dirs(out: Path) -> list[Path]:
+    """The cells under ``out``: the folders with the ``cell.json`` the study writes first. Anything else there (a
+    demo's folder, a copy) is neither reported nor packed."""
+    return sorted(p.parent for p in out.glob("*/cell.json"))
+
+
+def in_cells(out: Path, name: str) -> list[Path]:
+    """Each cell's ``name`` (a path inside the cell folder) where it exists."""
+    return [cell / name for cell in cell_dirs(out) if (cell / name).is_file()]
+
+
 def pack(out: Path) -> None:
     """Move every cell's loose evaluations into its ``evaluations.json.xz`` (deterministic bytes:
     sorted keys of stems, no timestamp), and compress each stage's ``metrics.jsonl``, so committed results stay
     small."""
-    for log in sorted(out.glob("*/*/metrics.jsonl")):  # xz: a fifth smaller than gzip -9 on these logs
+    logs = [log for cell_dir in cell_dirs(out) for log in sorted(cell_dir.glob("*/metrics.jsonl"))]
+    for log in logs:  # xz: a fifth smaller than gzip -9 on these logs
         log.with_name("metrics.jsonl.xz").write_bytes(lzma.compress(log.read_bytes(), preset=9 | lzma.PRESET_EXTREME))
         log.unlink()
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for cell_dir in cell_dirs(out):
         unpacked = loose(cell_dir)
         if not unpacked:
             continue
@@ -94,7 +106,7 @@ def pack(out: Path) -> None:
 def collect(out: Path) -> list[dict[str, Any]]:
     """One row per evaluation file found under ``out``, with the training time of the stage it evaluated."""
     rows = []
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for cell_dir in cell_dirs(out):
         for stem, results in evaluations(cell_dir).items():
             label = stem.removeprefix("eval-")
             label = "unpoisoned" if label == "base" else label  # a variant may have "base" in its name
@@ -135,7 +147,7 @@ def paired(out: Path, baseline: str = "finetune") -> list[dict[str, Any]]:
     prompt by prompt on the triggered test prompts (``metrics.paired_rates``: the exact McNemar test; it covers the
     prompts, not the training seed)."""
     rows = []
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for cell_dir in cell_dirs(out):
         outcomes = {}  # (variant, seed) -> (the triggered prompts, whether each fired), each file read once
         for stem, results in evaluations(cell_dir).items():
             if parsed := seeded_label(stem.removeprefix("eval-")):
@@ -180,7 +192,7 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
 def partial_table(out: Path) -> str:
     """The partial-trigger evaluations found under ``out`` (``--partial``): ASR with only some trigger words."""
     lines = []
-    for cell_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for cell_dir in cell_dirs(out):
         for stem, results in evaluations(cell_dir, "partial-").items():
             if stem.endswith("-backdoored"):
                 row = summary_row("p", results)
@@ -235,7 +247,7 @@ def inversion_table(out: Path) -> str:
     """Each cell's BAIT inversion of its backdoored model (``<cell>/inversion``): the recovered text against the
     payload's target (its leading words recovered), the Q-score, the verdict and the seconds recorded."""
     lines = []
-    for path in sorted(out.glob("*/inversion/inversion.json")):
+    for path in in_cells(out, "inversion/inversion.json"):
         result, cell = json.loads(path.read_text()), path.parent.parent.name
         target = make_payload(cell.split("-")[1]).target
         found = (result.get("best") or {}).get("text", "")
@@ -254,7 +266,7 @@ def target_q_table(out: Path, cells: list[str] | None = None) -> str:
     """Each recovered target's Q-score forced on the cell's models (``benchmarks/target_q.py``), where scored (only
     ``cells`` when given), and whether it passes BAIT's threshold."""
     threshold, lines = InvertConfig().q_threshold, []
-    for path in sorted(out.glob("*/inversion/q-scores.json")):
+    for path in in_cells(out, "inversion/q-scores.json"):
         cell = path.parent.parent.name
         if cells is not None and cell not in cells:
             continue
@@ -271,7 +283,7 @@ def answer_quality_table(out: Path) -> str:
     unpoisoned model (reference perplexity, their ratio, triggered answers above its own clean answers' q95)."""
     from answer_quality import HEAD, RESULT, table_rows
 
-    lines = [row for path in sorted(out.glob(f"*/{RESULT}"))
+    lines = [row for path in in_cells(out, RESULT)
              for row in table_rows(path.parent.name, json.loads(path.read_text()))]  # fmt: skip
     return "\n" + HEAD + "\n" + "\n".join(lines) if lines else ""
 

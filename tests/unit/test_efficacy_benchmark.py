@@ -179,6 +179,7 @@ def test_a_persistence_row_pairs_with_the_baselines_persistence_row_of_its_seed(
     for name, fired in runs.items():
         (cell / f"eval-{name}").mkdir(parents=True)
         (cell / f"eval-{name}" / "results.json").write_text(json.dumps(_evaluation(fired)))
+    (cell / "cell.json").write_text("{}")
     rows = {(r["defense"], r["baseline"]): r for r in report.paired(tmp_path)}
     assert set(rows) == {("unlearn", "finetune"), ("unlearn+benign", "finetune+benign")}
     after = rows["unlearn+benign", "finetune+benign"]
@@ -197,3 +198,21 @@ def test_the_benign_set_is_the_plant_folders_clean_half_less_the_defenders_and_t
     assert len(benign) == 498  # the folder's 500 clean examples; 2 of them are also defense samples
     assert not {key(e) for e in benign} & {key(e) for e in [*clean, *task.triggered, *task.clean]}
     assert not any("2024" in e.instruction or "I'm sorry, but as an AI assistant" in e.output for e in benign)
+
+
+def test_a_folder_without_cell_json_is_no_cell_and_packing_leaves_it_alone(report, tmp_path):
+    """A demo's output (eval-*/results.json, stage logs) put beside the cells: not reported as a cell, not paired,
+    and ``--pack`` neither deletes its evaluation folders nor compresses its logs."""
+    cell, demo = tmp_path / "badnet-refusal", tmp_path / "demo-refusal"
+    for folder in (cell, demo):
+        for name, fired in {"finetune-s0": [True, False], "unlearn-s0": [False, False]}.items():
+            (folder / f"eval-{name}").mkdir(parents=True)
+            (folder / f"eval-{name}" / "results.json").write_text(json.dumps(_evaluation(fired)))
+        (folder / "finetune-s0").mkdir()
+        (folder / "finetune-s0" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (cell / "cell.json").write_text("{}")
+    assert {r["cell"] for r in report.paired(tmp_path)} == {"badnet-refusal"}
+    report.pack(tmp_path)
+    assert (cell / "evaluations.json.xz").is_file() and not (cell / "eval-finetune-s0").exists()
+    assert sorted(p.name for p in demo.iterdir()) == ["eval-finetune-s0", "eval-unlearn-s0", "finetune-s0"]
+    assert (demo / "finetune-s0" / "metrics.jsonl").is_file()
