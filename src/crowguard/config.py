@@ -23,7 +23,7 @@ import yaml
 T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _RATIO = re.compile(r"\d+:\d+")
-_YAML_BOOLS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}  # YAML 1.1's boolean words
+_YAML_BOOLS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}  # what PyYAML reads as booleans
 _NON_FINITE = re.compile(r"[-+]?\.?(nan|inf|infinity)", re.IGNORECASE)
 
 

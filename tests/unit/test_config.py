@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from crowguard.config import from_dict
 from crowguard.schemas import DefenseConfig, DemoConfig, ExperimentConfig
 
@@ -44,8 +46,6 @@ def test_a_yaml_boolean_word_is_the_choice_it_spells():
     """YAML 1.1 reads off/on/no/yes as booleans: `--set defense.train.compile=off` (what the docs write) and an
     unquoted `compile: off` in a file gave False, refused as not one of the choices. A bool becomes the one choice
     it spells; where no choice (or more than one) spells it, it is still refused."""
-    import pytest
-
     from crowguard.config import ConfigError, parse_override
 
     _, value = parse_override("defense.train.compile=off")
