@@ -118,11 +118,32 @@ def score_cell(cell_dir: Path, reference: str | None, models: list[str] | None =
     }
     answers = {name: row.pop("mean_nll") for name, row in rows.items()}
     record["rows"].update(rows)
-    packed = lzma.compress(json.dumps({**kept, **answers}, separators=(",", ":")).encode())
+    write(cell_dir, record, {**kept, **answers})
+    return record
+
+
+def write(cell_dir: Path, record: dict[str, Any], answers: dict[str, Any]) -> None:
+    """The cell's answer NLLs (packed), then its record, each atomically: the record last, as the cell's done mark."""
     tmp = cell_dir / f".{ANSWERS}.tmp"
-    tmp.write_bytes(packed)
+    tmp.write_bytes(lzma.compress(json.dumps(answers, separators=(",", ":")).encode()))
     os.replace(tmp, cell_dir / ANSWERS)
-    write_json_atomic(cell_dir / RESULT, record)  # last: its presence means the cell is done
+    write_json_atomic(cell_dir / RESULT, record)
+
+
+def copy_rows(source: Path, dest: Path, names: list[str]) -> dict[str, Any]:
+    """Copy the rows and answer NLLs of ``names`` from a run's scored cell ``source`` into ``dest`` (a committed
+    cell) without rescoring: refused, naming what, unless both were scored under one reference and quantile
+    (:func:`earlier`) and each row's ``answers_sha256`` is the digest of ``dest``'s own evaluation of that name."""
+    record, kept = earlier(dest, json.loads((source / RESULT).read_text())["reference"])
+    rows, answers = earlier(source, record["reference"])
+    evaluations = evaluations_of(dest)
+    for name in names:
+        if name not in rows["rows"]:
+            raise SystemExit(f"{source / RESULT}: no row for {name}")
+        if rows["rows"][name]["answers_sha256"] != answers_digest(evaluations.get(name, {"records": []})):
+            raise SystemExit(f"{source / RESULT}: the row for {name} scored other answers than {dest}'s")
+        record["rows"][name], kept[name] = rows["rows"][name], answers[name]
+    write(dest, record, kept)
     return record
 
 
@@ -162,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", help="the unpoisoned model (default: the cell.json's base)")
     parser.add_argument("--models", help="comma-separated evaluations to score (default: all; 200 answers cost "
                         "about 45 s on 2 CPU cores for SmolLM2)")  # fmt: skip
+    parser.add_argument("--copy-from", help="a run's scored cell: copy its rows of --models into the one --cells "
+                        "folder instead of scoring (benchmarks/results/efficacy/copy_run.sh)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.copy_from:
+        if len(args.cells) != 1 or not args.models:
+            parser.error("--copy-from takes one --cells folder and --models")
+        record = copy_rows(Path(args.copy_from), Path(args.cells[0]), args.models.split(","))
+        print(HEAD + "\n" + "\n".join(table_rows(args.cells[0], record)))
+        return 0
     for cell_dir in map(Path, args.cells):
         record = score_cell(cell_dir, args.reference, args.models.split(",") if args.models else None)
         print(HEAD + "\n" + "\n".join(table_rows(cell_dir.name, record)))

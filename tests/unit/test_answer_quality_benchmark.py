@@ -151,3 +151,32 @@ def test_score_new_scores_what_has_no_current_row(bench, tmp_path, monkeypatch):
     again = bench.score_new(cell, str(base))
     assert scored == [["garbled"]] and again["rows"]["base"] == first["rows"]["base"]
     assert again["rows"]["garbled"]["answers_sha256"] != first["rows"]["garbled"]["answers_sha256"]
+
+
+def test_copying_a_runs_rows_checks_they_scored_the_same_answers(bench, tmp_path):
+    """``copy_run.sh``: a run's rows go into the committed cell without rescoring, equal to what scoring there
+    gives; a row of other answers, or a name the run did not score, is refused and the committed files stay."""
+    base = save_tiny_model(tmp_path / "base", seed=2)
+    run = _cell(tmp_path / "run", base)
+    bench.score_cell(run, None)
+    committed = _cell(tmp_path / "committed", base)
+    bench.score_cell(committed, None, ["base"])
+    copied = bench.copy_rows(run, committed, ["garbled"])
+    assert copied == json.loads((committed / bench.RESULT).read_text())
+    rescored = bench.score_cell(_cell(tmp_path / "again", base), None)
+    assert copied["rows"].keys() == rescored["rows"].keys()
+    for name, row in rescored["rows"].items():
+        assert copied["rows"][name] == pytest.approx(row)
+    answers = json.loads(lzma.decompress((committed / bench.ANSWERS).read_bytes()))
+    assert answers == json.loads(lzma.decompress((tmp_path / "again" / "cell" / bench.ANSWERS).read_bytes()))
+
+    before = (committed / bench.RESULT).read_bytes(), (committed / bench.ANSWERS).read_bytes()
+    with pytest.raises(SystemExit, match="no row for nosuch"):
+        bench.copy_rows(run, committed, ["nosuch"])
+    path = committed / "eval-garbled" / "results.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["records"][0]["response"] = "another answer"
+    path.write_text(json.dumps(evaluation))
+    with pytest.raises(SystemExit, match="the row for garbled scored other answers"):
+        bench.copy_rows(run, committed, ["garbled"])
+    assert ((committed / bench.RESULT).read_bytes(), (committed / bench.ANSWERS).read_bytes()) == before
