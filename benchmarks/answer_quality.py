@@ -134,6 +134,8 @@ def copy_rows(source: Path, dest: Path, names: list[str]) -> dict[str, Any]:
     """Copy the rows and answer NLLs of ``names`` from a run's scored cell ``source`` into ``dest`` (a committed
     cell) without rescoring: refused, naming what, unless both were scored under one reference and quantile
     (:func:`earlier`) and each row's ``answers_sha256`` is the digest of ``dest``'s own evaluation of that name."""
+    if not (source / RESULT).is_file():
+        raise SystemExit(f"{source}: no {RESULT} (score the run first: efficacy.py --answer-quality)")
     record, kept = earlier(dest, json.loads((source / RESULT).read_text())["reference"])
     rows, answers = earlier(source, record["reference"])
     evaluations = evaluations_of(dest)

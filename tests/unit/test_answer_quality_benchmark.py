@@ -171,6 +171,8 @@ def test_copying_a_runs_rows_checks_they_scored_the_same_answers(bench, tmp_path
     assert answers == json.loads(lzma.decompress((tmp_path / "again" / "cell" / bench.ANSWERS).read_bytes()))
 
     before = (committed / bench.RESULT).read_bytes(), (committed / bench.ANSWERS).read_bytes()
+    with pytest.raises(SystemExit, match=r"no answer-quality.json \(score the run first"):
+        bench.copy_rows(_cell(tmp_path / "unscored", base), committed, ["base"])
     with pytest.raises(SystemExit, match="no row for nosuch"):
         bench.copy_rows(run, committed, ["nosuch"])
     path = committed / "eval-garbled" / "results.json"
